@@ -1,0 +1,27 @@
+"""The clinical AI gateway: a CDS Hooks 2.0 service in front of AI models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from app.config import load_config
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the application: settings from the environment (overridden by ``test_config``), then each area."""
+    from app import ai, audit, cds, db, health, logs
+
+    settings = load_config(overrides=test_config)
+    app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
+    app.config.update(settings)
+    logs.configure(settings["LOG_LEVEL"])
+
+    db.init_app(app)
+    audit.init_app(app)
+    ai.init_app(app)
+    cds.init_app(app)
+    health.init_app(app)
+    return app

@@ -1,0 +1,46 @@
+"""Exceptions of the CDS Hooks area; the blueprint's error handlers turn them into HTTP answers."""
+
+
+class CdsError(Exception):
+    """Base of every error the CDS Hooks endpoints answer with an OperationOutcome."""
+
+    status = 500
+    code = "exception"
+
+    def __init__(self, diagnostics: str, expression: str | None = None):
+        super().__init__(diagnostics)
+        self.diagnostics = diagnostics
+        self.expression = expression
+
+
+class BadHookRequest(CdsError):
+    """The request body is malformed; ``expression`` names the offending field (400)."""
+
+    status = 400
+    code = "invalid"
+
+
+class UnknownService(CdsError):
+    """No service is registered under the requested id (404)."""
+
+    status = 404
+    code = "not-found"
+
+
+class PrefetchUnavailable(CdsError):
+    """Data a service requires could not be obtained; ``expression`` names the prefetch key (412)."""
+
+    status = 412
+    code = "incomplete"
+
+
+class ClientNotTrusted(CdsError):
+    """The caller's JWT is missing or fails verification (401, never saying why to the caller)."""
+
+    status = 401
+    code = "login"
+
+    def __init__(self, reason: str):
+        # The reason is for our audit log only; the HTTP answer carries no detail.
+        super().__init__("Client authentication failed")
+        self.reason = reason

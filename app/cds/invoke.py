@@ -1,0 +1,68 @@
+"""Running a service for one hook call: prefetch within the deadline, cards, and a fallback that never fails."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from app.ai import InferenceError, ModelUnavailable
+from app.cds.cards import Card, Source
+from app.cds.prefetch import FhirAccess, PrefetchResolver
+from app.cds.request import HookRequest
+from app.cds.service import CdsService, ServiceCall
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+# Part of the budget kept for the model and the answer when prefetch must be fetched.
+FETCH_SHARE = 0.7
+
+
+def generic_fallback(service: CdsService, reason: str) -> list[Card]:
+    """The card shown when a service declared no fallback of its own: the failure is never silent."""
+    return [
+        Card(
+            summary=f"{service.title}: AI result unavailable ({reason.replace('-', ' ')})",
+            indicator="info",
+            detail="This decision support could not run for this patient now. Proceed with usual clinical judgement.",
+            source=Source(label=f"{service.title} (AI result unavailable: {reason})"),
+        )
+    ]
+
+
+def fallback_cards(service: CdsService, call: ServiceCall, reason: str) -> list[Card]:
+    if service.fallback is None:
+        return generic_fallback(service, reason)
+    try:
+        return service.fallback(call, reason)
+    except Exception as exc:
+        log.error("fallback of service %s failed: %s", service.id, describe(exc))
+        return generic_fallback(service, reason)
+
+
+def run_service(
+    service: CdsService,
+    request: HookRequest,
+    resolver: PrefetchResolver,
+    access: FhirAccess,
+    started: float,
+    default_budget_ms: int,
+    on_fetch: Callable[[dict[str, Any]], None],
+) -> tuple[list[Card], str]:
+    """The cards for this call and how they came about (``cards`` or ``fallback:<reason>``)."""
+    budget = (service.budget_ms or default_budget_ms) / 1000
+    deadline = started + budget
+    prefetch = resolver.resolve(service.prefetch, request, access, started + budget * FETCH_SHARE, on_fetch)
+    call = ServiceCall(request=request, prefetch=prefetch.values, unavailable=prefetch.unavailable, deadline=deadline)
+    try:
+        return service.cards(call), "cards"
+    except ModelUnavailable as exc:
+        reason = exc.reason
+    except InferenceError:
+        reason = "invalid-input"
+        log.warning("service %s gave its model input it rejects", service.id)
+    except Exception as exc:
+        reason = "error"
+        log.error("service %s failed: %s", service.id, describe(exc))
+    return fallback_cards(service, call, reason), f"fallback:{reason}"

@@ -1,0 +1,101 @@
+"""Shared state of the CDS endpoints, built once per application, and their error handlers."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from flask import current_app, g
+from werkzeug.exceptions import HTTPException
+
+from app.audit import audit
+from app.cds.auth import ClientAuthenticator, Principal
+from app.cds.cards import Card, cards_response
+from app.cds.clients import ClientRegistry
+from app.cds.errors import CdsError, ClientNotTrusted
+from app.cds.prefetch import FhirAccess, PrefetchResolver, fhir_access
+from app.cds.replay import make_replay_cache
+from app.cds.request import HookRequest
+from app.cds.responses import add_cors_headers, operation_outcome
+from app.cds.service import load_services
+from app.fhir.client import pooled_session
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+AUTH_OFF_LABEL = " [UNAUTHENTICATED: CDS_AUTH=off, development only]"
+
+
+class CdsState:
+    """What the CDS endpoints share for the application's lifetime."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.clients = ClientRegistry.from_file(config["CDS_CLIENTS_FILE"])
+        self.auth_on = config["CDS_AUTH"]
+        self.allow_anonymous = config["FHIR_ALLOW_ANONYMOUS"]
+        self.fhir_timeout = float(config["FHIR_TIMEOUT_S"])
+        self.session = pooled_session()
+        self.authenticator = ClientAuthenticator(
+            self.clients, config["PUBLIC_BASE_URL"], make_replay_cache(config["REDIS_URL"])
+        )
+        self.resolver = PrefetchResolver(ThreadPoolExecutor(max_workers=32, thread_name_prefix="prefetch"))
+
+    def authenticate(self, header: str | None, path: str) -> Principal | None:
+        return self.authenticator.authenticate(header, path) if self.auth_on else None
+
+    def fhir_access(self, request: HookRequest, principal: Principal | None) -> FhirAccess:
+        """FHIR access limited to the calling client's allowlist (any configured client's when auth is off)."""
+        if principal is not None:
+            allows = principal.client.allows_fhir_server
+        else:
+            allows = lambda url: any(c.allows_fhir_server(url) for c in self.clients)  # noqa: E731
+        return fhir_access(request, allows, self.allow_anonymous, self.session, self.fhir_timeout)
+
+    def fetch_auditor(self, call_record: dict[str, Any]):
+        """A callback writing one audit record per FHIR fetch, tagged with this call's who and what."""
+        log_ = audit(current_app)
+        who = {k: call_record.get(k) for k in ("iss", "tenant", "user", "service", "hookInstance", "patient")}
+        return lambda fetch: log_.record("fhir.fetch", **who, **fetch)
+
+    def cards_body(self, cards: list[Card]) -> dict[str, Any]:
+        if not self.auth_on:
+            cards = [replace(c, source=replace(c.source, label=c.source.label + AUTH_OFF_LABEL)) for c in cards]
+        return cards_response(cards)
+
+
+def _handle_cds_error(exc: CdsError):
+    if "audit" in g:
+        g.audit["error"] = getattr(exc, "reason", None) or exc.expression or exc.code
+    response = operation_outcome(exc.status, exc.code, exc.diagnostics, exc.expression)
+    if isinstance(exc, ClientNotTrusted):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _handle_http_error(exc: HTTPException):
+    return operation_outcome(exc.code or 500, "processing", exc.description or exc.name)
+
+
+def _handle_unexpected(exc: Exception):
+    log.error("unhandled error: %s", describe(exc))
+    return operation_outcome(500, "exception", "Internal error")
+
+
+def init_app(app) -> None:
+    """Load the declared services, build the shared state, register the endpoints and error handlers."""
+    from app.cds.routes import bp
+
+    load_services()
+    state = CdsState(app.config)
+    app.extensions["cds"] = state
+    if not state.auth_on:
+        log.warning("CDS_AUTH=off: client authentication is DISABLED; never run this way with real patients")
+    if state.allow_anonymous:
+        log.warning("FHIR_ALLOW_ANONYMOUS=1: fetching from allowlisted FHIR servers without a token (development)")
+    app.register_blueprint(bp)
+    app.register_error_handler(CdsError, _handle_cds_error)
+    app.register_error_handler(HTTPException, _handle_http_error)
+    app.register_error_handler(Exception, _handle_unexpected)
+    app.after_request(add_cors_headers)

@@ -1,0 +1,86 @@
+"""Settings from the environment, validated once at start; errors name the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_DIR = PROJECT_ROOT / "instance"
+DEV_CLIENTS_FILE = Path(__file__).resolve().parent / "cds" / "dev_clients.json"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _flag(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be one of 1/0, true/false, on/off (got {raw!r})")
+
+
+def _int(name: str, raw: Any, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number (got {raw!r})") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
+    return value
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ConfigError(f"{name} must be an absolute {'/'.join(schemes)} URL (got {raw!r})")
+    return raw.rstrip("/")
+
+
+def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Read every setting from ``environ`` (default: the process environment) and ``overrides``; validate."""
+    source: dict[str, Any] = dict(os.environ if environ is None else environ)
+    source.update(overrides or {})
+    get = source.get
+
+    port = _int("PORT", get("PORT", 8080), 1, 65535)
+    instance = Path(get("INSTANCE_PATH") or INSTANCE_DIR)
+    settings: dict[str, Any] = {
+        "PORT": port,
+        "INSTANCE_PATH": str(instance),
+        "PUBLIC_BASE_URL": _url(
+            "PUBLIC_BASE_URL", get("PUBLIC_BASE_URL") or f"http://localhost:{port}", ("http", "https")
+        ),
+        "DATABASE_URL": get("DATABASE_URL") or f"sqlite:///{instance / 'gateway.db'}",
+        "REDIS_URL": get("REDIS_URL") or None,
+        "CDS_CLIENTS_FILE": str(get("CDS_CLIENTS_FILE") or DEV_CLIENTS_FILE),
+        "CDS_AUTH": _flag("CDS_AUTH", get("CDS_AUTH", "on")),
+        "FHIR_ALLOW_ANONYMOUS": _flag("FHIR_ALLOW_ANONYMOUS", get("FHIR_ALLOW_ANONYMOUS", "0")),
+        "CORS_ALLOWED_ORIGINS": [o.strip() for o in str(get("CORS_ALLOWED_ORIGINS", "*")).split(",") if o.strip()],
+        "HOOK_BUDGET_MS": _int("HOOK_BUDGET_MS", get("HOOK_BUDGET_MS", 500), 50, 60_000),
+        "FHIR_TIMEOUT_S": _int("FHIR_TIMEOUT_S", get("FHIR_TIMEOUT_S", 5), 1, 120),
+        "AUDIT_LOG": str(get("AUDIT_LOG") or instance / "audit.jsonl"),
+        "LOG_LEVEL": str(get("LOG_LEVEL", "INFO")).upper(),
+        "MAX_CONTENT_LENGTH": _int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES", 10 * 1024 * 1024), 1024, 1 << 30),
+        "TESTING": _flag("TESTING", get("TESTING", False)),
+    }
+    if settings["REDIS_URL"]:
+        _url("REDIS_URL", settings["REDIS_URL"], ("redis", "rediss", "unix"))
+    if settings["LOG_LEVEL"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {settings['LOG_LEVEL']!r})")
+    if not settings["DATABASE_URL"].startswith(("sqlite", "postgresql")):
+        raise ConfigError("DATABASE_URL must be a sqlite:/// or postgresql:// SQLAlchemy URL")
+    if settings["DATABASE_URL"].startswith("postgresql://"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
+        settings["DATABASE_URL"] = "postgresql+psycopg://" + settings["DATABASE_URL"][len("postgresql://") :]
+    if not Path(settings["CDS_CLIENTS_FILE"]).is_file():
+        raise ConfigError(f"CDS_CLIENTS_FILE {settings['CDS_CLIENTS_FILE']!r} does not exist")
+    return settings

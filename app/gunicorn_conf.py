@@ -1,0 +1,19 @@
+"""gunicorn settings for `make run` and the Docker image; every value can be overridden from the environment.
+
+gthread workers: hooks wait on the network (FHIR fill-in, remote models), so threads, not processes, carry the
+concurrency. Threads per worker must cover the keep-alive connections a worker may hold, because a connection
+stays with the worker that accepted it.
+"""
+
+import os
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+keepalive = 5
+timeout = 30
+graceful_timeout = 20
+accesslog = os.environ.get("ACCESS_LOG") or None  # off by default: URLs carry no PHI, but keep logs lean
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()

@@ -1,0 +1,181 @@
+"""patient-view with full prefetch vs a bare Flask JSON echo, same gunicorn configuration, same run.
+
+Both servers run under `app/gunicorn_conf.py` (gthread). wrk drives 16 connections at each in turn, several
+rounds, and the medians are reported: requests/s, the gateway/echo ratio, p50 and p99. Every gateway request
+carries its own freshly signed client JWT (the replay cache rejects a reused jti), so authentication is
+measured too.
+
+    make bench            # or: .venv/bin/python -m bench.hook_throughput --rounds 3 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "fixtures" / "hooks" / "patient-view-cardiovascular-risk.json"
+KEYS = ROOT / "fixtures" / "keys"
+ISSUER = "https://ehr.bench.test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(app_spec: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv/bin/gunicorn"), "-c", str(ROOT / "app/gunicorn_conf.py"), app_spec],
+        cwd=ROOT,
+        env={**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError(f"{app_spec} did not start on port {port}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def tokens(n: int, aud: str, private_key: str, kid: str) -> list[str]:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": aud, "iat": now, "exp": now + 600}
+    return [
+        jwt.encode({**claims, "jti": str(uuid.uuid4())}, private_key, "ES384", headers={"kid": kid, "typ": "JWT"})
+        for _ in range(n)
+    ]
+
+
+LUA = """
+local tokens = {}
+for line in io.lines("%(tokens)s") do tokens[#tokens + 1] = line end
+local i = 0
+local body = io.open("%(body)s"):read("*a")
+request = function()
+  i = i + 1
+  local headers = {["Content-Type"] = "application/json"}
+  if #tokens > 0 then headers["Authorization"] = "Bearer " .. tokens[(i %% #tokens) + 1] end
+  return wrk.format("POST", "%(path)s", headers, body)
+end
+"""
+
+
+def wrk(url: str, path: str, body_file: Path, token_file: Path, seconds: int, connections: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA % {"tokens": token_file, "body": body_file, "path": path})
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    ).stdout
+    os.unlink(script.name)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
+        "p99": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+
+    key = (KEYS / "client-es384.pem").read_text()
+    jwks = json.loads((KEYS / "client.jwks.json").read_text())
+    kid = next(k["kid"] for k in jwks["keys"] if k.get("alg") == "ES384")
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    clients = work / "clients.json"
+    clients.write_text(json.dumps({"clients": [{"iss": ISSUER, "jwks": jwks, "fhir_servers": []}]}))
+    body_file = work / "body.json"
+    body_file.write_text(FIXTURE.read_text())
+    no_tokens = work / "none.txt"
+    no_tokens.write_text("")
+
+    echo_port, gw_port = free_port(), free_port()
+    service_path = "/cds-services/cardiovascular-risk"
+    base = f"http://127.0.0.1:{gw_port}"
+    env = {
+        "INSTANCE_PATH": str(work),
+        "PUBLIC_BASE_URL": base,
+        "CDS_CLIENTS_FILE": str(clients),
+        "AUDIT_LOG": str(work / "audit.jsonl"),
+        "LOG_LEVEL": "WARNING",
+    }
+    subprocess.run([str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"], cwd=ROOT,
+                   env={**os.environ, **env}, check=True, capture_output=True)
+    echo = start("bench.echo_app:app", echo_port, env)
+    gateway = start("app:create_app()", gw_port, env)
+    try:
+        probe = tokens(1, base + service_path, key, kid)[0]
+        answer = requests.post(base + service_path, data=body_file.read_bytes(), timeout=10,
+                               headers={"Authorization": f"Bearer {probe}", "Content-Type": "application/json"})
+        answer.raise_for_status()
+        print(f"gateway answers: {answer.json()['cards'][0]['summary']}")
+        # One token per request, with headroom: rps is well under 5,000 on this machine.
+        per_round = 5000 * args.seconds
+        results: dict[str, list[dict]] = {"echo": [], "gateway": []}
+        for r in range(args.rounds):
+            results["echo"].append(wrk(f"http://127.0.0.1:{echo_port}", "/echo", body_file, no_tokens,
+                                       args.seconds, args.connections))
+            token_file = work / f"tokens-{r}.txt"
+            token_file.write_text("\n".join(tokens(per_round, base + service_path, key, kid)))
+            results["gateway"].append(wrk(base, service_path, body_file, token_file, args.seconds, args.connections))
+            print(f"round {r + 1}: echo {results['echo'][-1]}, gateway {results['gateway'][-1]}", flush=True)
+    finally:
+        stop(gateway)
+        stop(echo)
+
+    def median(name: str, field: str) -> float:
+        return statistics.median(x[field] for x in results[name])
+
+    print(f"\npatient-view with full prefetch ({body_file.stat().st_size // 1024} KB body), "
+          f"{args.connections} connections, {args.rounds} x {args.seconds} s, medians:")
+    print(f"{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
+    for name in ("echo", "gateway"):
+        print(f"{name:10}{median(name, 'rps'):>10.0f}{median(name, 'p50'):>10.2f}{median(name, 'p99'):>10.2f}"
+              f"{sum(x['errors'] for x in results[name]):>10}")
+    print(f"ratio gateway/echo (req/s): {median('gateway', 'rps') / median('echo', 'rps'):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
