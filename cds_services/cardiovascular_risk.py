@@ -1,0 +1,993 @@
+"""The ``cardiovascular-risk`` service (patient-view): 10-year ASCVD risk from the ACC/AHA Pooled Cohort Equations.
+
+The record is read into the equations' inputs by pure functions (``extract_inputs``), each input with its value,
+unit, date and source; the risk comes from the ``ascvd-pce`` model through ``app.ai.infer``; ``build_cards`` turns
+both into one card that says what was used, what was missing and how old each value is, with a statin proposal
+when the 2018 ACC/AHA cholesterol guideline threshold (7.5 %) is met and no statin is active.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
+from typing import Any
+
+from app.ai import Prediction, infer
+from app.ai.models.pce import BORDERLINE, HIGH, INTERMEDIATE, LOW, out_of_range, risk_category
+from app.cds.cards import Action, Card, Link, Source, Suggestion, escape_markdown
+from app.cds.service import PrefetchKey, ServiceCall, cds_service
+
+MODEL = "ascvd-pce"
+GUIDELINE_URL = "https://doi.org/10.1161/01.cir.0000437741.48606.98"
+ESTIMATOR_URL = "https://tools.acc.org/ascvd-risk-estimator-plus/"
+ESTIMATOR_LABEL = "ACC/AHA ASCVD Risk Estimator Plus"
+GUIDELINE_LABEL = "ACC/AHA Pooled Cohort Equations 2013"
+
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+UCUM = "http://unitsofmeasure.org"
+US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+
+OLD_AFTER_YEARS = 2
+MMOL_PER_L_TO_MG_PER_DL = 38.67  # cholesterol (total and HDL): 1 mmol/L = 38.67 mg/dL
+
+# LOINC codes read for each input: mass and molar concentrations of cholesterol; systolic pressure alone or
+# as a component of the blood-pressure panels 55284-4 and 85354-9; smoking status.
+TOTAL_CHOLESTEROL_CODES = ("2093-3", "14647-2")
+HDL_CODES = ("2085-9", "14646-4")
+SYSTOLIC_CODE = "8480-6"
+BP_PANEL_CODES = ("55284-4", "85354-9")
+SMOKING_CODE = "72166-2"
+
+
+def _observation_search(*codes: str) -> str:
+    tokens = ",".join(f"{LOINC}|{code}" for code in codes)
+    return f"Observation?patient={{{{context.patientId}}}}&code={tokens}&_sort=-date&_count=5"
+
+
+PREFETCH = {
+    "patient": PrefetchKey("Patient/{{context.patientId}}", required=True),
+    "totalCholesterol": PrefetchKey(_observation_search(*TOTAL_CHOLESTEROL_CODES), required=False),
+    "hdl": PrefetchKey(_observation_search(*HDL_CODES), required=False),
+    "bloodPressure": PrefetchKey(_observation_search(*BP_PANEL_CODES, SYSTOLIC_CODE), required=False),
+    "smoking": PrefetchKey(_observation_search(SMOKING_CODE), required=False),
+    "conditions": PrefetchKey("Condition?patient={{context.patientId}}", required=False),
+    "medications": PrefetchKey("MedicationRequest?patient={{context.patientId}}&status=active", required=False),
+}
+OBSERVATION_KEYS = ("totalCholesterol", "hdl", "bloodPressure", "smoking")
+LABELS = {
+    "age": "Age",
+    "sex": "Sex",
+    "race": "Race",
+    "total_cholesterol": "Total cholesterol",
+    "hdl": "HDL cholesterol",
+    "systolic_bp": "Systolic blood pressure",
+    "smoker": "Smoking status",
+    "diabetes": "Diabetes",
+    "treated_hypertension": "Blood-pressure treatment",
+}
+MODEL_INPUTS = tuple(LABELS)
+_FIRST_REASONS = {"patient": 0, "deceased": 1, "age": 2, "sex": 3}
+
+# Smoking status (72166-2) answers, SNOMED CT.
+CURRENT_SMOKER = frozenset(
+    {"449868002", "428041000124106", "77176002", "65568007", "428071000124103", "428061000124105"}
+)
+NON_SMOKER = frozenset({"8517006", "266919005"})  # former, never
+
+# Diabetes mellitus, SNOMED CT: the disorder, its types, and the complications seen in Synthea data.
+DIABETES_SNOMED = frozenset(
+    {
+        "73211009",  # diabetes mellitus
+        "44054006",  # type 2
+        "46635009",  # type 1
+        "368581000119106",  # neuropathy due to type 2 diabetes
+        "127013003",  # disorder of kidney due to diabetes
+        "422034002",  # retinopathy due to type 2 diabetes
+        "1551000119108",  # nonproliferative retinopathy due to type 2 diabetes
+        "1501000119109",  # proliferative retinopathy due to type 2 diabetes
+        "97331000119101",  # macular oedema and retinopathy due to type 2 diabetes
+        "157141000119108",  # proteinuria due to type 2 diabetes
+        "90781000119102",  # microalbuminuria due to type 2 diabetes
+        "60951000119105",  # blindness due to type 2 diabetes
+        "4855003",  # diabetic retinopathy
+    }
+)
+PREDIABETES_SNOMED = frozenset({"15777000", "714628002"})  # not diabetes: never counted
+DIABETES_ICD10 = ("E08", "E09", "E10", "E11", "E13")
+
+# Clinical ASCVD, SNOMED CT: the equations are for primary prevention only.
+ASCVD_SNOMED = frozenset(
+    {
+        "22298006",  # myocardial infarction
+        "399211009",  # history of myocardial infarction
+        "401303003",  # acute ST-elevation myocardial infarction
+        "401314000",  # acute non-ST-elevation myocardial infarction
+        "53741008",  # coronary arteriosclerosis (coronary heart disease)
+        "414545008",  # ischaemic heart disease
+        "194828000",  # angina
+        "230690007",  # cerebrovascular accident
+        "422504002",  # ischaemic stroke
+        "266257000",  # transient ischaemic attack
+        "399957001",  # peripheral arterial occlusive disease
+    }
+)
+
+# Blood-pressure-lowering drugs by class: ingredient names and a few common brand names, matched as whole words
+# in the medication's text and displays.
+BP_LOWERING_CLASSES = {
+    "thiazide diuretic": "hydrochlorothiazide chlorthalidone chlorothiazide indapamide metolazone microzide",
+    "loop diuretic": "furosemide bumetanide torsemide ethacrynic lasix",
+    "potassium-sparing diuretic": "spironolactone eplerenone amiloride triamterene aldactone",
+    "ACE inhibitor": "benazepril captopril enalapril fosinopril lisinopril moexipril perindopril quinapril ramipril "
+    "trandolapril zestril prinivil zestoretic vasotec altace",
+    "angiotensin receptor blocker": "azilsartan candesartan eprosartan irbesartan losartan olmesartan telmisartan "
+    "valsartan cozaar hyzaar diovan benicar micardis avapro",
+    "renin inhibitor": "aliskiren",
+    "calcium channel blocker": "amlodipine levamlodipine felodipine isradipine nicardipine nifedipine nisoldipine "
+    "diltiazem verapamil norvasc",
+    "beta blocker": "acebutolol atenolol betaxolol bisoprolol carvedilol labetalol metoprolol nadolol nebivolol "
+    "pindolol propranolol timolol toprol lopressor tenormin coreg",
+    "alpha-1 blocker": "doxazosin prazosin terazosin",
+    "central alpha-2 agonist": "clonidine guanfacine methyldopa catapres",
+    "direct vasodilator": "hydralazine minoxidil",
+}
+STATIN_INGREDIENTS = "atorvastatin simvastatin rosuvastatin pravastatin lovastatin fluvastatin pitavastatin"
+STATIN_BRANDS = "lipitor zocor crestor pravachol mevacor altoprev lescol livalo zypitamag vytorin caduet"
+STATIN_NAMES = [*STATIN_INGREDIENTS.split(), *STATIN_BRANDS.split()]
+# RxNorm concepts matched by code: ingredients, and the clinical drugs seen in the Synthea sample data.
+BP_LOWERING_RXNORM = {
+    "5487": "hydrochlorothiazide",
+    "2409": "chlorthalidone",
+    "29046": "lisinopril",
+    "52175": "losartan",
+    "69749": "valsartan",
+    "17767": "amlodipine",
+    "6918": "metoprolol",
+    "1202": "atenolol",
+    "20352": "carvedilol",
+    "4603": "furosemide",
+    "316049": "hydrochlorothiazide 25 MG",
+    "197361": "amlodipine 5 MG Oral Tablet",
+    "866414": "24 HR metoprolol succinate 100 MG Extended Release Oral Tablet [Toprol]",
+    "315971": "Lasix 40mg (as displayed in Synthea)",
+    "1719286": "10 ML furosemide 10 MG/ML Injection",
+}
+STATIN_RXNORM = {
+    "83367": "atorvastatin",
+    "36567": "simvastatin",
+    "301542": "rosuvastatin",
+    "42463": "pravastatin",
+    "6472": "lovastatin",
+    "41127": "fluvastatin",
+    "861634": "pitavastatin",
+    "312961": "simvastatin 20 MG Oral Tablet",
+    "316672": "simvastatin 10 MG (displayed 'Simvistatin 10 MG' in Synthea)",
+    "617310": "atorvastatin 20 MG Oral Tablet",
+}
+BP_LOWERING_CLASS_OF = {name: kind for kind, names in BP_LOWERING_CLASSES.items() for name in names.split()}
+BP_LOWERING_NAMES = list(BP_LOWERING_CLASS_OF)
+_BP_LOWERING_RE = re.compile(r"\b(" + "|".join(BP_LOWERING_NAMES) + r")\b", re.IGNORECASE)
+_STATIN_RE = re.compile(r"\b(" + "|".join(STATIN_NAMES) + r")\b", re.IGNORECASE)
+_NOT_SYSTEMIC_RE = re.compile(r"\b(ophthalmic|otic|topical|shampoo|foam)\b", re.IGNORECASE)
+
+# Moderate-intensity statin proposed at >= 7.5 % (2018 ACC/AHA cholesterol guideline).
+STATIN_PROPOSAL = {
+    "code": "617310",
+    "display": "atorvastatin 20 MG Oral Tablet",
+    "dose_mg": 20,
+    "label": "Propose atorvastatin 20 mg daily (moderate-intensity statin)",
+}
+
+
+def today() -> date:
+    """Today's date; a separate function so that pure tests can pass or patch another day."""
+    return date.today()
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One input as found in the record. ``text`` is record text: escape it before it reaches Markdown."""
+
+    value: Any
+    unit: str = ""
+    date: date | None = None
+    source: str = ""
+    text: str = ""
+    note: str = ""
+    old: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why an input is missing or unusable; a blocking problem prevents the risk."""
+
+    input: str
+    message: str
+    blocking: bool = True
+
+
+@dataclass
+class PceInputs:
+    """What the record gave for each input of the equations, and what it did not."""
+
+    patient_id: str | None = None
+    findings: dict[str, Finding] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    statins: list[Finding] = field(default_factory=list)
+    ascvd: list[Finding] = field(default_factory=list)
+    statin_status_known: bool = True
+
+    @property
+    def blocking(self) -> list[Problem]:
+        """Problems that prevent the risk, the most fundamental first (a deceased patient, then age, then sex)."""
+        return sorted((p for p in self.problems if p.blocking), key=lambda p: _FIRST_REASONS.get(p.input, 9))
+
+    @property
+    def notes(self) -> list[Problem]:
+        return [p for p in self.problems if not p.blocking]
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The ``ascvd-pce`` inputs; only meaningful when nothing is blocking."""
+        return {key: self.findings[key].value for key in MODEL_INPUTS if key in self.findings}
+
+
+# ---- reading FHIR values --------------------------------------------------------------------------------------
+
+
+def _codings(concept: Any) -> list[dict[str, Any]]:
+    if not isinstance(concept, dict):
+        return []
+    return [c for c in concept.get("coding") or () if isinstance(c, dict)]
+
+
+def _codes(concept: Any, system: str) -> set[str]:
+    return {str(c.get("code")) for c in _codings(concept) if c.get("system") == system and c.get("code")}
+
+
+def _concept_text(concept: Any) -> str:
+    if not isinstance(concept, dict):
+        return ""
+    if isinstance(concept.get("text"), str) and concept["text"].strip():
+        return concept["text"].strip()
+    for coding in _codings(concept):
+        if isinstance(coding.get("display"), str) and coding["display"].strip():
+            return coding["display"].strip()
+    return ""
+
+
+def _all_text(concept: Any) -> str:
+    parts = [concept.get("text")] if isinstance(concept, dict) else []
+    parts += [c.get("display") for c in _codings(concept)]
+    return " ".join(p for p in parts if isinstance(p, str))
+
+
+_FHIR_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+def _parse_instant(value: Any) -> tuple[datetime, date] | None:
+    """A FHIR date or dateTime as (instant for ordering, calendar date as written); partial dates -> day 1."""
+    if not isinstance(value, str):
+        return None
+    match = _FHIR_DATE.match(value.strip())
+    if not match:
+        return None
+    try:
+        day = date(int(match.group(1)), int(match.group(2) or 1), int(match.group(3) or 1))
+    except ValueError:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip()) if "T" in value else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        moment = datetime(day.year, day.month, day.day)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment, day
+
+
+def _effective(resource: dict[str, Any]) -> tuple[datetime, date] | None:
+    period = resource.get("effectivePeriod") if isinstance(resource.get("effectivePeriod"), dict) else {}
+    for value in (
+        resource.get("effectiveDateTime"),
+        resource.get("effectiveInstant"),
+        period.get("end"),
+        period.get("start"),
+        resource.get("issued"),
+    ):
+        parsed = _parse_instant(value)
+        if parsed:
+            return parsed
+    return None
+
+
+def _years_before(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year - years)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year - years, day=28)
+
+
+def _ref(resource: dict[str, Any]) -> str:
+    return f"{resource.get('resourceType', 'Resource')}/{resource.get('id', '?')}"
+
+
+def _short(text: Any, limit: int = 40) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _number(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
+
+
+# ---- observations --------------------------------------------------------------------------------------------
+
+
+def _unit_of(quantity: dict[str, Any]) -> str:
+    if quantity.get("system") == UCUM and isinstance(quantity.get("code"), str):
+        return quantity["code"].strip()
+    for key in ("unit", "code"):
+        if isinstance(quantity.get(key), str) and quantity[key].strip():
+            return quantity[key].strip()
+    return ""
+
+
+def _exact_number(quantity: dict[str, Any]) -> float | str:
+    """The quantity's value, or why it is not an exact number (absent, text, or censored such as "<20")."""
+    value = quantity.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "no numeric value"
+    if quantity.get("comparator"):
+        return f"the value is {_short(quantity['comparator'], 2)}{_number(value)}, not exact"
+    return float(value)
+
+
+def _cholesterol_mg_dl(quantity: dict[str, Any]) -> tuple[float, str, str] | str:
+    """(mg/dL, text, conversion note), or why the quantity is unusable."""
+    value, unit = _exact_number(quantity), _unit_of(quantity)
+    if isinstance(value, str):
+        return value
+    if unit.lower() == "mg/dl":
+        return float(value), "", ""
+    if unit.lower() == "mmol/l":
+        return value * MMOL_PER_L_TO_MG_PER_DL, "", f"converted from {_number(value)} mmol/L"
+    return f"unit {_short(unit, 20)!r} is not recognised" if unit else "no unit"
+
+
+def _pressure_mm_hg(quantity: dict[str, Any]) -> tuple[float, str, str] | str:
+    value, unit = _exact_number(quantity), _unit_of(quantity)
+    if isinstance(value, str):
+        return value
+    if unit.lower().replace(" ", "") in {"mm[hg]", "mmhg"}:
+        return float(value), "", ""
+    return f"unit {_short(unit, 20)!r} is not recognised" if unit else "no unit"
+
+
+def _smoking_status(concept: dict[str, Any]) -> tuple[bool, str, str] | str:
+    codes = _codes(concept, SNOMED)
+    text = _short(_concept_text(concept) or "no text", 60)
+    if codes & CURRENT_SMOKER:
+        return True, text, ""
+    if codes & NON_SMOKER:
+        return False, text, ""
+    if "266927001" in codes:
+        return "status unknown (266927001)"
+    return f"answer {text!r} is not a recognised smoking status"
+
+
+def _systolic_quantity(observation: dict[str, Any]) -> dict[str, Any] | None:
+    """Systolic pressure on its own (8480-6) or as a component of any panel (55284-4, 85354-9)."""
+    if SYSTOLIC_CODE in _codes(observation.get("code"), LOINC) and isinstance(observation.get("valueQuantity"), dict):
+        return observation["valueQuantity"]
+    for component in observation.get("component") or ():
+        if (
+            isinstance(component, dict)
+            and SYSTOLIC_CODE in _codes(component.get("code"), LOINC)
+            and isinstance(component.get("valueQuantity"), dict)
+        ):
+            return component["valueQuantity"]
+    return None
+
+
+def _quantity_of(codes: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+    def pick(observation: dict[str, Any]) -> dict[str, Any] | None:
+        if _codes(observation.get("code"), LOINC) & set(codes) and isinstance(observation.get("valueQuantity"), dict):
+            return observation["valueQuantity"]
+        return None
+
+    return pick
+
+
+def _smoking_answer(observation: dict[str, Any]) -> dict[str, Any] | None:
+    concept = observation.get("valueCodeableConcept")
+    if SMOKING_CODE in _codes(observation.get("code"), LOINC) and isinstance(concept, dict):
+        return concept
+    return None
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How to read one observation-based input: which value to pick, how to convert it, in which unit."""
+
+    name: str
+    key: str
+    label: str
+    pick: Callable[[dict[str, Any]], Any]
+    convert: Callable[[Any], tuple[Any, str, str] | str]
+    unit: str = ""
+
+
+READINGS = (
+    _Reading(
+        "total_cholesterol",
+        "totalCholesterol",
+        "total cholesterol",
+        _quantity_of(TOTAL_CHOLESTEROL_CODES),
+        _cholesterol_mg_dl,
+        "mg/dL",
+    ),
+    _Reading("hdl", "hdl", "HDL cholesterol", _quantity_of(HDL_CODES), _cholesterol_mg_dl, "mg/dL"),
+    _Reading("systolic_bp", "bloodPressure", "systolic blood pressure", _systolic_quantity, _pressure_mm_hg, "mm Hg"),
+    _Reading("smoker", "smoking", "smoking status", _smoking_answer, _smoking_status),
+)
+
+
+def _latest_first(observations: list[dict[str, Any]], reading: _Reading) -> list[tuple[Any, ...]]:
+    """(instant, date, observation, converted value or why unusable) for each observation with a value,
+    latest effective time first."""
+    found = []
+    for observation in observations:
+        if observation.get("status") in {"entered-in-error", "cancelled"}:
+            continue
+        raw = reading.pick(observation)
+        if raw is not None:
+            moment, day = _effective(observation) or (None, None)
+            found.append((moment, day, observation, reading.convert(raw)))
+    found.sort(key=lambda item: item[0] or datetime.min.replace(tzinfo=UTC), reverse=True)
+    return found
+
+
+def _disagreement(reading: _Reading, values: list[tuple[Any, str, str]]) -> str | None:
+    """How same-instant results disagree (e.g. "176.2 vs 291.2 mg/dL"), or None when they agree."""
+    if reading.unit:
+        shown = sorted({round(v, 1) for v, _, _ in values})
+        return f"{' vs '.join(_number(v) for v in shown)} {reading.unit}" if len(shown) > 1 else None
+    answers = {v for v, _, _ in values}
+    return " vs ".join(sorted({text for _, text, _ in values})) if len(answers) > 1 else None
+
+
+def _read_latest(inputs: PceInputs, reading: _Reading, observations: list[dict[str, Any]], today: date) -> None:
+    """Record the latest observation with a usable value; say which newer ones were skipped and why.
+
+    Two usable results at the same instant that disagree are a conflict the record must resolve: no value is
+    picked from them, since which one is right cannot be told (and bundle order means nothing).
+    """
+    candidates = _latest_first(observations, reading)
+    skipped = []
+    for moment, day, observation, converted in candidates:
+        if isinstance(converted, str):
+            skipped.append(f"{_ref(observation)} ({day.isoformat() if day else 'undated'}): {converted}")
+            continue
+        same_time = [c for m, _, _, c in candidates if moment and m == moment and not isinstance(c, str)]
+        conflict = _disagreement(reading, same_time)
+        if conflict:
+            message = f"{reading.label} results at the same time on {day.isoformat()} disagree: {conflict}"
+            inputs.problems.append(Problem(reading.name, message))
+            return
+        value, text, note = converted
+        old = day is not None and day < _years_before(today, OLD_AFTER_YEARS)
+        inputs.findings[reading.name] = Finding(value, reading.unit, day, _ref(observation), text, note, old)
+        for reason in skipped:
+            inputs.problems.append(Problem(reading.name, f"a newer {reading.label} was not used, {reason}", False))
+        return
+    if skipped:
+        inputs.problems.append(Problem(reading.name, f"{reading.label} not usable: {skipped[0]}"))
+    else:
+        inputs.problems.append(Problem(reading.name, f"no {reading.label} in the record"))
+
+
+# ---- the patient ---------------------------------------------------------------------------------------------
+
+
+def _age(inputs: PceInputs, birth_date: Any, today: date) -> None:
+    text = birth_date.strip() if isinstance(birth_date, str) else ""
+    match = re.fullmatch(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?", text)
+    if not match:
+        inputs.problems.append(Problem("age", "no usable birth date in the record"))
+        return
+    year, month, day = int(match.group(1)), match.group(2), match.group(3)
+    try:
+        earliest = date(year, int(month or 1), int(day or 1))
+        last_month = int(month or 12)
+        latest = earliest if day else date(year, last_month, calendar.monthrange(year, last_month)[1])
+    except ValueError:
+        inputs.problems.append(Problem("age", f"birth date {_short(text, 12)!r} is not a valid date"))
+        return
+
+    def years(born: date) -> int:
+        return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+    youngest, oldest = years(latest), years(earliest)
+    if youngest == oldest:
+        inputs.findings["age"] = Finding(youngest, "years", None, "Patient.birthDate", text)
+        return
+    # A partial birth date: the age the patient has certainly reached, used only if every possible age is valid.
+    if out_of_range({"age": youngest}) or out_of_range({"age": oldest}):
+        inputs.problems.append(
+            Problem("age", f"age {youngest} or {oldest} (birth date {text} is partial) may be outside 40–79")
+        )
+        return
+    note = f"at least {youngest}: the birth date ({text}) is partial"
+    inputs.findings["age"] = Finding(youngest, "years", None, "Patient.birthDate", text, note)
+
+
+def _race(inputs: PceInputs, patient: dict[str, Any]) -> None:
+    codes, text = [], ""
+    for extension in patient.get("extension") or ():
+        if not isinstance(extension, dict) or extension.get("url") != US_CORE_RACE:
+            continue
+        for part in extension.get("extension") or ():
+            if not isinstance(part, dict):
+                continue
+            if part.get("url") == "ombCategory" and isinstance(part.get("valueCoding"), dict):
+                codes.append(str(part["valueCoding"].get("code")))
+            elif part.get("url") == "text" and isinstance(part.get("valueString"), str):
+                text = part["valueString"]
+    shown = _short(text or ", ".join(codes) or "not recorded", 60)
+    if "2054-5" in codes:
+        note = "" if set(codes) == {"2054-5"} else "several races recorded: the African-American equations are used"
+        inputs.findings["race"] = Finding("african-american", "", None, "Patient US Core race", shown, note)
+    elif codes and set(codes) == {"2106-3"}:
+        inputs.findings["race"] = Finding("white", "", None, "Patient US Core race", shown)
+    else:
+        if "2135-2" in codes:
+            why = "race recorded as 2135-2, which is an ethnicity (Hispanic or Latino), not a race"
+        else:
+            listed = _short(", ".join(codes), 40)
+            why = f"race code {listed} is neither white nor African American" if codes else "no race recorded"
+        note = f"{why}: the equations for white individuals are used"
+        inputs.findings["race"] = Finding("other", "", None, "Patient US Core race", shown, note)
+
+
+def _read_patient(inputs: PceInputs, patient: dict[str, Any] | None, today: date) -> None:
+    if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+        inputs.problems.append(Problem("patient", "the patient record could not be read"))
+        return
+    inputs.patient_id = patient.get("id") if isinstance(patient.get("id"), str) else inputs.patient_id
+    if patient.get("deceasedBoolean") is True or patient.get("deceasedDateTime"):
+        inputs.problems.append(Problem("deceased", "the patient is recorded as deceased"))
+    _age(inputs, patient.get("birthDate"), today)
+    gender = patient.get("gender")
+    if gender in ("female", "male"):
+        inputs.findings["sex"] = Finding(gender, "", None, "Patient.gender")
+    else:
+        shown = f"recorded as {_short(gender, 12)!r}" if isinstance(gender, str) else "not recorded"
+        inputs.problems.append(Problem("sex", f"sex {shown}: the equations need female or male"))
+    _race(inputs, patient)
+
+
+# ---- conditions ----------------------------------------------------------------------------------------------
+
+
+def _is_active_condition(condition: dict[str, Any]) -> bool:
+    clinical = _codes(condition.get("clinicalStatus"), "http://terminology.hl7.org/CodeSystem/condition-clinical")
+    verification = _codes(
+        condition.get("verificationStatus"), "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+    )
+    if verification & {"refuted", "entered-in-error"}:
+        return False
+    if clinical:
+        return bool(clinical & {"active", "recurrence", "relapse"})
+    return not any(key.startswith("abatement") for key in condition)
+
+
+def _is_diabetes(concept: Any) -> bool:
+    if _codes(concept, SNOMED) & DIABETES_SNOMED:
+        return True
+    for coding in _codings(concept):
+        system, code = str(coding.get("system", "")), str(coding.get("code", "")).upper()
+        if "icd-10" in system and code.startswith(DIABETES_ICD10):
+            return True
+    return False
+
+
+def _condition_finding(condition: dict[str, Any]) -> Finding:
+    when = _parse_instant(condition.get("onsetDateTime")) or _parse_instant(condition.get("recordedDate"))
+    text = _short(_concept_text(condition.get("code")) or "unnamed condition", 80)
+    return Finding(True, "", when[1] if when else None, _ref(condition), text)
+
+
+def _read_conditions(inputs: PceInputs, conditions: list[dict[str, Any]], unavailable: bool) -> None:
+    active = [c for c in conditions if isinstance(c, dict) and c.get("resourceType") == "Condition"]
+    active = [c for c in active if _is_active_condition(c)]
+    inputs.ascvd = [_condition_finding(c) for c in active if _codes(c.get("code"), SNOMED) & ASCVD_SNOMED]
+    if unavailable:
+        inputs.problems.append(Problem("diabetes", "conditions could not be fetched, so diabetes is unknown"))
+        return
+    diabetic = [_condition_finding(c) for c in active if _is_diabetes(c.get("code"))]
+    if diabetic:
+        first = diabetic[0]
+        text = "; ".join(d.text for d in diabetic)
+        inputs.findings["diabetes"] = Finding(True, "", first.date, ", ".join(d.source for d in diabetic), text)
+    else:
+        inputs.findings["diabetes"] = Finding(False, "", None, "Condition", "no active diabetes condition")
+
+
+# ---- medications ---------------------------------------------------------------------------------------------
+
+
+def _medication_concept(request: dict[str, Any], medications: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+    """The medication's code (a CodeableConcept), or None and why it cannot be seen."""
+    if isinstance(request.get("medicationCodeableConcept"), dict):
+        return request["medicationCodeableConcept"], ""
+    reference = request.get("medicationReference")
+    reference = reference.get("reference") if isinstance(reference, dict) else None
+    if not isinstance(reference, str):
+        return None, "names no medication"
+    if reference.startswith("#"):
+        for contained in request.get("contained") or ():
+            if isinstance(contained, dict) and contained.get("id") == reference[1:]:
+                return contained.get("code"), ""
+        return None, f"refers to contained {_short(reference, 40)}, which is not there"
+    kind, _, medication_id = reference.rstrip("/").rpartition("/")
+    found = medications.get(f"Medication/{medication_id}") if kind.endswith("Medication") else None
+    if found is not None:  # a Medication the server returned alongside the requests
+        return found.get("code"), ""
+    return None, f"refers to {_short(reference, 60)}, which was not in the data received"
+
+
+def _is_active_request(request: dict[str, Any]) -> bool:
+    return (
+        request.get("status") == "active"
+        and request.get("doNotPerform") is not True
+        and request.get("intent") != "proposal"
+    )
+
+
+def _bp_lowering_class(concept: Any) -> str | None:
+    """The blood-pressure-lowering class of a medication, by RxNorm code or by a name in its text; else None."""
+    words = _all_text(concept)
+    if _NOT_SYSTEMIC_RE.search(words):  # eye drops, creams: timolol, minoxidil
+        return None
+    described = " ".join(BP_LOWERING_RXNORM[code] for code in _codes(concept, RXNORM) if code in BP_LOWERING_RXNORM)
+    match = _BP_LOWERING_RE.search(f"{words} {described}")
+    return BP_LOWERING_CLASS_OF[match.group(1).lower()] if match else None
+
+
+def _is_statin(concept: Any) -> bool:
+    return bool(_codes(concept, RXNORM) & STATIN_RXNORM.keys() or _STATIN_RE.search(_all_text(concept)))
+
+
+def _read_medications(inputs: PceInputs, resources: list[dict[str, Any]], unavailable: bool) -> None:
+    if unavailable:
+        inputs.statin_status_known = False
+        message = "medications could not be fetched, so blood-pressure treatment is unknown"
+        inputs.problems.append(Problem("treated_hypertension", message))
+        return
+    resources = [r for r in resources if isinstance(r, dict)]
+    medications = {f"Medication/{r.get('id')}": r for r in resources if r.get("resourceType") == "Medication"}
+    lowering = []
+    for request in resources:
+        if request.get("resourceType") != "MedicationRequest" or not _is_active_request(request):
+            continue
+        concept, why_not = _medication_concept(request, medications)
+        if concept is None:
+            inputs.statin_status_known = False
+            message = f"{_ref(request)} {why_not}: whether it lowers blood pressure or is a statin is unknown"
+            inputs.problems.append(Problem("treated_hypertension", message, blocking=False))
+            continue
+        when = _parse_instant(request.get("authoredOn"))
+        name = _short(_concept_text(concept) or "unnamed medication", 80)
+        if _is_statin(concept):
+            inputs.statins.append(Finding(True, date=when[1] if when else None, source=_ref(request), text=name))
+        drug_class = _bp_lowering_class(concept)
+        if drug_class:
+            text = f"{name} [{drug_class}]"
+            lowering.append(Finding(True, date=when[1] if when else None, source=_ref(request), text=text))
+    if lowering:
+        sources, text = ", ".join(f.source for f in lowering), "; ".join(f.text for f in lowering)
+        inputs.findings["treated_hypertension"] = Finding(True, date=lowering[0].date, source=sources, text=text)
+    else:
+        text = "no active blood-pressure-lowering medication"
+        inputs.findings["treated_hypertension"] = Finding(False, source="MedicationRequest", text=text)
+
+
+# ---- extraction ----------------------------------------------------------------------------------------------
+
+
+def extract_inputs(
+    patient: dict[str, Any] | None,
+    observations: Iterable[dict[str, Any]],
+    conditions: Iterable[dict[str, Any]],
+    medications: Iterable[dict[str, Any]],
+    today: date,
+    unavailable: Iterable[str] = (),
+) -> PceInputs:
+    """Read every input of the equations from FHIR resources, in any order, as of ``today``.
+
+    ``observations`` may mix cholesterol, HDL, blood-pressure and smoking-status Observations; ``medications``
+    holds MedicationRequests and any Medications they refer to. ``unavailable`` names prefetch keys that could
+    not be fetched, so that a gap is reported as unseen rather than as absent.
+    """
+    unavailable = set(unavailable)
+    inputs = PceInputs()
+    _read_patient(inputs, patient, today)
+    observations = [o for o in observations if isinstance(o, dict) and o.get("resourceType") == "Observation"]
+    for reading in READINGS:
+        _read_latest(inputs, reading, observations, today)
+    for reading in READINGS:
+        if reading.key in unavailable and reading.name not in inputs.findings:
+            inputs.problems = [p for p in inputs.problems if p.input != reading.name]
+            inputs.problems.append(Problem(reading.name, f"{reading.label} could not be fetched"))
+    _read_conditions(inputs, list(conditions), "conditions" in unavailable)
+    _read_medications(inputs, list(medications), "medications" in unavailable)
+    for name in ("age", "total_cholesterol", "hdl", "systolic_bp"):
+        if name in inputs.findings:
+            inputs.problems += [Problem(name, reason) for reason in out_of_range({name: inputs.findings[name].value})]
+    return inputs
+
+
+def inputs_from_call(call: ServiceCall, today: date) -> PceInputs:
+    """``extract_inputs`` over a hook call's resolved prefetch."""
+    patients = [r for r in call.resources("patient") if r.get("resourceType") == "Patient"]
+    observations = [r for key in OBSERVATION_KEYS for r in call.resources(key)]
+    inputs = extract_inputs(
+        patients[0] if patients else None,
+        observations,
+        call.resources("conditions"),
+        call.resources("medications"),
+        today,
+        call.unavailable,
+    )
+    inputs.patient_id = inputs.patient_id or call.request.patient_id
+    return inputs
+
+
+# ---- cards ---------------------------------------------------------------------------------------------------
+
+
+def _finding_line(name: str, finding: Finding) -> str:
+    value = finding.value
+    if name in ("total_cholesterol", "hdl", "systolic_bp"):
+        shown = f"{_number(value)} {finding.unit}"
+    elif name == "age":
+        shown = f"{value} years (birth date {escape_markdown(finding.text)})"
+    elif name == "race":
+        shown = (
+            f"{escape_markdown(finding.text)}: {value} equations" if value != "other" else escape_markdown(finding.text)
+        )
+    elif name == "smoker":
+        shown = f"{'current smoker' if value else 'not a current smoker'} ({escape_markdown(finding.text)})"
+    elif name in ("diabetes", "treated_hypertension"):
+        shown = f"{'yes' if value else 'no'} ({escape_markdown(finding.text)})" if finding.text else str(value)
+    else:
+        shown = escape_markdown(str(value))
+    parts = [f"- **{LABELS[name]}:** {shown}"]
+    if finding.date:
+        verb = {"diabetes": "since", "treated_hypertension": "since", "smoker": "recorded"}.get(name, "measured")
+        parts.append(f", {verb} {finding.date.isoformat()}")
+    if finding.note:
+        parts.append(f"; {escape_markdown(finding.note)}")
+    if finding.old:
+        parts.append(f" — **older than {OLD_AFTER_YEARS} years**")
+    return "".join(parts)
+
+
+def _statin_line(inputs: PceInputs) -> str:
+    if inputs.statins:
+        names = "; ".join(f"{escape_markdown(s.text)} ({escape_markdown(s.source)})" for s in inputs.statins)
+        return f"- **Statin:** already active: {names}"
+    if not inputs.statin_status_known:
+        return "- **Statin:** unknown (some medications could not be seen)"
+    return "- **Statin:** none active"
+
+
+def _findings_section(inputs: PceInputs) -> list[str]:
+    """One line per input found (value, unit, date, source notes), the statin status, and a word on old values."""
+    lines = [_finding_line(name, inputs.findings[name]) for name in MODEL_INPUTS if name in inputs.findings]
+    lines.append(_statin_line(inputs))
+    if any(f.old for f in inputs.findings.values()):
+        lines.append(
+            f"\nValues measured more than {OLD_AFTER_YEARS} years ago are marked old: consider measuring "
+            "them again before acting on this estimate."
+        )
+    return lines
+
+
+def _ascvd_lines(inputs: PceInputs) -> list[str]:
+    if not inputs.ascvd:
+        return []
+    names = "; ".join(escape_markdown(c.text) for c in inputs.ascvd)
+    return [
+        f"\n**Clinical ASCVD is on record ({names}).** The Pooled Cohort Equations are for primary prevention; "
+        "this estimate does not apply, and statin therapy follows secondary-prevention guidance."
+    ]
+
+
+def statin_proposal(patient_id: str, risk_text: str) -> dict[str, Any]:
+    """A draft MedicationRequest for a moderate-intensity statin.
+
+    Intent ``proposal``: a decision-support service proposes, it cannot order; the clinician who accepts it
+    turns it into an order in the EHR and signs it.
+    """
+    dose = STATIN_PROPOSAL["dose_mg"]
+    return {
+        "resourceType": "MedicationRequest",
+        "status": "draft",
+        "intent": "proposal",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "medicationCodeableConcept": {
+            "coding": [{"system": RXNORM, "code": STATIN_PROPOSAL["code"], "display": STATIN_PROPOSAL["display"]}],
+            "text": STATIN_PROPOSAL["display"],
+        },
+        "reasonCode": [{"text": f"10-year ASCVD risk {risk_text} (ACC/AHA Pooled Cohort Equations)"}],
+        "dosageInstruction": [
+            {
+                "text": f"{dose} mg by mouth once daily",
+                "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
+                "route": {"coding": [{"system": SNOMED, "code": "26643006", "display": "Oral route"}]},
+                "doseAndRate": [{"doseQuantity": {"value": dose, "unit": "mg", "system": UCUM, "code": "mg"}}],
+            }
+        ],
+    }
+
+
+def _risk_detail(inputs: PceInputs, prediction: Prediction, risk_text: str, category: str) -> str:
+    lines = [f"**10-year risk of a first ASCVD event: {risk_text} ({category}).**", "", "Inputs used:"]
+    lines += _findings_section(inputs) + _ascvd_lines(inputs)
+    lines += [f"\nNote: {escape_markdown(p.message)}" for p in inputs.notes]
+    if category in (INTERMEDIATE, HIGH) and not inputs.ascvd:
+        lines.append(_guidance(category, inputs))
+    else:
+        lines += _diabetes_line(inputs)
+    lines.append(
+        f"\nModel: {escape_markdown(prediction.model)} {escape_markdown(prediction.version)}, "
+        f"equation {escape_markdown(prediction.outputs.get('equation', '?'))}."
+    )
+    lines += [f"\nModel note: {escape_markdown(n)}" for n in prediction.outputs.get("notes") or ()]
+    return "\n".join(lines)
+
+
+def _statin_suggestion(patient_id: str, risk_text: str) -> Suggestion:
+    action = Action(
+        type="create",
+        description=f"Propose {STATIN_PROPOSAL['display']} once daily, as a draft for the clinician to review and sign",
+        resource=statin_proposal(patient_id, risk_text),
+    )
+    return Suggestion(label=STATIN_PROPOSAL["label"], actions=[action], isRecommended=True)
+
+
+def _risk_card(inputs: PceInputs, prediction: Prediction) -> Card:
+    risk = float(prediction.outputs["risk"])
+    category = risk_category(risk)
+    risk_text = f"{risk * 100:.1f} %"
+    summary = f"10-year ASCVD risk {risk_text} ({category})"
+    if inputs.ascvd:
+        summary += ": not for primary prevention, ASCVD on record"
+    suggestions = []
+    if (
+        category in (INTERMEDIATE, HIGH)
+        and not inputs.statins
+        and inputs.statin_status_known
+        and not inputs.ascvd
+        and inputs.patient_id
+    ):
+        suggestions.append(_statin_suggestion(inputs.patient_id, risk_text))
+    return Card(
+        summary=summary,
+        indicator="info" if category in (LOW, BORDERLINE) else "warning",
+        detail=_risk_detail(inputs, prediction, risk_text, category),
+        source=Source(label=f"{GUIDELINE_LABEL} ({prediction.model} {prediction.version})", url=GUIDELINE_URL),
+        suggestions=suggestions,
+        selectionBehavior="at-most-one" if suggestions else None,
+        links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
+    )
+
+
+def _guidance(category: str, inputs: PceInputs) -> str:
+    if inputs.statins:
+        return "\nA statin is already active, so no statin is suggested."
+    text = (
+        "\nAt 7.5 % or more the 2018 ACC/AHA cholesterol guideline recommends a clinician–patient discussion "
+        "of a moderate-intensity statin, weighing LDL cholesterol, risk enhancers and preferences."
+    )
+    if category == HIGH:
+        text += " At 20 % or more it favours a high-intensity statin: adjust the proposed dose."
+    if not inputs.statin_status_known:
+        text += " No statin is proposed because some medications could not be seen."
+    return text
+
+
+def _diabetes_line(inputs: PceInputs) -> list[str]:
+    diabetes, age = inputs.findings.get("diabetes"), inputs.findings.get("age")
+    if not (diabetes and diabetes.value and age and 40 <= age.value <= 75) or inputs.statins or inputs.ascvd:
+        return []
+    return [
+        "\nWith diabetes at 40–75 years the 2018 ACC/AHA cholesterol guideline recommends a moderate-intensity "
+        "statin whatever the estimated risk."
+    ]
+
+
+def _no_risk_card(inputs: PceInputs) -> Card:
+    blocking = inputs.blocking
+    first = blocking[0].message
+    more = f" (+{len(blocking) - 1} more)" if len(blocking) > 1 else ""
+    prefix = "10-year ASCVD risk not calculated: "
+    room = 139 - len(prefix) - len(more)
+    summary = prefix + (first if len(first) <= room else first[: room - 1] + "…") + more
+    lines = ["**Why the risk was not calculated:**"] + [f"- {escape_markdown(p.message)}" for p in blocking]
+    if inputs.findings:
+        lines += ["", "**Found in the record:**"] + _findings_section(inputs)
+    lines += [f"\nNote: {escape_markdown(p.message)}" for p in inputs.notes]
+    lines += _ascvd_lines(inputs)
+    if not any(p.input == "deceased" for p in blocking):
+        lines.append(f"\nOnce these are resolved, the risk can be estimated with the {ESTIMATOR_LABEL}.")
+    return Card(
+        summary=summary,
+        indicator="info",
+        detail="\n".join(lines),
+        source=Source(label=f"{GUIDELINE_LABEL} (not calculated)", url=GUIDELINE_URL),
+        links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
+    )
+
+
+def build_cards(inputs: PceInputs, prediction: Prediction | None) -> list[Card]:
+    """One card: the risk with every input used, or why there is no risk and what was found."""
+    if inputs.blocking:
+        return [_no_risk_card(inputs)]
+    if prediction is None:
+        missing = Problem("model", "the model gave no result")
+        return [_no_risk_card(replace(inputs, problems=[*inputs.problems, missing]))]
+    return [_risk_card(inputs, prediction)]
+
+
+def fallback(call: ServiceCall, reason: str) -> list[Card]:
+    """Without the model: what to do instead, and the values the record holds for the calculator."""
+    shown = _short(str(reason).replace("-", " "), 40)
+    summary = f"Cardiovascular risk unavailable ({shown}); estimate with the ACC/AHA risk calculator"
+    lines = [
+        f"The 10-year ASCVD risk could not be calculated now ({escape_markdown(shown)}). Estimate it with the "
+        f"{ESTIMATOR_LABEL} (link below)."
+    ]
+    try:
+        inputs = inputs_from_call(call, today())
+        if inputs.findings:
+            lines += ["", "**Values found in the record:**"] + _findings_section(inputs)
+        if inputs.blocking:
+            lines += ["", "**Missing or not usable:**"] + [f"- {escape_markdown(p.message)}" for p in inputs.blocking]
+    except Exception:  # the fallback must answer even when the record cannot be read
+        lines.append("\nThe record's values could not be listed.")
+    return [
+        Card(
+            summary=summary,
+            indicator="info",
+            detail="\n".join(lines),
+            source=Source(label=f"{GUIDELINE_LABEL} (AI result unavailable: {_short(reason, 40)})", url=GUIDELINE_URL),
+            links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
+        )
+    ]
+
+
+@cds_service(
+    id="cardiovascular-risk",
+    hook="patient-view",
+    title="Cardiovascular risk (ACC/AHA Pooled Cohort Equations)",
+    description=(
+        "10-year risk of a first atherosclerotic cardiovascular event from the 2013 ACC/AHA Pooled Cohort "
+        "Equations, with the inputs used and their dates, and a statin proposal at 7.5 % or more when no statin "
+        "is active."
+    ),
+    prefetch=PREFETCH,
+    fallback=fallback,
+)
+def cardiovascular_risk(call: ServiceCall) -> list[Card]:
+    inputs = inputs_from_call(call, today())
+    if inputs.blocking:
+        return build_cards(inputs, None)
+    return build_cards(inputs, infer(MODEL, inputs.model_inputs()))
