@@ -1,0 +1,262 @@
+"""The trusted CDS clients (CDS_CLIENTS_FILE): who may call us, with which keys, for which FHIR servers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+from jwt import PyJWK
+from jwt.exceptions import PyJWTError
+
+DEV_CLIENTS_FILE = Path(__file__).resolve().parent / "dev_clients.json"
+
+_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
+SIGNING_ALGORITHMS = _RSA_ALGORITHMS | frozenset(_EC_ALGORITHMS.values()) | {"EdDSA"}
+PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_CLIENT_MEMBERS = ("iss", "jwks", "jwks_url", "fhir_servers", "tenant", "smart_backend", "webhooks")
+
+
+def verification_algorithms(jwk: Mapping[str, Any]) -> frozenset[str]:
+    """The asymmetric algorithms a public JWK may verify: set by its type and curve, narrowed by its alg."""
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "RSA":
+        algorithms = _RSA_ALGORITHMS
+    elif kty == "EC" and crv in _EC_ALGORITHMS:
+        algorithms = frozenset({_EC_ALGORITHMS[crv]})
+    elif kty == "OKP" and crv in _OKP_CURVES:
+        algorithms = frozenset({"EdDSA"})
+    else:
+        return frozenset()
+    if "alg" in jwk:
+        algorithms = algorithms & {jwk["alg"]}
+    key_ops = jwk.get("key_ops")
+    if jwk.get("use", "sig") != "sig" or (key_ops is not None and "verify" not in key_ops):
+        return frozenset()
+    return algorithms
+
+
+def has_private_material(jwk: Mapping[str, Any]) -> bool:
+    """True when a JWK carries private or symmetric key members (it must never be configured or used)."""
+    return any(member in jwk for member in PRIVATE_JWK_MEMBERS)
+
+
+class _Place(NamedTuple):
+    scheme: str
+    host: str
+    port: int | None  # None: any port (allowlist entries ending in ":*")
+    path: str  # no trailing slash
+
+
+def _place(url: Any, wildcard_port: bool = False) -> _Place | None:
+    """Scheme, host, port and path of an http(s) URL, or None for anything we would not fetch from."""
+    if not isinstance(url, str) or "\\" in url or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return None
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    netloc = parts.netloc
+    any_port = wildcard_port and netloc.endswith(":*")
+    if any_port:
+        netloc = netloc[:-2]
+        parts = urlsplit(f"{scheme}://{netloc}{parts.path}")
+    if scheme not in _DEFAULT_PORTS or "@" in netloc or not parts.hostname:
+        return None
+    try:
+        port = None if any_port else parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None
+    if any(unquote(segment) in (".", "..") for segment in parts.path.split("/")):
+        return None
+    host = parts.hostname.rstrip(".")
+    return _Place(scheme, host, port, parts.path.rstrip("/")) if host else None
+
+
+def _admits(entry: _Place, target: _Place) -> bool:
+    return (
+        entry.scheme == target.scheme
+        and entry.host == target.host
+        and entry.port in (None, target.port)
+        and (not entry.path or target.path == entry.path or target.path.startswith(entry.path + "/"))
+    )
+
+
+@dataclass(frozen=True)
+class TrustedClient:
+    """One CDS client we trust: its issuer, its public keys, and the FHIR servers we may call for it."""
+
+    iss: str
+    jwks: dict | None = None
+    jwks_url: str | None = None
+    fhir_servers: tuple[str, ...] = ()
+    tenant: str | None = None
+    smart_backend: dict | None = None
+    webhooks: tuple[dict, ...] = field(default=(), repr=False)  # they hold secrets
+    _allowlist: tuple[_Place, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        places = tuple(_place(url, wildcard_port=True) for url in self.fhir_servers)
+        if None in places:
+            raise ValueError(f"fhir_servers of {self.iss!r} must be absolute http(s) URLs without user info")
+        object.__setattr__(self, "_allowlist", places)
+
+    def allows_fhir_server(self, url: str) -> bool:
+        """SSRF guard: is ``url`` on one of this client's FHIR servers (same origin, path under a segment)?"""
+        target = _place(url)
+        return target is not None and any(_admits(entry, target) for entry in self._allowlist)
+
+
+class ClientRegistry:
+    """The trusted clients by issuer, validated when loaded."""
+
+    def __init__(self, clients: Iterable[TrustedClient] = ()):
+        self._by_iss: dict[str, TrustedClient] = {}
+        for client in clients:
+            if client.iss in self._by_iss:
+                raise ValueError(f"duplicate trusted client iss {client.iss!r}")
+            self._by_iss[client.iss] = client
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ClientRegistry:
+        """Load and validate a CDS_CLIENTS_FILE; errors name the file and the field."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the trusted clients file ({exc.strerror})") from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: the trusted clients file is not valid JSON ({exc})") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "trusted clients") -> ClientRegistry:
+        """Validate a decoded clients document; errors name ``source`` and the field path."""
+        return cls(_Loader(source).clients(data))
+
+    def get(self, iss: str) -> TrustedClient | None:
+        return self._by_iss.get(iss)
+
+    def __iter__(self) -> Iterator[TrustedClient]:
+        return iter(self._by_iss.values())
+
+    def __len__(self) -> int:
+        return len(self._by_iss)
+
+
+class _Loader:
+    """Validation of a clients document, one check per field, each error naming its place."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> ValueError:
+        return ValueError(f"{self.source}: {where}: {problem}")
+
+    def clients(self, data: Any) -> list[TrustedClient]:
+        if not isinstance(data, dict) or not isinstance(data.get("clients"), list):
+            raise self.fail("clients", 'the document must be an object with a "clients" array')
+        self.known_members(data, ("clients",), "")
+        seen: dict[str, int] = {}
+        clients = []
+        for index, entry in enumerate(data["clients"]):
+            client = self.client(entry, f"clients[{index}]")
+            if client.iss in seen:
+                also = f"clients[{seen[client.iss]}]"
+                raise self.fail(f"clients[{index}].iss", f"duplicate issuer {client.iss!r} (also {also})")
+            seen[client.iss] = index
+            clients.append(client)
+        return clients
+
+    def client(self, entry: Any, where: str) -> TrustedClient:
+        if not isinstance(entry, dict):
+            raise self.fail(where, "must be an object")
+        self.known_members(entry, _CLIENT_MEMBERS, where + ".")
+        iss = self.text(entry, "iss", where)
+        if ("jwks" in entry) == ("jwks_url" in entry):
+            raise self.fail(where, 'give exactly one of "jwks" (inline JWK Set) or "jwks_url"')
+        jwks = self.jwks(entry["jwks"], f"{where}.jwks") if "jwks" in entry else None
+        jwks_url = self.url(entry["jwks_url"], f"{where}.jwks_url") if "jwks_url" in entry else None
+        servers = entry.get("fhir_servers", [])
+        if not isinstance(servers, list):
+            raise self.fail(f"{where}.fhir_servers", "must be an array of URLs")
+        for i, url in enumerate(servers):
+            if _place(url, wildcard_port=True) is None:
+                raise self.fail(f"{where}.fhir_servers[{i}]", "must be an absolute http(s) URL, no user info")
+        return TrustedClient(
+            iss=iss,
+            jwks=jwks,
+            jwks_url=jwks_url,
+            fhir_servers=tuple(servers),
+            tenant=self.text(entry, "tenant", where) if "tenant" in entry else None,
+            smart_backend=self.smart_backend(entry["smart_backend"], f"{where}.smart_backend")
+            if "smart_backend" in entry
+            else None,
+            webhooks=self.webhooks(entry.get("webhooks", []), f"{where}.webhooks"),
+        )
+
+    def jwks(self, jwks: Any, where: str) -> dict:
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list) or not jwks["keys"]:
+            raise self.fail(where, 'must be a JWK Set: an object with a non-empty "keys" array')
+        kids: set[str] = set()
+        for i, jwk in enumerate(jwks["keys"]):
+            here = f"{where}.keys[{i}]"
+            if not isinstance(jwk, dict):
+                raise self.fail(here, "must be a JWK object")
+            for member in PRIVATE_JWK_MEMBERS:
+                if member in jwk:
+                    raise self.fail(f"{here}.{member}", "private or symmetric key material: public keys only")
+            kid = self.text(jwk, "kid", here)
+            if kid in kids:
+                raise self.fail(f"{here}.kid", f"duplicate kid {kid!r}")
+            kids.add(kid)
+            algorithms = verification_algorithms(jwk)
+            if not algorithms:
+                raise self.fail(here, "not a public signing key for RS*, PS*, ES256/384/512 or EdDSA")
+            try:
+                PyJWK(jwk, algorithm=min(algorithms))
+            except PyJWTError as exc:
+                raise self.fail(here, f"cannot be loaded as a key ({exc})") from None
+        return jwks
+
+    def smart_backend(self, value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where, "must be an object with token_url, client_id and scope")
+        self.url(value.get("token_url"), f"{where}.token_url")
+        self.text(value, "client_id", where)
+        self.text(value, "scope", where)
+        return value
+
+    def webhooks(self, value: Any, where: str) -> tuple[dict, ...]:
+        if not isinstance(value, list):
+            raise self.fail(where, "must be an array")
+        for i, hook in enumerate(value):
+            here = f"{where}[{i}]"
+            if not isinstance(hook, dict):
+                raise self.fail(here, "must be an object with url, secret and events")
+            self.url(hook.get("url"), f"{here}.url")
+            self.text(hook, "secret", here)
+            events = hook.get("events")
+            if not isinstance(events, list) or not all(isinstance(e, str) and e for e in events):
+                raise self.fail(f"{here}.events", "must be an array of event names")
+        return tuple(value)
+
+    def text(self, mapping: dict, member: str, where: str) -> str:
+        value = mapping.get(member)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"{where}.{member}", "must be a non-empty string")
+        return value
+
+    def url(self, value: Any, where: str) -> str:
+        if _place(value) is None:
+            raise self.fail(where, "must be an absolute http(s) URL without user info")
+        return value
+
+    def known_members(self, mapping: dict, members: tuple[str, ...], prefix: str) -> None:
+        for member in mapping:
+            if member not in members and not member.startswith("_"):
+                raise self.fail(prefix + member, f"unknown member (expected one of {', '.join(members)})")
