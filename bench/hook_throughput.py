@@ -21,16 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-import jwt
 import requests
+
+from tests.support.tokens import SigningKey, clients_document
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "hooks" / "patient-view-cardiovascular-risk.json"
-KEYS = ROOT / "fixtures" / "keys"
-ISSUER = "https://ehr.bench.test"
 
 
 def free_port() -> int:
@@ -64,13 +62,8 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def tokens(n: int, aud: str, private_key: str, kid: str) -> list[str]:
-    now = int(time.time())
-    claims = {"iss": ISSUER, "aud": aud, "iat": now, "exp": now + 600}
-    return [
-        jwt.encode({**claims, "jti": str(uuid.uuid4())}, private_key, "ES384", headers={"kid": kid, "typ": "JWT"})
-        for _ in range(n)
-    ]
+def tokens(key: SigningKey, n: int, aud: str) -> list[str]:
+    return [key.token(aud, lifetime=600) for _ in range(n)]
 
 
 LUA = """
@@ -119,12 +112,10 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()
 
-    key = (KEYS / "client-es384.pem").read_text()
-    jwks = json.loads((KEYS / "client.jwks.json").read_text())
-    kid = next(k["kid"] for k in jwks["keys"] if k.get("alg") == "ES384")
+    key = SigningKey.generate()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     clients = work / "clients.json"
-    clients.write_text(json.dumps({"clients": [{"iss": ISSUER, "jwks": jwks, "fhir_servers": []}]}))
+    clients.write_text(json.dumps(clients_document(key, [])))
     body_file = work / "body.json"
     body_file.write_text(FIXTURE.read_text())
     no_tokens = work / "none.txt"
@@ -140,24 +131,34 @@ def main() -> int:
         "AUDIT_LOG": str(work / "audit.jsonl"),
         "LOG_LEVEL": "WARNING",
     }
-    subprocess.run([str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"], cwd=ROOT,
-                   env={**os.environ, **env}, check=True, capture_output=True)
+    subprocess.run(
+        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
     echo = start("bench.echo_app:app", echo_port, env)
     gateway = start("app:create_app()", gw_port, env)
     try:
-        probe = tokens(1, base + service_path, key, kid)[0]
-        answer = requests.post(base + service_path, data=body_file.read_bytes(), timeout=10,
-                               headers={"Authorization": f"Bearer {probe}", "Content-Type": "application/json"})
+        probe = key.token(base + service_path)
+        answer = requests.post(
+            base + service_path,
+            data=body_file.read_bytes(),
+            timeout=10,
+            headers={"Authorization": f"Bearer {probe}", "Content-Type": "application/json"},
+        )
         answer.raise_for_status()
         print(f"gateway answers: {answer.json()['cards'][0]['summary']}")
         # One token per request, with headroom: rps is well under 5,000 on this machine.
         per_round = 5000 * args.seconds
         results: dict[str, list[dict]] = {"echo": [], "gateway": []}
         for r in range(args.rounds):
-            results["echo"].append(wrk(f"http://127.0.0.1:{echo_port}", "/echo", body_file, no_tokens,
-                                       args.seconds, args.connections))
+            results["echo"].append(
+                wrk(f"http://127.0.0.1:{echo_port}", "/echo", body_file, no_tokens, args.seconds, args.connections)
+            )
             token_file = work / f"tokens-{r}.txt"
-            token_file.write_text("\n".join(tokens(per_round, base + service_path, key, kid)))
+            token_file.write_text("\n".join(tokens(key, per_round, base + service_path)))
             results["gateway"].append(wrk(base, service_path, body_file, token_file, args.seconds, args.connections))
             print(f"round {r + 1}: echo {results['echo'][-1]}, gateway {results['gateway'][-1]}", flush=True)
     finally:
@@ -167,12 +168,16 @@ def main() -> int:
     def median(name: str, field: str) -> float:
         return statistics.median(x[field] for x in results[name])
 
-    print(f"\npatient-view with full prefetch ({body_file.stat().st_size // 1024} KB body), "
-          f"{args.connections} connections, {args.rounds} x {args.seconds} s, medians:")
+    print(
+        f"\npatient-view with full prefetch ({body_file.stat().st_size // 1024} KB body), "
+        f"{args.connections} connections, {args.rounds} x {args.seconds} s, medians:"
+    )
     print(f"{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
     for name in ("echo", "gateway"):
-        print(f"{name:10}{median(name, 'rps'):>10.0f}{median(name, 'p50'):>10.2f}{median(name, 'p99'):>10.2f}"
-              f"{sum(x['errors'] for x in results[name]):>10}")
+        print(
+            f"{name:10}{median(name, 'rps'):>10.0f}{median(name, 'p50'):>10.2f}{median(name, 'p99'):>10.2f}"
+            f"{sum(x['errors'] for x in results[name]):>10}"
+        )
     print(f"ratio gateway/echo (req/s): {median('gateway', 'rps') / median('echo', 'rps'):.2f}")
     return 0
 
