@@ -78,9 +78,6 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {settings['LOG_LEVEL']!r})")
     if not settings["DATABASE_URL"].startswith(("sqlite", "postgresql")):
         raise ConfigError("DATABASE_URL must be a sqlite:/// or postgresql:// SQLAlchemy URL")
-    if settings["DATABASE_URL"].startswith("postgresql://"):
-        # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
-        settings["DATABASE_URL"] = "postgresql+psycopg://" + settings["DATABASE_URL"][len("postgresql://") :]
     if not Path(settings["CDS_CLIENTS_FILE"]).is_file():
         raise ConfigError(f"CDS_CLIENTS_FILE {settings['CDS_CLIENTS_FILE']!r} does not exist")
     return settings

@@ -28,6 +28,7 @@ import requests
 from tests.support.tokens import SigningKey, clients_document
 
 ROOT = Path(__file__).resolve().parent.parent
+WRK_THREADS = 2
 FIXTURE = ROOT / "fixtures" / "hooks" / "patient-view-cardiovascular-risk.json"
 
 
@@ -67,12 +68,20 @@ def tokens(key: SigningKey, n: int, aud: str) -> list[str]:
 
 
 LUA = """
+-- Each wrk thread takes every THREADS-th token from its own offset, so no token (jti) is ever sent twice.
+local THREADS = %(threads)d
+local next_id = 0
+function setup(thread)
+  thread:set("id", next_id)
+  next_id = next_id + 1
+end
+
 local tokens = {}
 for line in io.lines("%(tokens)s") do tokens[#tokens + 1] = line end
-local i = 0
 local body = io.open("%(body)s"):read("*a")
+local i = nil
 request = function()
-  i = i + 1
+  i = (i or id) + THREADS
   local headers = {["Content-Type"] = "application/json"}
   if #tokens > 0 then headers["Authorization"] = "Bearer " .. tokens[(i %% #tokens) + 1] end
   return wrk.format("POST", "%(path)s", headers, body)
@@ -82,9 +91,9 @@ end
 
 def wrk(url: str, path: str, body_file: Path, token_file: Path, seconds: int, connections: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(LUA % {"tokens": token_file, "body": body_file, "path": path})
+        script.write(LUA % {"tokens": token_file, "body": body_file, "path": path, "threads": WRK_THREADS})
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+        ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
         capture_output=True,
         text=True,
         check=True,
@@ -110,9 +119,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--auth",
+        default="ES384",
+        choices=("ES384", "RS384", "off"),
+        help="client JWT algorithm (ES384 is the Sandbox's), or off: CDS_AUTH=off, no token",
+    )
     args = parser.parse_args()
 
-    key = SigningKey.generate()
+    key = SigningKey.generate("RS384" if args.auth == "RS384" else "ES384")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     clients = work / "clients.json"
     clients.write_text(json.dumps(clients_document(key, [])))
@@ -130,6 +145,7 @@ def main() -> int:
         "CDS_CLIENTS_FILE": str(clients),
         "AUDIT_LOG": str(work / "audit.jsonl"),
         "LOG_LEVEL": "WARNING",
+        "CDS_AUTH": "off" if args.auth == "off" else "on",
     }
     subprocess.run(
         [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
@@ -158,7 +174,7 @@ def main() -> int:
                 wrk(f"http://127.0.0.1:{echo_port}", "/echo", body_file, no_tokens, args.seconds, args.connections)
             )
             token_file = work / f"tokens-{r}.txt"
-            token_file.write_text("\n".join(tokens(key, per_round, base + service_path)))
+            token_file.write_text("" if args.auth == "off" else "\n".join(tokens(key, per_round, base + service_path)))
             results["gateway"].append(wrk(base, service_path, body_file, token_file, args.seconds, args.connections))
             print(f"round {r + 1}: echo {results['echo'][-1]}, gateway {results['gateway'][-1]}", flush=True)
     finally:

@@ -421,6 +421,11 @@ class _Reading:
     pick: Callable[[dict[str, Any]], Any]
     convert: Callable[[Any], tuple[Any, str, str] | str]
     unit: str = ""
+    codes: frozenset[str] = frozenset()  # LOINC codes of the observations that can carry it; empty: any
+
+    def may_carry(self, observation_codes: set[str]) -> bool:
+        """A cheap first sieve, so that ``pick`` only sees observations that can hold this input."""
+        return not self.codes or bool(self.codes & observation_codes)
 
 
 READINGS = (
@@ -431,19 +436,23 @@ READINGS = (
         _quantity_of(TOTAL_CHOLESTEROL_CODES),
         _cholesterol_mg_dl,
         "mg/dL",
+        frozenset(TOTAL_CHOLESTEROL_CODES),
     ),
-    _Reading("hdl", "hdl", "HDL cholesterol", _quantity_of(HDL_CODES), _cholesterol_mg_dl, "mg/dL"),
+    _Reading(
+        "hdl", "hdl", "HDL cholesterol", _quantity_of(HDL_CODES), _cholesterol_mg_dl, "mg/dL", frozenset(HDL_CODES)
+    ),
+    # Systolic pressure may be a component of any panel, so every observation is looked at.
     _Reading("systolic_bp", "bloodPressure", "systolic blood pressure", _systolic_quantity, _pressure_mm_hg, "mm Hg"),
-    _Reading("smoker", "smoking", "smoking status", _smoking_answer, _smoking_status),
+    _Reading("smoker", "smoking", "smoking status", _smoking_answer, _smoking_status, "", frozenset({SMOKING_CODE})),
 )
 
 
-def _latest_first(observations: list[dict[str, Any]], reading: _Reading) -> list[tuple[Any, ...]]:
+def _latest_first(observations: list[tuple[dict[str, Any], set[str]]], reading: _Reading) -> list[tuple[Any, ...]]:
     """(instant, date, observation, converted value or why unusable) for each observation with a value,
-    latest effective time first."""
+    latest effective time first. ``observations`` pairs each Observation with its LOINC codes."""
     found = []
-    for observation in observations:
-        if observation.get("status") in {"entered-in-error", "cancelled"}:
+    for observation, codes in observations:
+        if observation.get("status") in {"entered-in-error", "cancelled"} or not reading.may_carry(codes):
             continue
         raw = reading.pick(observation)
         if raw is not None:
@@ -462,7 +471,9 @@ def _disagreement(reading: _Reading, values: list[tuple[Any, str, str]]) -> str 
     return " vs ".join(sorted({text for _, text, _ in values})) if len(answers) > 1 else None
 
 
-def _read_latest(inputs: PceInputs, reading: _Reading, observations: list[dict[str, Any]], today: date) -> None:
+def _read_latest(
+    inputs: PceInputs, reading: _Reading, observations: list[tuple[dict[str, Any], set[str]]], today: date
+) -> None:
     """Record the latest observation with a usable value; say which newer ones were skipped and why.
 
     Two usable results at the same instant that disagree are a conflict the record must resolve: no value is
@@ -718,9 +729,13 @@ def extract_inputs(
     unavailable = set(unavailable)
     inputs = PceInputs()
     _read_patient(inputs, patient, today)
-    observations = [o for o in observations if isinstance(o, dict) and o.get("resourceType") == "Observation"]
+    coded = [
+        (o, _codes(o.get("code"), LOINC))
+        for o in observations
+        if isinstance(o, dict) and o.get("resourceType") == "Observation"
+    ]
     for reading in READINGS:
-        _read_latest(inputs, reading, observations, today)
+        _read_latest(inputs, reading, coded, today)
     for reading in READINGS:
         if reading.key in unavailable and reading.name not in inputs.findings:
             inputs.problems = [p for p in inputs.problems if p.input != reading.name]
