@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from app.ai import ModelUnavailable
 from app.db import engine, feedback
 from tests.conftest import PUBLIC_BASE_URL
+from tests.support.assertions import assert_no_empty_members
 
 SERVICE = "/cds-services/cardiovascular-risk"
 
@@ -278,14 +279,4 @@ def test_readiness_fails_when_the_database_is_gone(make_app):
 
 def test_cards_carry_no_empty_members(client, auth, hook_body):
     body = post(client, SERVICE, copy.deepcopy(hook_body), auth(SERVICE)).get_json()
-
-    def walk(value):
-        if isinstance(value, dict):
-            for v in value.values():
-                assert v not in (None, "", [], {})
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(body["cards"])
+    assert_no_empty_members(body["cards"])

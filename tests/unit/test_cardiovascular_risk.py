@@ -16,6 +16,7 @@ from app.cds.request import HookRequest
 from app.cds.service import ServiceCall, get_service
 from cds_services import cardiovascular_risk as service
 from cds_services.cardiovascular_risk import PREFETCH, build_cards, extract_inputs, fallback
+from tests.support.assertions import assert_no_empty_members
 
 TODAY = date(2021, 4, 1)
 SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-r4"
@@ -589,18 +590,9 @@ def test_no_primary_prevention_statin_suggestion_when_ascvd_is_on_record():
 
 
 def test_cards_serialise_with_uuids_and_no_empty_members():
-    def walk(value):
-        if isinstance(value, dict):
-            for item in value.values():
-                assert item not in (None, "", [], {})
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
     for inputs in (extract(), _intermediate_risk(), extract(pt=patient(birth="1930-01-01"))):
         body = card_for(inputs).to_json()
-        walk(body)
+        assert_no_empty_members(body)
         assert len(body["uuid"]) == 36
         assert all(len(s["uuid"]) == 36 for s in body.get("suggestions", []))
         assert len(body["summary"]) < 140
