@@ -38,6 +38,16 @@ def _int(name: str, raw: Any, low: int, high: int) -> int:
     return value
 
 
+def _float(name: str, raw: Any, low: float, high: float) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
+    return value
+
+
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in schemes or not parts.netloc:
@@ -71,7 +81,28 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "LOG_LEVEL": str(get("LOG_LEVEL", "INFO")).upper(),
         "MAX_CONTENT_LENGTH": _int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES", 10 * 1024 * 1024), 1024, 1 << 30),
         "TESTING": _flag("TESTING", get("TESTING", False)),
+        "AI_BACKEND": str(get("AI_BACKEND", "local")).strip().lower(),
+        "AI_URL": get("AI_URL") or None,
+        "AI_MAX_IN_FLIGHT": _int("AI_MAX_IN_FLIGHT", get("AI_MAX_IN_FLIGHT", 16), 1, 1024),
+        "AI_RESERVE_MS": _int("AI_RESERVE_MS", get("AI_RESERVE_MS", 20), 0, 1000),
+        "AI_CALL_TIMEOUT_MS": _int("AI_CALL_TIMEOUT_MS", get("AI_CALL_TIMEOUT_MS", 2000), 10, 600_000),
+        "LATE_RESULT_TTL_S": _int("LATE_RESULT_TTL_S", get("LATE_RESULT_TTL_S", 300), 0, 86400),
+        "BREAKER_FAILURE_RATE": _float("BREAKER_FAILURE_RATE", get("BREAKER_FAILURE_RATE", 0.5), 0.01, 1.0),
+        "BREAKER_SLOW_CALL_RATE": _float("BREAKER_SLOW_CALL_RATE", get("BREAKER_SLOW_CALL_RATE", 0.8), 0.01, 1.0),
+        "BREAKER_SLOW_CALL_MS": _int("BREAKER_SLOW_CALL_MS", get("BREAKER_SLOW_CALL_MS", 400), 1, 60_000),
+        "BREAKER_WINDOW": _int("BREAKER_WINDOW", get("BREAKER_WINDOW", 20), 1, 10_000),
+        "BREAKER_MIN_CALLS": _int("BREAKER_MIN_CALLS", get("BREAKER_MIN_CALLS", 10), 1, 10_000),
+        "BREAKER_OPEN_SECONDS": _float("BREAKER_OPEN_SECONDS", get("BREAKER_OPEN_SECONDS", 30), 0.01, 3600),
+        "BREAKER_HALF_OPEN_CALLS": _int("BREAKER_HALF_OPEN_CALLS", get("BREAKER_HALF_OPEN_CALLS", 3), 1, 1000),
     }
+    if settings["AI_BACKEND"] not in ("local", "kserve"):
+        raise ConfigError(f"AI_BACKEND must be local or kserve (got {settings['AI_BACKEND']!r})")
+    if settings["AI_BACKEND"] == "kserve":
+        if not settings["AI_URL"]:
+            raise ConfigError("AI_URL is required when AI_BACKEND=kserve")
+        settings["AI_URL"] = _url("AI_URL", settings["AI_URL"], ("http", "https"))
+    if settings["BREAKER_MIN_CALLS"] > settings["BREAKER_WINDOW"]:
+        raise ConfigError("BREAKER_MIN_CALLS must not exceed BREAKER_WINDOW")
     if settings["REDIS_URL"]:
         _url("REDIS_URL", settings["REDIS_URL"], ("redis", "rediss", "unix"))
     if settings["LOG_LEVEL"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -1,4 +1,4 @@
-"""AI inference: one entry point, ``infer``, in front of the configured backend."""
+"""AI inference: one entry point, ``infer``, in front of the configured backend and its guard."""
 
 from __future__ import annotations
 
@@ -43,17 +43,68 @@ class Model(Protocol):
 
 
 class Backend(Protocol):
-    def infer(self, model: str, inputs: dict[str, Any]) -> Prediction: ...
+    def infer(self, model: str, inputs: dict[str, Any], timeout: float | None = None) -> Prediction: ...
+
+
+# What a fallback card says about why the AI result is missing, by ModelUnavailable.reason.
+REASON_TEXT = {
+    "timeout": "timed out",
+    "circuit-open": "unavailable",
+    "unavailable": "unavailable",
+    "bad-response": "unavailable",
+    "error": "unavailable",
+    "overloaded": "overloaded",
+    "unknown-model": "unavailable",
+    "invalid-input": "not applicable",
+}
+
+
+def reason_text(reason: str) -> str:
+    return REASON_TEXT.get(reason, "unavailable")
 
 
 def infer(model: str, inputs: dict[str, Any]) -> Prediction:
-    """Run ``model`` on ``inputs`` through the current application's backend."""
-    backend: Backend = current_app.extensions["ai_backend"]
-    return backend.infer(model, inputs)
+    """Run ``model`` on ``inputs`` through the guard, within the current hook's deadline."""
+    return current_app.extensions["ai_guard"].infer(model, inputs)
+
+
+def make_backend(config) -> Backend:
+    """The backend ``AI_BACKEND`` names: embedded models in process, or a KServe v2 server at ``AI_URL``."""
+    if config["AI_BACKEND"] == "kserve":
+        from app.ai.kserve import KServeBackend
+
+        return KServeBackend(config["AI_URL"])
+    from app.ai.local import LocalBackend
+
+    return LocalBackend.with_embedded_models()
 
 
 def init_app(app) -> None:
-    """Install the configured inference backend once per application."""
-    from app.ai.local import LocalBackend
+    """Install the configured backend behind its guard, once per application; register ``flask models``."""
+    from app.ai.breaker import CircuitBreaker
+    from app.ai.guard import Guard, LateResults
+    from app.ai.serve import init_cli
 
-    app.extensions["ai_backend"] = LocalBackend.with_embedded_models()
+    config = app.config
+    backend = make_backend(config)
+    breaker = CircuitBreaker(
+        f"ai-{config['AI_BACKEND']}",
+        failure_rate_threshold=config["BREAKER_FAILURE_RATE"],
+        slow_call_rate_threshold=config["BREAKER_SLOW_CALL_RATE"],
+        slow_call_seconds=config["BREAKER_SLOW_CALL_MS"] / 1000,
+        window_size=config["BREAKER_WINDOW"],
+        minimum_calls=config["BREAKER_MIN_CALLS"],
+        open_seconds=config["BREAKER_OPEN_SECONDS"],
+        half_open_max_calls=config["BREAKER_HALF_OPEN_CALLS"],
+        redis_url=config["REDIS_URL"],
+        listeners=[Guard.breaker_listener()],
+    )
+    app.extensions["ai_guard"] = Guard(
+        backend,
+        breaker,
+        max_in_flight=config["AI_MAX_IN_FLIGHT"],
+        late_results=LateResults(ttl_seconds=config["LATE_RESULT_TTL_S"]),
+        default_timeout=config["HOOK_BUDGET_MS"] / 1000,
+        call_timeout=config["AI_CALL_TIMEOUT_MS"] / 1000,
+    )
+    init_cli(app)

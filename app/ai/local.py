@@ -25,6 +25,7 @@ class LocalBackend:
         except KeyError:
             raise ModelUnavailable("unknown-model", name) from None
 
-    def infer(self, model: str, inputs: dict[str, Any]) -> Prediction:
+    def infer(self, model: str, inputs: dict[str, Any], timeout: float | None = None) -> Prediction:
+        """Run an embedded model; ``timeout`` is the guard's to enforce, a pure function cannot stop midway."""
         m = self.model(model)
         return Prediction(model=m.name, version=m.version, outputs=m.predict(inputs))

@@ -6,39 +6,43 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from app.ai import InferenceError, ModelUnavailable
+from app.ai import InferenceError, ModelUnavailable, reason_text
+from app.ai.guard import deadline as model_deadline
 from app.cds.cards import Card, Source
 from app.cds.prefetch import FhirAccess, PrefetchResolver
 from app.cds.request import HookRequest
 from app.cds.service import CdsService, ServiceCall
 from app.logs import describe
+from app.metrics import FALLBACKS
 
 log = logging.getLogger(__name__)
 
-# Part of the budget kept for the model and the answer when prefetch must be fetched.
+# Share of the budget that prefetch fill-in may use; the rest is kept for the model and the answer.
 FETCH_SHARE = 0.7
 
 
-def generic_fallback(service: CdsService, reason: str) -> list[Card]:
+def generic_fallback(service: CdsService, why: str) -> list[Card]:
     """The card shown when a service declared no fallback of its own: the failure is never silent."""
     return [
         Card(
-            summary=f"{service.title}: AI result unavailable ({reason.replace('-', ' ')})",
+            summary=f"{service.title}: AI result {why}",
             indicator="info",
             detail="This decision support could not run for this patient now. Proceed with usual clinical judgement.",
-            source=Source(label=f"{service.title} (AI result unavailable: {reason})"),
+            source=Source(label=f"{service.title} (AI result unavailable: {why})"),
         )
     ]
 
 
 def fallback_cards(service: CdsService, call: ServiceCall, reason: str) -> list[Card]:
+    """The service's own fallback cards, told why in words (timed out, unavailable, overloaded)."""
+    why = reason_text(reason)
     if service.fallback is None:
-        return generic_fallback(service, reason)
+        return generic_fallback(service, why)
     try:
-        return service.fallback(call, reason)
+        return service.fallback(call, why)
     except Exception as exc:
         log.error("fallback of service %s failed: %s", service.id, describe(exc))
-        return generic_fallback(service, reason)
+        return generic_fallback(service, why)
 
 
 def run_service(
@@ -49,14 +53,20 @@ def run_service(
     started: float,
     default_budget_ms: int,
     on_fetch: Callable[[dict[str, Any]], None],
+    reserve_ms: int = 20,
 ) -> tuple[list[Card], str]:
-    """The cards for this call and how they came about (``cards`` or ``fallback:<reason>``)."""
+    """The cards for this call and how they came about (``cards`` or ``fallback:<reason>``).
+
+    One deadline for the whole call: prefetch fill-in may use FETCH_SHARE of the budget, model calls must
+    answer ``reserve_ms`` before its end, which leaves time to build and send the answer.
+    """
     budget = (service.budget_ms or default_budget_ms) / 1000
     deadline = started + budget
     prefetch = resolver.resolve(service.prefetch, request, access, started + budget * FETCH_SHARE, on_fetch)
     call = ServiceCall(request=request, prefetch=prefetch.values, unavailable=prefetch.unavailable, deadline=deadline)
     try:
-        return service.cards(call), "cards"
+        with model_deadline(deadline - reserve_ms / 1000):
+            return service.cards(call), "cards"
     except ModelUnavailable as exc:
         reason = exc.reason
     except InferenceError:
@@ -65,4 +75,5 @@ def run_service(
     except Exception as exc:
         reason = "error"
         log.error("service %s failed: %s", service.id, describe(exc))
+    FALLBACKS.labels(service.id, reason).inc()
     return fallback_cards(service, call, reason), f"fallback:{reason}"

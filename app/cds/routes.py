@@ -14,6 +14,7 @@ from app.cds.request import parse_hook_request
 from app.cds.responses import json_response
 from app.cds.service import get_service, services
 from app.db import engine
+from app.metrics import HOOK_SECONDS
 
 bp = Blueprint("cds", __name__)
 
@@ -48,8 +49,10 @@ def _write_audit(response):
     if request.method != "OPTIONS" and "event" in g.get("audit", {}):
         record = g.audit
         event = record.pop("event")
-        latency_ms = round((time.monotonic() - g.started) * 1000, 1)
-        audit(current_app).record(event, status=response.status_code, latency_ms=latency_ms, **record)
+        seconds = time.monotonic() - g.started
+        audit(current_app).record(event, status=response.status_code, latency_ms=round(seconds * 1000, 1), **record)
+        if event == "hook":
+            HOOK_SECONDS.labels(record.get("service", "unknown"), record.get("outcome", "error")).observe(seconds)
     return response
 
 
@@ -80,6 +83,7 @@ def call_service(service_id: str):
         g.started,
         current_app.config["HOOK_BUDGET_MS"],
         state.fetch_auditor(g.audit),
+        current_app.config["AI_RESERVE_MS"],
     )
     g.audit["outcome"] = outcome
     g.audit["cards"] = len(cards)

@@ -172,10 +172,10 @@ def test_null_prefetch_is_passed_on_not_refetched(client, auth, hook_body):
 
 def test_failing_model_gives_the_fallback_card_not_a_5xx(app, auth, hook_body, audit_records):
     class DownBackend:
-        def infer(self, model, inputs):
+        def infer(self, model, inputs, timeout=None):
             raise ModelUnavailable("unavailable", "connection refused")
 
-    app.extensions["ai_backend"] = DownBackend()
+    app.extensions["ai_guard"].backend = DownBackend()
     response = post(app.test_client(), SERVICE, hook_body, auth(SERVICE))
     assert response.status_code == 200
     (card,) = response.get_json()["cards"]
@@ -186,10 +186,10 @@ def test_failing_model_gives_the_fallback_card_not_a_5xx(app, auth, hook_body, a
 
 def test_crashing_model_gives_the_fallback_card_not_a_5xx(app, auth, hook_body):
     class BrokenBackend:
-        def infer(self, model, inputs):
+        def infer(self, model, inputs, timeout=None):
             raise ZeroDivisionError("a bug")
 
-    app.extensions["ai_backend"] = BrokenBackend()
+    app.extensions["ai_guard"].backend = BrokenBackend()
     response = post(app.test_client(), SERVICE, hook_body, auth(SERVICE))
     assert response.status_code == 200
     assert response.get_json()["cards"]

@@ -5,7 +5,6 @@ import json
 from datetime import date
 from pathlib import Path
 
-import flask
 import pytest
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 
@@ -17,6 +16,7 @@ from app.cds.service import ServiceCall, get_service
 from cds_services import cardiovascular_risk as service
 from cds_services.cardiovascular_risk import PREFETCH, build_cards, extract_inputs, fallback
 from tests.support.assertions import assert_no_empty_members
+from tests.support.models import model_app
 
 TODAY = date(2021, 4, 1)
 SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synthea-r4"
@@ -132,8 +132,7 @@ def extract(pt=None, obs=None, conditions=(), meds=(), unavailable=()):
 
 
 def predict(inputs):
-    flask_app = flask.Flask(__name__)
-    app.ai.init_app(flask_app)
+    flask_app = model_app()
     with flask_app.app_context():
         return app.ai.infer("ascvd-pce", inputs.model_inputs())
 
@@ -655,8 +654,7 @@ def _prefetch():
 @pytest.fixture
 def app_context(monkeypatch):
     monkeypatch.setattr(service, "today", lambda: TODAY)
-    flask_app = flask.Flask(__name__)
-    app.ai.init_app(flask_app)
+    flask_app = model_app()
     with flask_app.app_context():
         yield flask_app
 
@@ -692,19 +690,20 @@ def test_the_service_says_what_it_could_not_see(app_context):
     )
 
 
-def test_a_model_failure_reaches_the_framework_which_falls_back(app_context):
+def test_a_model_failure_reaches_the_framework_which_falls_back(app_context, monkeypatch):
     class Down:
-        def infer(self, model, inputs):
-            raise ModelUnavailable("timeout")
+        def infer(self, model, inputs, timeout=None):
+            raise ModelUnavailable("unavailable")
 
-    app_context.extensions["ai_backend"] = Down()
+    guard = app_context.extensions["ai_guard"]
+    monkeypatch.setattr(guard, "backend", Down())
     call = _call(_prefetch())
     with pytest.raises(ModelUnavailable):
         service.cardiovascular_risk(call)
-    [card] = fallback(call, "timeout")
-    assert card.summary == "Cardiovascular risk unavailable (timeout); estimate with the ACC/AHA risk calculator"
+    [card] = fallback(call, "timed out")
+    assert card.summary == "Cardiovascular risk unavailable (timed out); estimate with the ACC/AHA risk calculator"
     assert card.indicator == "info"
-    assert card.source.label.endswith("(AI result unavailable: timeout)")
+    assert card.source.label.endswith("(AI result unavailable: timed out)")
     assert card.links and card.links[0].url.startswith("https://")
     assert "Total cholesterol:** 250 mg/dL" in card.detail
     assert len(card.summary) < 140
@@ -712,8 +711,8 @@ def test_a_model_failure_reaches_the_framework_which_falls_back(app_context):
 
 def test_the_fallback_answers_even_without_usable_prefetch(monkeypatch):
     monkeypatch.setattr(service, "today", lambda: TODAY)
-    [card] = fallback(_call({}), "circuit-open")
-    assert "circuit open" in card.summary
+    [card] = fallback(_call({}), "overloaded")
+    assert "overloaded" in card.summary
     assert card.to_json()["uuid"]
 
 

@@ -2,7 +2,6 @@
 
 import math
 
-import flask
 import pytest
 
 import app.ai
@@ -17,6 +16,7 @@ from app.ai.models.pce import (
     risk_from_sum,
     validate,
 )
+from tests.support.models import model_app
 
 MODEL = PooledCohortEquations()
 
@@ -303,8 +303,7 @@ def test_risk_category_follows_the_2018_2019_thresholds(risk, category):
 
 
 def test_the_model_is_served_through_infer():
-    flask_app = flask.Flask(__name__)
-    app.ai.init_app(flask_app)
+    flask_app = model_app()
     with flask_app.app_context():
         prediction = app.ai.infer("ascvd-pce", example(sex="male", race="african-american"))
     assert (prediction.model, prediction.version) == ("ascvd-pce", "2013.1")

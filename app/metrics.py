@@ -1,0 +1,55 @@
+"""Prometheus metrics at /metrics, aggregated across gunicorn workers when PROMETHEUS_MULTIPROC_DIR is set."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+AI_CALLS = Counter("gateway_ai_calls_total", "Model calls through the guard, by outcome", ["model", "outcome"])
+AI_CALL_SECONDS = Histogram(
+    "gateway_ai_call_seconds", "Duration of model calls that reached the backend", ["model"], buckets=LATENCY_BUCKETS
+)
+FALLBACKS = Counter("gateway_fallbacks_total", "Fallback cards served, by service and reason", ["service", "reason"])
+BREAKER_STATE = Gauge(
+    "gateway_breaker_state",
+    "Circuit breaker state seen by this process: 0 closed, 1 half-open, 2 open",
+    ["breaker"],
+    multiprocess_mode="max",
+)
+BREAKER_TRANSITIONS = Counter(
+    "gateway_breaker_transitions_total", "Circuit breaker state changes", ["breaker", "from_state", "to_state"]
+)
+HOOK_SECONDS = Histogram(
+    "gateway_hook_seconds",
+    "Hook call duration, end to end in the service",
+    ["service", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics():
+    """The Prometheus text format; with several workers, the sum over all of them."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
+def init_app(app) -> None:
+    app.register_blueprint(bp)
