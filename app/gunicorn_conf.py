@@ -17,3 +17,15 @@ graceful_timeout = 20
 accesslog = os.environ.get("ACCESS_LOG") or None  # off by default: URLs carry no PHI, but keep logs lean
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+# Prometheus metrics from every worker, summed at /metrics: each worker writes to files in this directory.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -109,3 +109,21 @@ def test_16_concurrent_hooks_on_a_300_ms_model_take_well_under_a_second(gateway,
     elapsed = time.monotonic() - started
     assert all(status == 200 and summary.startswith("10-year ASCVD risk") for status, summary in results), results
     assert elapsed < 0.8, f"16 hooks on a {MODEL_MS} ms model took {elapsed:.2f} s: calls were serialised"
+
+
+def test_metrics_add_up_across_gunicorn_workers(gateway, signing_key, hook_body):
+    for _ in range(6):
+        token = signing_key.token(gateway + SERVICE)
+        requests.post(
+            gateway + SERVICE,
+            data=json.dumps(hook_body),
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+    text = requests.get(gateway + "/metrics", timeout=5).text
+    counts = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('gateway_ai_calls_total{model="ascvd-pce",outcome="success"}')
+    ]
+    assert counts and counts[0] >= 6 + 18  # this test's calls plus the previous test's, from both workers

@@ -171,3 +171,13 @@ def test_redis_down_at_start_changes_nothing_visible(make_app, model_server, cal
     app = make_app(AI_BACKEND="kserve", AI_URL=model_server.url, REDIS_URL="redis://127.0.0.1:1/0")
     card = card_of(call_hook(app)[0])
     assert card["summary"].startswith("10-year ASCVD risk")
+
+
+def test_outcomes_and_fallbacks_are_counted_at_metrics(guarded_app, model_server, call_hook):
+    model_server.set_mode("error500")
+    call_hook(guarded_app)
+    text = guarded_app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'gateway_ai_calls_total{model="ascvd-pce",outcome="unavailable"}' in text
+    assert 'gateway_fallbacks_total{reason="unavailable",service="cardiovascular-risk"}' in text
+    assert "gateway_breaker_state" in text
+    assert "gateway_hook_seconds_bucket" in text
