@@ -52,8 +52,9 @@ def main() -> int:
     body_file = work / "body.json"
     body_file.write_text(FIXTURE.read_text())
     (work / "none.txt").write_text("")
-    model = FaultModelServer().start()
-    breaker = {} if args.breaker == "on" else {"BREAKER_WINDOW": "100000", "BREAKER_MIN_CALLS": "100000"}
+    model = FaultModelServer()
+    model.start()
+    breaker = {} if args.breaker == "on" else {"BREAKER_WINDOW": "10000", "BREAKER_MIN_CALLS": "10000"}
     rows = []
 
     def gateway_env(port: int, **extra: str) -> dict[str, str]:

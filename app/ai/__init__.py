@@ -88,7 +88,8 @@ def init_app(app) -> None:
     config = app.config
     backend = make_backend(config)
     breaker = CircuitBreaker(
-        f"ai-{config['AI_BACKEND']}",
+        # One breaker per model endpoint; with Redis, every process calling the same endpoint shares it.
+        f"ai:{config['AI_BACKEND']}:{config['AI_URL'] or 'in-process'}",
         failure_rate_threshold=config["BREAKER_FAILURE_RATE"],
         slow_call_rate_threshold=config["BREAKER_SLOW_CALL_RATE"],
         slow_call_seconds=config["BREAKER_SLOW_CALL_MS"] / 1000,

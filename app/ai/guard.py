@@ -102,7 +102,7 @@ class Guard:
         self.breaker = breaker
         self.late_results = late_results or LateResults()
         self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix=f"ai-{breaker.name}")
+        self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="ai-call")
         self._default_timeout = default_timeout
         # The caller waits only until its deadline; the call itself may run on (holding its bulkhead slot) up to
         # call_timeout, so that a result that comes late is kept for the next call instead of wasted.

@@ -1,0 +1,137 @@
+"""With Redis, gunicorn workers share one breaker: once open, no worker calls the model, and after the open
+period only the configured number of trial calls reach it, whichever workers the hooks land on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import require
+from tests.support.fault_server import FaultModelServer
+from tests.support.tokens import clients_document
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = "/cds-services/cardiovascular-risk"
+REDIS = ("127.0.0.1", 6379)
+HALF_OPEN_CALLS = 2
+OPEN_SECONDS = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_unavailable() -> str | None:
+    try:
+        socket.create_connection(REDIS, timeout=0.5).close()
+    except OSError:
+        return "no Redis on 127.0.0.1:6379"
+    return None
+
+
+def healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def model_server():
+    with FaultModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def gateway(tmp_path, signing_key, model_server):
+    require(redis_unavailable())
+    port = free_port()
+    (tmp_path / "clients.json").write_text(json.dumps(clients_document(signing_key, [])))
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "2",
+        "PUBLIC_BASE_URL": base,
+        "INSTANCE_PATH": str(tmp_path),
+        "CDS_CLIENTS_FILE": str(tmp_path / "clients.json"),
+        "AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "AI_BACKEND": "kserve",
+        "AI_URL": model_server.url,  # a fresh port, so a fresh shared breaker
+        "HOOK_BUDGET_MS": "1500",
+        "LATE_RESULT_TTL_S": "0",
+        "BREAKER_WINDOW": "4",
+        "BREAKER_MIN_CALLS": "4",
+        "BREAKER_OPEN_SECONDS": str(OPEN_SECONDS),
+        "BREAKER_HALF_OPEN_CALLS": str(HALF_OPEN_CALLS),
+        "BREAKER_SLOW_CALL_MS": "1200",
+    }
+    subprocess.run(
+        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv/bin/gunicorn"), "-c", "app/gunicorn_conf.py", "app:create_app()"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not healthy(base):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("gunicorn did not start")
+        time.sleep(0.2)
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_open_breaker_and_half_open_trials_are_shared_by_all_workers(gateway, model_server, signing_key, hook_body):
+    body = json.dumps(hook_body)
+
+    def hook(_=None) -> str:
+        token = signing_key.token(gateway + SERVICE)
+        response = requests.post(
+            gateway + SERVICE,
+            data=body,
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 200
+        return response.json()["cards"][0]["source"]["label"]
+
+    model_server.set_mode("error500")
+    for _ in range(12):
+        hook()
+    time.sleep(0.1)  # other workers notice the shared state within 50 ms
+    calls = model_server.calls
+    labels = [hook() for _ in range(10)]
+    assert model_server.calls == calls, "a worker called the model while the shared breaker was open"
+    assert all("AI result unavailable" in label for label in labels)
+
+    model_server.set_mode("slow", delay_ms=400)  # healthy answers, slow enough that trials overlap
+    time.sleep(OPEN_SECONDS + 0.3)
+    calls = model_server.calls
+    with ThreadPoolExecutor(10) as pool:
+        labels = list(pool.map(hook, range(10)))
+    assert model_server.calls - calls == HALF_OPEN_CALLS, labels
+    assert sum("ascvd-pce" in label for label in labels) == HALF_OPEN_CALLS
