@@ -4,10 +4,7 @@ period only the configured number of trial calls reach it, whichever workers the
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +14,7 @@ import requests
 
 from tests.conftest import require
 from tests.support.fault_server import FaultModelServer
+from tests.support.processes import free_port, gunicorn
 from tests.support.tokens import clients_document
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,25 +24,12 @@ HALF_OPEN_CALLS = 2
 OPEN_SECONDS = 1.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def redis_unavailable() -> str | None:
     try:
         socket.create_connection(REDIS, timeout=0.5).close()
     except OSError:
         return "no Redis on 127.0.0.1:6379"
     return None
-
-
-def healthy(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 @pytest.fixture
@@ -60,8 +45,6 @@ def gateway(tmp_path, signing_key, model_server):
     (tmp_path / "clients.json").write_text(json.dumps(clients_document(signing_key, [])))
     base = f"http://127.0.0.1:{port}"
     env = {
-        **os.environ,
-        "PORT": str(port),
         "WEB_CONCURRENCY": "2",
         "PUBLIC_BASE_URL": base,
         "INSTANCE_PATH": str(tmp_path),
@@ -78,31 +61,8 @@ def gateway(tmp_path, signing_key, model_server):
         "BREAKER_HALF_OPEN_CALLS": str(HALF_OPEN_CALLS),
         "BREAKER_SLOW_CALL_MS": "1200",
     }
-    subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    proc = subprocess.Popen(
-        [str(ROOT / ".venv/bin/gunicorn"), "-c", "app/gunicorn_conf.py", "app:create_app()"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not healthy(base):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("gunicorn did not start")
-        time.sleep(0.2)
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    with gunicorn(env, port) as base:
+        yield base
 
 
 def test_open_breaker_and_half_open_trials_are_shared_by_all_workers(gateway, model_server, signing_key, hook_body):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,17 +11,12 @@ import pytest
 import requests
 
 from tests.support.fault_server import FaultModelServer
+from tests.support.processes import free_port, gunicorn
 from tests.support.tokens import clients_document
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "/cds-services/cardiovascular-risk"
 MODEL_MS = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +34,6 @@ def gateway(tmp_path_factory, signing_key, model_server):
     clients.write_text(json.dumps(clients_document(signing_key, [])))
     base = f"http://127.0.0.1:{port}"
     env = {
-        **os.environ,
-        "PORT": str(port),
         "PUBLIC_BASE_URL": base,
         "INSTANCE_PATH": str(work),
         "CDS_CLIENTS_FILE": str(clients),
@@ -53,38 +42,8 @@ def gateway(tmp_path_factory, signing_key, model_server):
         "AI_URL": model_server.url,
         "HOOK_BUDGET_MS": "1000",
     }
-    subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    proc = subprocess.Popen(
-        [str(ROOT / ".venv/bin/gunicorn"), "-c", "app/gunicorn_conf.py", "app:create_app()"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not _healthy(base):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("gunicorn did not start")
-        time.sleep(0.2)
-    yield base
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
+    with gunicorn(env, port) as base:
+        yield base
 
 
 def test_16_concurrent_hooks_on_a_300_ms_model_take_well_under_a_second(gateway, signing_key, hook_body):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.processes import free_port
 from tests.support.tokens import clients_document
 
 ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
