@@ -25,17 +25,12 @@ from pathlib import Path
 
 import requests
 
+from tests.support.processes import free_port
 from tests.support.tokens import SigningKey, clients_document
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_THREADS = 2
 FIXTURE = ROOT / "fixtures" / "hooks" / "patient-view-cardiovascular-risk.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(app_spec: str, port: int, env: dict[str, str]) -> subprocess.Popen:

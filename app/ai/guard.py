@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import pybreaker
@@ -147,7 +147,7 @@ class Guard:
             raise ModelUnavailable("error", type(exc).__name__) from None
 
     @staticmethod
-    def _refuse(model: str, reason: str) -> Prediction:
+    def _refuse(model: str, reason: str) -> NoReturn:
         AI_CALLS.labels(model, reason).inc()
         raise ModelUnavailable(reason)
 

@@ -16,9 +16,9 @@ from urllib.parse import quote
 
 import orjson
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
+from app import http
 from app.ai import InvalidModelInput, ModelUnavailable, Prediction
 
 POOL_SIZE = 32
@@ -118,13 +118,8 @@ def decode_tensors(tensors: Any) -> dict[str, Any]:
 
 
 def pooled_session(pool_size: int = POOL_SIZE) -> requests.Session:
-    """A Session for model calls: a pool for ``pool_size`` concurrent calls, no retries, no proxy lookups."""
-    session = requests.Session()
-    session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+    """A Session for model calls: a pool for ``pool_size`` concurrent calls to the model server."""
+    return http.pooled_session(pool_size, hosts=4)
 
 
 def _unavailable(exc: requests.RequestException) -> ModelUnavailable:

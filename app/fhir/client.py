@@ -8,7 +8,8 @@ from urllib.parse import urljoin
 
 import orjson
 import requests
-from requests.adapters import HTTPAdapter
+
+from app import http
 
 FHIR_JSON = "application/fhir+json"
 
@@ -30,12 +31,8 @@ class DeadlineExceeded(FhirError):
 
 
 def pooled_session(pool_size: int = 32) -> requests.Session:
-    """A Session for FHIR calls: connection pool sized for concurrent fetches, no proxy environment lookups."""
-    session = requests.Session()
-    session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
+    """A Session for FHIR calls: pooled for concurrent prefetch fetches, asking for FHIR JSON."""
+    session = http.pooled_session(pool_size)
     session.headers["Accept"] = FHIR_JSON
     return session
 

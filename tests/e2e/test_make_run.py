@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, healthy
 from tests.support.tokens import clients_document
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,12 +45,7 @@ def service(tmp_path_factory, signing_key):
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
+    while not healthy(base):
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"make run did not become healthy:\n{(work / 'make-run.log').read_text()[-3000:]}")

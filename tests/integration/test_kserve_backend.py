@@ -22,6 +22,7 @@ from app.ai.models.pce import NAME, VERSION, PooledCohortEquations
 from app.ai.serve import create_model_server
 from tests.conftest import require
 from tests.support.fault_server import FaultModelServer
+from tests.support.processes import free_port
 
 PROJECT = Path(__file__).resolve().parents[2]
 INPUTS = {
@@ -364,12 +365,6 @@ def test_400_saying_invalid_input_names_only_the_inputs(httpserver):
 
 
 # The command line.
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_flask_models_serve_answers_v2(tmp_path):
