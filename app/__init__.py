@@ -12,7 +12,7 @@ from app.config import load_config
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application: settings from the environment (overridden by ``test_config``), then each area."""
-    from app import ai, audit, cds, db, health, logs, metrics
+    from app import ai, audit, cds, db, health, jobs, logs, metrics
 
     settings = load_config(overrides=test_config)
     app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
@@ -23,6 +23,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     audit.init_app(app)
     ai.init_app(app)
     cds.init_app(app)
+    jobs.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
     return app

@@ -48,6 +48,17 @@ def _float(name: str, raw: Any, low: float, high: float) -> float:
     return value
 
 
+def _schedule(name: str, raw: Any) -> tuple[float, ...]:
+    """Comma-separated delays in seconds, e.g. a retry schedule."""
+    try:
+        delays = tuple(float(part) for part in str(raw).split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated seconds (got {raw!r})") from None
+    if not delays or any(d < 0 for d in delays):
+        raise ConfigError(f"{name} must list at least one delay, none negative (got {raw!r})")
+    return delays
+
+
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in schemes or not parts.netloc:
@@ -94,7 +105,26 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "BREAKER_MIN_CALLS": _int("BREAKER_MIN_CALLS", get("BREAKER_MIN_CALLS", 10), 1, 10_000),
         "BREAKER_OPEN_SECONDS": _float("BREAKER_OPEN_SECONDS", get("BREAKER_OPEN_SECONDS", 30), 0.01, 3600),
         "BREAKER_HALF_OPEN_CALLS": _int("BREAKER_HALF_OPEN_CALLS", get("BREAKER_HALF_OPEN_CALLS", 3), 1, 1000),
+        "LLM_URL": get("LLM_URL") or None,
+        "LLM_MODEL": str(get("LLM_MODEL") or "gpt-4o-mini"),
+        "LLM_API_KEY": get("LLM_API_KEY") or None,
+        "LLM_TIMEOUT_S": _int("LLM_TIMEOUT_S", get("LLM_TIMEOUT_S", 60), 1, 600),
+        "ADMIN_TOKEN": get("ADMIN_TOKEN") or None,
+        "JOB_LEASE_S": _float("JOB_LEASE_S", get("JOB_LEASE_S", 30), 0.5, 3600),
+        "JOB_POLL_S": _float("JOB_POLL_S", get("JOB_POLL_S", 0.5), 0.01, 60),
+        "JOB_MAX_ATTEMPTS": _int("JOB_MAX_ATTEMPTS", get("JOB_MAX_ATTEMPTS", 5), 1, 100),
+        "DLQ_ALERT_THRESHOLD": _int("DLQ_ALERT_THRESHOLD", get("DLQ_ALERT_THRESHOLD", 10), 1, 1_000_000),
+        "DISCHARGE_SUMMARY_TTL_S": _int(
+            "DISCHARGE_SUMMARY_TTL_S", get("DISCHARGE_SUMMARY_TTL_S", 86400), 60, 2_592_000
+        ),
+        "WEBHOOKS_ALLOW_PRIVATE": _flag("WEBHOOKS_ALLOW_PRIVATE", get("WEBHOOKS_ALLOW_PRIVATE", "0")),
+        "WEBHOOK_TIMEOUT_S": _float("WEBHOOK_TIMEOUT_S", get("WEBHOOK_TIMEOUT_S", 10), 0.1, 120),
+        "WEBHOOK_RETRY_SCHEDULE": _schedule(
+            "WEBHOOK_RETRY_SCHEDULE", get("WEBHOOK_RETRY_SCHEDULE", "5,300,1800,7200,18000,36000,36000")
+        ),
     }
+    if settings["LLM_URL"]:
+        settings["LLM_URL"] = _url("LLM_URL", settings["LLM_URL"], ("http", "https"))
     if settings["AI_BACKEND"] not in ("local", "kserve"):
         raise ConfigError(f"AI_BACKEND must be local or kserve (got {settings['AI_BACKEND']!r})")
     if settings["AI_BACKEND"] == "kserve":

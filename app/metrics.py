@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, current_app
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -43,12 +43,18 @@ bp = Blueprint("metrics", __name__)
 
 @bp.get("/metrics")
 def metrics():
-    """The Prometheus text format; with several workers, the sum over all of them."""
+    """The Prometheus text format; with several workers, the sum over all of them; job gauges from the ledger."""
+    from app.jobs.monitor import LedgerCollector
+
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
-    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest()
+    ledger_registry = CollectorRegistry()
+    ledger_registry.register(LedgerCollector(current_app.extensions["db"]))
+    return Response(body + generate_latest(ledger_registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def init_app(app) -> None:

@@ -277,16 +277,20 @@ def fail(
     job: Job,
     error: str,
     *,
+    retry_in: float | None = None,
+    permanent: bool = False,
     now: datetime | None = None,
     rng: random.Random | None = None,
 ) -> str:
     """Record a failed attempt (``error``: exception type and place, never PHI). Returns the new state: queued
-    for a retry after backoff, dead at max_attempts, or "fenced" when the lease was taken over."""
+    for a retry after backoff (or after ``retry_in`` seconds when the caller knows better, e.g. Retry-After),
+    dead at max_attempts or when ``permanent``, or "fenced" when the lease was taken over."""
     now = _now(now)
-    if job.attempts >= job.max_attempts:
+    if permanent or job.attempts >= job.max_attempts:
         state, run_after = DEAD, now
     else:
-        state, run_after = QUEUED, now + timedelta(seconds=backoff_seconds(job.attempts, rng))
+        delay = backoff_seconds(job.attempts, rng) if retry_in is None else max(0.0, retry_in)
+        state, run_after = QUEUED, now + timedelta(seconds=delay)
     statement = (
         jobs.update()
         .where(_fence(job))
@@ -301,6 +305,26 @@ def fail(
     )
     with engine.begin() as conn:
         return state if _changed(conn, statement) else FENCED
+
+
+def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
+    """Hand a running job back unfinished (a worker shutting down): queued again at once, the attempt not
+    counted. False when the lease was already taken over."""
+    now = _now(now)
+    statement = (
+        jobs.update()
+        .where(_fence(job))
+        .values(
+            state=QUEUED,
+            attempts=jobs.c.attempts - 1,
+            run_after=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+    with engine.begin() as conn:
+        return _changed(conn, statement)
 
 
 def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> bool:
@@ -319,6 +343,23 @@ def get(engine: sa.Engine, job_id: str) -> Job | None:
     with engine.connect() as conn:
         row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
     return Job.from_row(row) if row else None
+
+
+def find(engine: sa.Engine, state: str, *, kind: str | None = None, limit: int = 100) -> list[Job]:
+    """Jobs in ``state`` (newest change first), e.g. the dead letter queue."""
+    query = sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
+    if kind is not None:
+        query = query.where(jobs.c.kind == kind)
+    with engine.connect() as conn:
+        return [Job.from_row(row) for row in conn.execute(query)]
+
+
+def attempts_by_state(engine: sa.Engine) -> dict[tuple[str, str], tuple[int, int]]:
+    """(kind, state) -> (jobs, attempts made): the difference is how many retries the ledger has seen."""
+    query = sa.select(jobs.c.kind, jobs.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(jobs.c.attempts), 0))
+    with engine.connect() as conn:
+        rows = conn.execute(query.group_by(jobs.c.kind, jobs.c.state)).all()
+    return {(kind, state): (int(n), int(attempts)) for kind, state, n, attempts in rows}
 
 
 def counts(engine: sa.Engine) -> dict[str, int]:

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 
-from app.db import make_engine, upgrade
+from app.db import make_engine
 from app.jobs import ledger
 from tests.conftest import require
+from tests.support.databases import postgres_database, postgres_unavailable, sqlite_database
 
-ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
@@ -27,31 +24,15 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def postgres_unavailable() -> str | None:
-    try:
-        psycopg.connect(ADMIN_URL, connect_timeout=2).close()
-    except psycopg.Error as exc:
-        return f"no PostgreSQL at {ADMIN_URL}: {type(exc).__name__}"
-    return None
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
     """A fresh, migrated database of each kind for one test."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
-        yield url
+        yield sqlite_database(tmp_path)
         return
     require(postgres_unavailable())
-    name = f"gateway_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url.replace("postgresql://", "postgresql+psycopg://", 1))
-    yield url.replace("postgresql://", "postgresql+psycopg://", 1)
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

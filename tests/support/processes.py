@@ -63,3 +63,16 @@ def gunicorn(env: dict[str, str], port: int, startup_seconds: float = 60) -> Ite
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_worker(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen:
+    """``flask --app app jobs worker`` as its own process (its own session, so it can be killed alone)."""
+    output = log_path.open("ab") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(
+        [str(ROOT / ".venv/bin/flask"), "--app", "app", "jobs", "worker", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+    )

@@ -1,0 +1,116 @@
+"""``flask --app app jobs ...``: run workers, and list, inspect and requeue the dead letter queue."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+
+import click
+from flask import Flask
+
+from app.jobs import ledger
+from app.jobs.canary import CANARY
+from app.jobs.registry import submit
+from app.jobs.views import job_summary
+
+
+def init_cli(app: Flask) -> None:
+    @app.cli.group("jobs")
+    def jobs_group():
+        """Asynchronous jobs: workers and the dead letter queue."""
+
+    @jobs_group.command("worker")
+    @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Claim loops.")
+    @click.option("--kind", "kinds", multiple=True, help="Only these job kinds (repeatable). Default: all.")
+    @click.option("--burst", is_flag=True, help="Exit when no job is due (for scripts and benchmarks).")
+    @click.option("--grace", default=20.0, show_default=True, help="Seconds to finish the job in hand on SIGTERM.")
+    def worker_command(threads: int, kinds: tuple[str, ...], burst: bool, grace: float) -> None:
+        """Run jobs until SIGTERM/SIGINT; the job in hand is finished or, after --grace, handed back."""
+        from app.jobs.worker import Worker
+
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        workers = [Worker(app, kinds=list(kinds) or None, grace_seconds=grace, stop=stop) for _ in range(threads)]
+        if burst:
+            done = sum(len(w.run_until_idle()) for w in workers[:1])
+            click.echo(f"{done} jobs run")
+            return
+        loops = [threading.Thread(target=w.run, name=f"worker-{i}") for i, w in enumerate(workers)]
+        for loop in loops:
+            loop.start()
+        while any(loop.is_alive() for loop in loops):
+            for loop in loops:
+                loop.join(timeout=0.5)
+
+    @jobs_group.command("canary")
+    @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for a worker to run it.")
+    def canary_command(timeout: float) -> None:
+        """Enqueue a no-op job and wait until a worker has run it: exit 0 when workers are working."""
+        engine = app.extensions["db"]
+        job_id = f"canary-{uuid.uuid4().hex}"
+        submit(app, CANARY, job_id, {}, expires_in=timeout)
+        deadline = time.monotonic() + timeout
+        while (job := ledger.get(engine, job_id)).state not in (ledger.SUCCEEDED, ledger.DEAD, ledger.EXPIRED):
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"no worker ran the canary job within {timeout:g} s (still {job.state})")
+            time.sleep(0.1)
+        if job.state != ledger.SUCCEEDED:
+            raise click.ClickException(f"the canary job ended {job.state}: {job.last_error or ''}")
+        click.echo(f"canary run by {job.result['worker']}")
+
+    @jobs_group.command("stats")
+    def stats_command() -> None:
+        """Jobs per state, and how long the oldest due job has waited."""
+        engine = app.extensions["db"]
+        click.echo(json.dumps({"jobs": ledger.counts(engine), "oldestQueuedSeconds": ledger.oldest_queued_age(engine)}))
+
+    @jobs_group.group("dlq")
+    def dlq_group():
+        """The dead letter queue: jobs that will not be retried until an operator requeues them."""
+
+    @dlq_group.command("list")
+    @click.option("--kind", default=None, help="Only this job kind.")
+    @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    def dlq_list(kind: str | None, limit: int, as_json: bool) -> None:
+        """Dead jobs, most recent first: id, kind, attempts, when, last error."""
+        dead = ledger.find(app.extensions["db"], ledger.DEAD, kind=kind, limit=limit)
+        for job in dead:
+            if as_json:
+                click.echo(json.dumps(job_summary(job)))
+            else:
+                click.echo(
+                    f"{job.id}\t{job.kind}\t{job.attempts}/{job.max_attempts}\t"
+                    f"{job.updated_at.isoformat()}\t{job.last_error or ''}"
+                )
+        if not as_json:
+            click.echo(f"{len(dead)} dead job(s)", err=True)
+
+    @dlq_group.command("show")
+    @click.argument("job_id")
+    def dlq_show(job_id: str) -> None:
+        """One job in full (its payload and result too: operators only, it may hold PHI)."""
+        job = ledger.get(app.extensions["db"], job_id)
+        if job is None:
+            raise click.ClickException(f"no job {job_id!r}")
+        click.echo(json.dumps(job_summary(job, full=True), indent=2))
+
+    @dlq_group.command("requeue")
+    @click.argument("job_ids", nargs=-1)
+    @click.option("--all", "requeue_all", is_flag=True, help="Every dead job (of --kind, when given).")
+    @click.option("--kind", default=None)
+    def dlq_requeue(job_ids: tuple[str, ...], requeue_all: bool, kind: str | None) -> None:
+        """Send dead jobs back to the queue with their attempts reset."""
+        engine = app.extensions["db"]
+        if requeue_all == bool(job_ids):
+            raise click.UsageError("give job ids or --all, not both")
+        if requeue_all:
+            job_ids = tuple(job.id for job in ledger.find(engine, ledger.DEAD, kind=kind, limit=1_000_000))
+        missing = [job_id for job_id in job_ids if not ledger.requeue(engine, job_id)]
+        click.echo(f"{len(job_ids) - len(missing)} job(s) requeued")
+        if missing:
+            raise click.ClickException(f"not dead (or unknown), left alone: {', '.join(missing)}")

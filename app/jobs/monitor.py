@@ -1,0 +1,97 @@
+"""Watching the ledger: Prometheus gauges read from the table at scrape time, run counters, and the DLQ alert."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from flask import Flask
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from app.jobs import ledger
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+DLQ_ALERT_EVENT = "jobs.dead-letter-alert"
+
+JOB_RUNS = Counter(
+    "gateway_job_runs_total", "Job attempts run by workers, by kind and how they ended", ["kind", "outcome"]
+)
+JOB_RUN_SECONDS = Histogram(
+    "gateway_job_run_seconds",
+    "Duration of job attempts",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+def record_run(kind: str, outcome: str, seconds: float) -> None:
+    JOB_RUNS.labels(kind, outcome).inc()
+    JOB_RUN_SECONDS.labels(kind).observe(seconds)
+
+
+class LedgerCollector:
+    """Gauges computed from the jobs table when /metrics is scraped, so every process reports the same truth."""
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+
+    def collect(self):
+        jobs = GaugeMetricFamily("gateway_jobs", "Jobs in the ledger, by kind and state", labels=["kind", "state"])
+        attempts = GaugeMetricFamily(
+            "gateway_job_attempts",
+            "Attempts made by the jobs now in each state (attempts - jobs = retries)",
+            labels=["kind", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "gateway_jobs_oldest_queued_age_seconds", "How long the longest-waiting due job has waited (0: none)"
+        )
+        up = GaugeMetricFamily("gateway_jobs_ledger_up", "1 when the ledger could be read for this scrape")
+        try:
+            by_state = ledger.attempts_by_state(self.engine)
+            age = ledger.oldest_queued_age(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("metrics: cannot read the job ledger: %s", describe(exc))
+            up.add_metric([], 0)
+            yield up
+            return
+        kinds = {kind for kind, _ in by_state}
+        for kind in sorted(kinds):
+            for state in ledger.STATES:
+                n, made = by_state.get((kind, state), (0, 0))
+                jobs.add_metric([kind, state], n)
+                attempts.add_metric([kind, state], made)
+        oldest.add_metric([], age or 0.0)
+        up.add_metric([], 1)
+        yield from (jobs, attempts, oldest, up)
+
+
+def check_dead_letters(app: Flask, now: datetime | None = None) -> int | None:
+    """Alert when the dead letter queue holds ``DLQ_ALERT_THRESHOLD`` jobs or more: an ERROR log event every
+    check, and a webhook event to subscribers of ``jobs.dead-letter-alert`` once per threshold level per day
+    (its event id repeats within the day, so every worker checking deduplicates to one delivery).
+    Returns the level alerted (dead // threshold), or None when below the threshold."""
+    from app.webhooks import emit
+
+    threshold = app.config["DLQ_ALERT_THRESHOLD"]
+    dead = ledger.counts(app.extensions["db"])[ledger.DEAD]
+    if dead < threshold:
+        return None
+    level = dead // threshold
+    log.error(
+        "dead letter queue holds %d jobs (alert threshold %d): inspect with `flask --app app jobs dlq list`",
+        dead,
+        threshold,
+    )
+    day = (now or datetime.now(UTC)).strftime("%Y-%m-%d")
+    emit(
+        app,
+        DLQ_ALERT_EVENT,
+        f"dlq-alert-{day}-{level * threshold}",
+        {"dead": dead, "threshold": threshold, "level": level * threshold},
+        client_iss=None,
+    )
+    return level

@@ -1,0 +1,115 @@
+"""Job kinds and their handlers: declared with ``@job_handler`` next to the function that does the work.
+
+A handler receives a :class:`JobContext` and returns the job's result (JSON-serialisable). Raising
+:class:`RetryLater` asks for another attempt after a given delay, :class:`PermanentFailure` sends the job to the
+dead letter queue at once, and any other exception is a transient failure retried with backoff. Handlers must
+be idempotent: a job may run more than once (a worker killed after the work, before the completion write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Flask
+
+from app.jobs import ledger
+
+
+class PermanentFailure(Exception):
+    """Retrying cannot help (bad payload, refused destination): dead-letter the job now."""
+
+
+class RetryLater(Exception):
+    """Try again after ``seconds`` (e.g. a receiver's Retry-After), counted as a failed attempt."""
+
+    def __init__(self, seconds: float, reason: str):
+        super().__init__(reason)
+        self.seconds = seconds
+        self.reason = reason
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the job, the application, and a way to keep its lease alive during long work."""
+
+    app: Flask
+    job: ledger.Job
+    heartbeat: Callable[[], bool] = field(default=lambda: True)
+
+    @property
+    def payload(self) -> Any:
+        return self.job.payload
+
+    @property
+    def engine(self):
+        return self.app.extensions["db"]
+
+
+Handler = Callable[[JobContext], Any]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    handler: Handler
+    max_attempts: int
+    client_visible: bool  # whether the calling client may read it at GET /jobs/{id}
+
+
+_KINDS: dict[str, JobKind] = {}
+
+
+def job_handler(kind: str, *, max_attempts: int = 5, client_visible: bool = False):
+    """Register the decorated function as the handler of jobs of ``kind``.
+
+    ``client_visible`` jobs carry ``client_iss`` in their payload and that client may read them at GET /jobs/{id}.
+    """
+
+    def register(fn: Handler) -> Handler:
+        if kind in _KINDS and _KINDS[kind].handler is not fn:
+            raise ValueError(f"job kind {kind!r} is declared twice")
+        _KINDS[kind] = JobKind(kind, fn, max_attempts, client_visible)
+        return fn
+
+    return register
+
+
+def job_kind(kind: str) -> JobKind | None:
+    return _KINDS.get(kind)
+
+
+def job_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def submit(
+    app: Flask,
+    kind: str,
+    job_id: str,
+    payload: Any,
+    *,
+    expires_in: float | None = None,
+    delay: float = 0.0,
+    max_attempts: int | None = None,
+) -> bool:
+    """Enqueue a job of a registered ``kind`` under its idempotency key; True when newly created.
+
+    ``expires_in`` (seconds): after that the result is clinically stale and the job is not run or delivered.
+    """
+    declared = job_kind(kind)
+    if declared is None:
+        raise ValueError(f"no handler is registered for job kind {kind!r}")
+    now = datetime.now(UTC)
+    return ledger.enqueue(
+        app.extensions["db"],
+        job_id,
+        kind,
+        payload,
+        max_attempts=max_attempts or declared.max_attempts,
+        expires_at=now + timedelta(seconds=expires_in) if expires_in else None,
+        run_after=now + timedelta(seconds=delay) if delay else None,
+        now=now,
+    )

@@ -1,0 +1,93 @@
+"""Job status for the client that asked for the work, and the dead letter queue for operators."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, abort, current_app, request
+
+from app.audit import audit
+from app.cds.responses import json_response, operation_outcome
+from app.jobs import ledger
+from app.jobs.registry import job_kind
+from app.jobs.views import job_summary
+
+bp = Blueprint("jobs", __name__)
+
+
+def _engine():
+    return current_app.extensions["db"]
+
+
+@bp.get("/jobs/<job_id>")
+def job_status(job_id: str):
+    """Status and, once done, the result, for the trusted client whose hook call created the job (client JWT,
+    as for CDS Hooks calls). Jobs of other clients, and internal jobs, are 404: their existence is not told."""
+    principal = current_app.extensions["cds"].authenticate(request.headers.get("Authorization"), request.path)
+    job = ledger.get(_engine(), job_id)
+    declared = job_kind(job.kind) if job else None
+    caller = principal.iss if principal else None
+    owner = job.payload.get("client_iss") if job and isinstance(job.payload, dict) else None
+    if job is None or declared is None or not declared.client_visible or (principal and owner != caller):
+        abort(404, description=f"No job with id {job_id!r}")
+    audit(current_app).record("job.read", iss=caller, job=job.id, kind=job.kind, status=job.state)
+    return json_response(job_summary(job))
+
+
+def _require_admin():
+    """Operators authenticate with ADMIN_TOKEN as a bearer token; without it set, the admin API is off."""
+    token = current_app.config["ADMIN_TOKEN"]
+    if not token:
+        return operation_outcome(403, "forbidden", "The admin API is disabled: set ADMIN_TOKEN to enable it")
+    scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        response = operation_outcome(401, "login", "A valid admin bearer token is required")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return None
+
+
+admin = Blueprint("jobs_admin", __name__, url_prefix="/admin/jobs")
+admin.before_request(_require_admin)
+
+
+@admin.after_request
+def _audit_admin(response):
+    audit(current_app).record("admin", method=request.method, path=request.path, status=response.status_code)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@admin.get("")
+def stats():
+    engine = _engine()
+    return json_response({"jobs": ledger.counts(engine), "oldestQueuedSeconds": ledger.oldest_queued_age(engine)})
+
+
+@admin.get("/dead")
+def dead_letters():
+    """The dead letter queue, most recent first (``kind``, ``limit`` up to 1000)."""
+    limit = request.args.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        abort(400, description="limit must be a whole number from 1 to 1000")
+    dead = ledger.find(_engine(), ledger.DEAD, kind=request.args.get("kind"), limit=int(limit))
+    return json_response({"jobs": [job_summary(job) for job in dead]})
+
+
+@admin.get("/<job_id>")
+def show(job_id: str):
+    job = ledger.get(_engine(), job_id)
+    if job is None:
+        abort(404, description=f"No job with id {job_id!r}")
+    return json_response(job_summary(job, full=True))
+
+
+@admin.post("/<job_id>/requeue")
+def requeue(job_id: str):
+    """Send a dead job back to the queue (attempts reset); 409 when it is not dead."""
+    job = ledger.get(_engine(), job_id)
+    if job is None:
+        abort(404, description=f"No job with id {job_id!r}")
+    if not ledger.requeue(_engine(), job_id):
+        abort(409, description=f"Job {job_id!r} is {job.state}, not dead: only dead jobs are requeued")
+    return json_response(job_summary(ledger.get(_engine(), job_id)))

@@ -1,0 +1,172 @@
+"""The worker: claim a due job, run its handler with the lease kept alive, and record how it ended.
+
+A handler runs on its own thread so that the worker can renew the lease while it works and, on shutdown,
+hand the job back (release) when it does not finish within the grace period. Every outcome write is fenced
+on the attempt (see ``ledger``), so a worker that lost its lease cannot overwrite a newer attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from flask import Flask
+
+from app.jobs import ledger, monitor
+from app.jobs.registry import JobContext, PermanentFailure, RetryLater, job_kind, job_kinds
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+DLQ_CHECK_SECONDS = 30.0
+
+
+def new_worker_id() -> str:
+    """host:pid:random, so that a lease names the process that holds it and never repeats after a restart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: str
+    kind: str
+    state: str  # succeeded, queued (retry), dead, fenced, released
+    seconds: float
+
+
+class Worker:
+    """One claim-run-record loop. Run several (threads or processes, on one or many hosts) for throughput."""
+
+    def __init__(
+        self,
+        app: Flask,
+        *,
+        worker_id: str | None = None,
+        kinds: list[str] | None = None,
+        lease_seconds: float | None = None,
+        poll_seconds: float | None = None,
+        grace_seconds: float = 20.0,
+        stop: threading.Event | None = None,
+    ):
+        self.app = app
+        self.engine = app.extensions["db"]
+        self.worker_id = worker_id or new_worker_id()
+        self.kinds = kinds
+        self.lease_seconds = lease_seconds or app.config["JOB_LEASE_S"]
+        self.poll_seconds = poll_seconds or app.config["JOB_POLL_S"]
+        self.grace_seconds = grace_seconds
+        self.stop = stop or threading.Event()
+
+    def run(self) -> None:
+        """Work until ``stop`` is set; then finish the job in hand (or release it after the grace period)."""
+        log.info("worker %s started (kinds: %s)", self.worker_id, ", ".join(self.kinds or job_kinds()))
+        next_check = 0.0
+        while not self.stop.is_set():
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + DLQ_CHECK_SECONDS
+                self._check_dead_letters()
+            try:
+                outcome = self.run_once()
+            except Exception as exc:  # the database went away: keep the worker alive, retry after a pause
+                log.error("worker %s: claim failed: %s", self.worker_id, describe(exc))
+                outcome = None
+            if outcome is None:
+                self.stop.wait(self.poll_seconds)
+        log.info("worker %s stopped", self.worker_id)
+
+    def _check_dead_letters(self) -> None:
+        try:
+            monitor.check_dead_letters(self.app)
+        except Exception as exc:  # an alert that cannot be raised must not stop the work
+            log.error("worker %s: dead letter check failed: %s", self.worker_id, describe(exc))
+
+    def run_until_idle(self, max_jobs: int | None = None) -> list[Outcome]:
+        """Run due jobs until none is due (tests, benchmarks, ``--burst``); the outcomes in order."""
+        outcomes: list[Outcome] = []
+        while max_jobs is None or len(outcomes) < max_jobs:
+            outcome = self.run_once()
+            if outcome is None:
+                break
+            outcomes.append(outcome)
+        return outcomes
+
+    def run_once(self) -> Outcome | None:
+        """Claim one due job and run it to its end; None when nothing is due."""
+        job = ledger.claim(
+            self.engine, self.worker_id, lease_seconds=self.lease_seconds, kinds=self.kinds or job_kinds()
+        )
+        if job is None:
+            return None
+        started = time.monotonic()
+        state = self._execute(job)
+        outcome = Outcome(job.id, job.kind, state, time.monotonic() - started)
+        monitor.record_run(outcome.kind, outcome.state, outcome.seconds)
+        return outcome
+
+    def _execute(self, job: ledger.Job) -> str:
+        declared = job_kind(job.kind)
+        if declared is None:  # claimed with kinds=None by a caller that knows no handler for it
+            return ledger.fail(self.engine, job, f"UnknownJobKind: {job.kind}", permanent=True)
+        heartbeat = lambda: ledger.heartbeat(self.engine, job, lease_seconds=self.lease_seconds)  # noqa: E731
+        run = _Run(JobContext(self.app, job, heartbeat), declared.handler)
+        thread = threading.Thread(target=run, name=f"job-{job.kind}", daemon=True)
+        thread.start()
+        stop_noticed_at: float | None = None
+        while True:
+            thread.join(timeout=max(self.lease_seconds / 3, 0.05))
+            if not thread.is_alive():
+                break
+            if self.stop.is_set():
+                stop_noticed_at = stop_noticed_at or time.monotonic()
+                if time.monotonic() - stop_noticed_at >= self.grace_seconds:
+                    released = ledger.release(self.engine, job)
+                    log.warning("worker %s: released job %s unfinished at shutdown", self.worker_id, job.id)
+                    return "released" if released else ledger.FENCED
+            if not heartbeat():
+                log.warning(
+                    "worker %s: lost the lease on job %s; its outcome will not be recorded", self.worker_id, job.id
+                )
+        return self._record(job, run)
+
+    def _record(self, job: ledger.Job, run: _Run) -> str:
+        exc = run.error
+        if exc is None:
+            return ledger.SUCCEEDED if ledger.complete(self.engine, job, run.result) else ledger.FENCED
+        if isinstance(exc, RetryLater):
+            state = ledger.fail(self.engine, job, f"RetryLater: {exc.reason}", retry_in=exc.seconds)
+        elif isinstance(exc, PermanentFailure):
+            state = ledger.fail(self.engine, job, f"PermanentFailure: {exc}", permanent=True)
+        else:
+            state = ledger.fail(self.engine, job, describe(exc))
+        level = logging.ERROR if state == ledger.DEAD else logging.WARNING
+        log.log(
+            level,
+            "job %s (%s) attempt %d failed -> %s: %s",
+            job.id,
+            job.kind,
+            job.attempts,
+            state,
+            exc.reason if isinstance(exc, RetryLater) else describe(exc),
+        )
+        return state
+
+
+class _Run:
+    """A handler call on its own thread, inside the application context; keeps its result or exception."""
+
+    def __init__(self, ctx: JobContext, handler):
+        self.ctx, self.handler = ctx, handler
+        self.result = None
+        self.error: BaseException | None = None
+
+    def __call__(self) -> None:
+        try:
+            with self.ctx.app.app_context():
+                self.result = self.handler(self.ctx)
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded, none escapes the thread
+            self.error = exc
