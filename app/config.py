@@ -50,8 +50,9 @@ def _float(name: str, raw: Any, low: float, high: float) -> float:
 
 def _schedule(name: str, raw: Any) -> tuple[float, ...]:
     """Comma-separated delays in seconds, e.g. a retry schedule."""
+    parts = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
     try:
-        delays = tuple(float(part) for part in str(raw).split(",") if part.strip())
+        delays = tuple(float(part) for part in parts if str(part).strip())
     except ValueError:
         raise ConfigError(f"{name} must be comma-separated seconds (got {raw!r})") from None
     if not delays or any(d < 0 for d in delays):

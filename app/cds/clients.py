@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ SIGNING_ALGORITHMS = _RSA_ALGORITHMS | frozenset(_EC_ALGORITHMS.values()) | {"Ed
 PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CLIENT_MEMBERS = ("iss", "jwks", "jwks_url", "fhir_servers", "tenant", "smart_backend", "webhooks")
+_WEBHOOK_MEMBERS = ("url", "secret", "previous_secrets", "events", "payload")
+_SMART_BACKEND_ALGORITHMS = ("RS384", "ES384")
+WEBHOOK_SECRET_MIN_BYTES = 24
 
 
 def verification_algorithms(jwk: Mapping[str, Any]) -> frozenset[str]:
@@ -229,6 +234,8 @@ class _Loader:
         self.url(value.get("token_url"), f"{where}.token_url")
         self.text(value, "client_id", where)
         self.text(value, "scope", where)
+        if value.get("alg", "RS384") not in _SMART_BACKEND_ALGORITHMS:
+            raise self.fail(f"{where}.alg", f"must be one of {', '.join(_SMART_BACKEND_ALGORITHMS)}")
         return value
 
     def webhooks(self, value: Any, where: str) -> tuple[dict, ...]:
@@ -238,12 +245,33 @@ class _Loader:
             here = f"{where}[{i}]"
             if not isinstance(hook, dict):
                 raise self.fail(here, "must be an object with url, secret and events")
+            self.known_members(hook, _WEBHOOK_MEMBERS, here + ".")
             self.url(hook.get("url"), f"{here}.url")
-            self.text(hook, "secret", here)
+            self.webhook_secret(hook.get("secret"), f"{here}.secret")
+            previous = hook.get("previous_secrets", [])
+            if not isinstance(previous, list):
+                raise self.fail(f"{here}.previous_secrets", "must be an array of secrets")
+            for j, secret in enumerate(previous):
+                self.webhook_secret(secret, f"{here}.previous_secrets[{j}]")
             events = hook.get("events")
-            if not isinstance(events, list) or not all(isinstance(e, str) and e for e in events):
-                raise self.fail(f"{here}.events", "must be an array of event names")
+            if not isinstance(events, list) or not events or not all(isinstance(e, str) and e for e in events):
+                raise self.fail(f"{here}.events", "must be a non-empty array of event names")
+            if hook.get("payload", "thin") not in ("thin", "full"):
+                raise self.fail(f"{here}.payload", 'must be "thin" (the default) or "full"')
         return tuple(value)
+
+    def webhook_secret(self, value: Any, where: str) -> str:
+        """A Standard Webhooks secret: ``whsec_`` + base64 of at least 24 random bytes. Errors never echo it."""
+        if not isinstance(value, str) or not value.startswith("whsec_"):
+            raise self.fail(where, 'must be a string starting with "whsec_"')
+        try:
+            encoded = value[len("whsec_") :]
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)  # padding may be omitted
+        except (binascii.Error, ValueError):
+            raise self.fail(where, 'must be valid base64 after "whsec_"') from None
+        if len(key) < WEBHOOK_SECRET_MIN_BYTES:
+            raise self.fail(where, f"must decode to at least {WEBHOOK_SECRET_MIN_BYTES} bytes")
+        return value
 
     def text(self, mapping: dict, member: str, where: str) -> str:
         value = mapping.get(member)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from pathlib import Path
@@ -130,6 +131,9 @@ def test_registry_finds_clients_by_exact_issuer_and_iterates_in_file_order():
     assert [c.iss for c in registry] == ["https://ehr.example.org", "https://other.example.org"]
 
 
+SECRET = "whsec_" + base64.b64encode(b"a webhook secret of 32 bytes....").decode()
+
+
 def test_a_full_client_entry_loads_every_member():
     data = document(
         tenant="north-hospital",
@@ -138,13 +142,13 @@ def test_a_full_client_entry_loads_every_member():
             "client_id": "gw",
             "scope": "system/*.rs",
         },
-        webhooks=[{"url": "https://hooks.example.org/in", "secret": "whsec_abc", "events": ["job.completed"]}],
+        webhooks=[{"url": "https://hooks.example.org/in", "secret": SECRET, "events": ["job.completed"]}],
     )
     client = ClientRegistry.from_mapping(data).get("https://ehr.example.org")
     assert client.tenant == "north-hospital"
     assert client.smart_backend["client_id"] == "gw"
     assert client.webhooks[0]["events"] == ["job.completed"]
-    assert "whsec_abc" not in repr(client)
+    assert SECRET not in repr(client)
 
 
 def test_both_jwks_and_jwks_url_is_an_error_naming_the_client(tmp_path):

@@ -1,0 +1,101 @@
+"""The ``webhook.deliver`` job: one signed POST of a stored event body to one endpoint, retried on schedule.
+
+Success is any 2xx. 410 Gone disables the endpoint and dead-letters the delivery; every other answer,
+a timeout or a connection error is retried after the schedule's delay (or the receiver's Retry-After) until
+the schedule is used up, then dead-lettered. Errors recorded in the ledger name the endpoint id and the
+reason, never the secret, the body or the URL (a URL may carry a token).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
+
+from app.jobs.registry import JobContext, PermanentFailure, RetryLater, job_handler
+from app.webhooks.addresses import RefusedDestination, ResolutionFailed, check
+from app.webhooks.endpoints import disable, find, is_disabled
+from app.webhooks.schedule import retry_after_seconds, retry_delay
+from app.webhooks.signing import signed_headers
+from app.webhooks.transport import post
+
+log = logging.getLogger(__name__)
+
+KIND = "webhook.deliver"
+# The ledger's ceiling; the real limit, len(WEBHOOK_RETRY_SCHEDULE) + 1, is set per job at emit and checked here.
+MAX_ATTEMPTS = 8
+# Retry-After is honoured up to the schedule's longest delay, and always up to an hour even on a short schedule.
+RETRY_AFTER_MIN_CAP_S = 3600.0
+USER_AGENT = "clinical-ai-gateway-webhooks/1.0 (Standard Webhooks)"
+
+
+def allowed_attempts(config) -> int:
+    """The immediate first try plus one per entry of the retry schedule."""
+    return len(config["WEBHOOK_RETRY_SCHEDULE"]) + 1
+
+
+@job_handler(KIND, max_attempts=MAX_ATTEMPTS)
+def deliver(ctx: JobContext) -> dict:
+    """Deliver the stored event body to its endpoint, signed with the endpoint's current secrets."""
+    payload, job, config = ctx.payload, ctx.job, ctx.app.config
+    endpoint = payload["endpoint_id"]
+    if job.expires_at is not None and datetime.now(UTC) >= job.expires_at:
+        raise PermanentFailure(f"endpoint {endpoint}: the event expired before it could be delivered")
+    if is_disabled(ctx.engine, endpoint):
+        raise PermanentFailure(f"endpoint {endpoint} disabled; re-enable it and requeue to deliver")
+    try:
+        subscriber = find(ctx.app, payload["client_iss"], payload["url"])
+    except (OSError, ValueError) as exc:
+        raise _again(ctx, f"CDS_CLIENTS_FILE cannot be loaded ({type(exc).__name__})") from None
+    if subscriber is None:
+        raise PermanentFailure(f"endpoint {endpoint} is no longer configured in CDS_CLIENTS_FILE")
+    timeout = config["WEBHOOK_TIMEOUT_S"]
+    try:
+        destination = check(subscriber.url, allow_private=config["WEBHOOKS_ALLOW_PRIVATE"], timeout=timeout)
+    except RefusedDestination as exc:
+        raise PermanentFailure(f"endpoint {endpoint} refused: {exc}") from None
+    except ResolutionFailed as exc:
+        raise _again(ctx, f"endpoint {endpoint}: {exc}") from None
+
+    body = payload["body"]
+    headers = {
+        **signed_headers(payload["event_id"], int(time.time()), body, subscriber.secrets),
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+    try:
+        answer = post(destination, body.encode("utf-8"), headers, timeout)
+    except NewConnectionError:
+        raise _again(ctx, f"endpoint {endpoint}: cannot connect (refused or unreachable)") from None
+    except (ConnectTimeoutError, ReadTimeoutError):
+        raise _again(ctx, f"endpoint {endpoint}: no answer within {timeout:g} s") from None
+    except SSLError:
+        raise _again(ctx, f"endpoint {endpoint}: TLS failed (certificate or handshake)") from None
+    except (HTTPError, OSError) as exc:
+        raise _again(ctx, f"endpoint {endpoint}: connection failed ({type(exc).__name__})") from None
+
+    if 200 <= answer.status < 300:
+        return {
+            "endpoint_id": endpoint,
+            "event_id": payload["event_id"],
+            "status": answer.status,
+            "attempt": job.attempts,
+        }
+    if answer.status == 410:
+        reason = "the receiver answered 410 Gone"
+        disable(ctx.engine, endpoint, reason, url=subscriber.url, client_iss=subscriber.client_iss)
+        log.warning("webhook endpoint %s disabled: %s", endpoint, reason)
+        raise PermanentFailure(f"endpoint {endpoint}: {reason}; endpoint disabled")
+    cap = max(*config["WEBHOOK_RETRY_SCHEDULE"], RETRY_AFTER_MIN_CAP_S)
+    raise _again(ctx, f"endpoint {endpoint}: answered {answer.status}", retry_after_seconds(answer.retry_after, cap))
+
+
+def _again(ctx: JobContext, reason: str, retry_after: float | None = None) -> Exception:
+    """RetryLater on the schedule (or after Retry-After), or PermanentFailure once the schedule is used up."""
+    attempts, allowed = ctx.job.attempts, allowed_attempts(ctx.app.config)
+    if attempts >= allowed:
+        return PermanentFailure(f"{reason}; gave up after {attempts} attempts")
+    delay = retry_after if retry_after is not None else retry_delay(ctx.app.config["WEBHOOK_RETRY_SCHEDULE"], attempts)
+    return RetryLater(delay, reason)

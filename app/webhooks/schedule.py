@@ -1,0 +1,34 @@
+"""When to try a failed delivery again: the configured schedule with jitter, or the receiver's Retry-After."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+JITTER = 0.2  # +-20 %, so that many deliveries failing together do not all come back at the same moment
+
+
+def retry_delay(schedule: tuple[float, ...], attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): the schedule's entry for it, jittered."""
+    base = schedule[min(max(attempt, 1), len(schedule)) - 1]
+    return base * (rng or random).uniform(1 - JITTER, 1 + JITTER)
+
+
+def retry_after_seconds(value: str | None, cap: float, now: datetime | None = None) -> float | None:
+    """A Retry-After header (delay-seconds or HTTP-date) as seconds from ``now``, at most ``cap``; None when
+    absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), cap)
