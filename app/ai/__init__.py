@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,6 +69,74 @@ def infer(model: str, inputs: dict[str, Any]) -> Prediction:
     return current_app.extensions["ai_guard"].infer(model, inputs)
 
 
+SUMMARY_MODEL = "discharge-summary"
+
+
+def summarise(inputs: dict[str, Any]) -> Prediction:
+    """Draft a discharge summary from extracted encounter facts, through the summary model's own guard
+    (``LLM_URL`` when set, else the embedded deterministic summariser), within ``LLM_TIMEOUT_S``."""
+    from app.ai.guard import deadline
+
+    with deadline(time.monotonic() + current_app.config["LLM_TIMEOUT_S"]):
+        return current_app.extensions["summary_guard"].infer(SUMMARY_MODEL, inputs)
+
+
+def summary_model_version(app) -> str:
+    """Which summariser drafts now, as ``name@version``: part of a summary job's idempotency key, so a new
+    model makes a new draft rather than reusing the old one."""
+    config = app.config
+    if config["LLM_URL"]:
+        return f"llm:{config['LLM_MODEL']}"
+    backend = app.extensions["summary_guard"].backend
+    return f"{SUMMARY_MODEL}@{backend.model(SUMMARY_MODEL).version}"
+
+
+def _breaker(name: str, config, slow_call_seconds: float):
+    from app.ai.breaker import CircuitBreaker
+    from app.ai.guard import Guard
+
+    return CircuitBreaker(
+        name,
+        failure_rate_threshold=config["BREAKER_FAILURE_RATE"],
+        slow_call_rate_threshold=config["BREAKER_SLOW_CALL_RATE"],
+        slow_call_seconds=slow_call_seconds,
+        window_size=config["BREAKER_WINDOW"],
+        minimum_calls=config["BREAKER_MIN_CALLS"],
+        open_seconds=config["BREAKER_OPEN_SECONDS"],
+        half_open_max_calls=config["BREAKER_HALF_OPEN_CALLS"],
+        redis_url=config["REDIS_URL"],
+        listeners=[Guard.breaker_listener()],
+    )
+
+
+def _summary_guard(config):
+    """The guard in front of the summariser: a generative endpoint is slow by nature, so its deadline and
+    slow-call threshold come from LLM_TIMEOUT_S, not from the hook budget."""
+    from app.ai.guard import Guard, LateResults
+
+    timeout = float(config["LLM_TIMEOUT_S"])
+    if config["LLM_URL"]:
+        from app.ai.openai_compat import ChatCompletionsBackend
+
+        backend = ChatCompletionsBackend(config["LLM_URL"], config["LLM_MODEL"], api_key=config["LLM_API_KEY"])
+        name = f"llm:{config['LLM_URL']}"
+    else:
+        from app.ai.local import LocalBackend
+        from app.ai.models.discharge_summary import DischargeSummary
+
+        # Not among the embedded models that `models serve` offers over KServe v2: a nested record and a
+        # sectioned text do not fit its flat tensors.
+        backend, name = LocalBackend([DischargeSummary()]), "summary:in-process"
+    return Guard(
+        backend,
+        _breaker(name, config, slow_call_seconds=timeout * 0.8),
+        max_in_flight=config["AI_MAX_IN_FLIGHT"],
+        late_results=LateResults(ttl_seconds=0),
+        default_timeout=timeout,
+        call_timeout=timeout,
+    )
+
+
 def make_backend(config) -> Backend:
     """The backend ``AI_BACKEND`` names: embedded models in process, or a KServe v2 server at ``AI_URL``."""
     if config["AI_BACKEND"] == "kserve":
@@ -81,24 +150,14 @@ def make_backend(config) -> Backend:
 
 def init_app(app) -> None:
     """Install the configured backend behind its guard, once per application; register ``flask models``."""
-    from app.ai.breaker import CircuitBreaker
     from app.ai.guard import Guard, LateResults
     from app.ai.serve import init_cli
 
     config = app.config
     backend = make_backend(config)
-    breaker = CircuitBreaker(
-        # One breaker per model endpoint; with Redis, every process calling the same endpoint shares it.
-        f"ai:{config['AI_BACKEND']}:{config['AI_URL'] or 'in-process'}",
-        failure_rate_threshold=config["BREAKER_FAILURE_RATE"],
-        slow_call_rate_threshold=config["BREAKER_SLOW_CALL_RATE"],
-        slow_call_seconds=config["BREAKER_SLOW_CALL_MS"] / 1000,
-        window_size=config["BREAKER_WINDOW"],
-        minimum_calls=config["BREAKER_MIN_CALLS"],
-        open_seconds=config["BREAKER_OPEN_SECONDS"],
-        half_open_max_calls=config["BREAKER_HALF_OPEN_CALLS"],
-        redis_url=config["REDIS_URL"],
-        listeners=[Guard.breaker_listener()],
+    # One breaker per model endpoint; with Redis, every process calling the same endpoint shares it.
+    breaker = _breaker(
+        f"ai:{config['AI_BACKEND']}:{config['AI_URL'] or 'in-process'}", config, config["BREAKER_SLOW_CALL_MS"] / 1000
     )
     app.extensions["ai_guard"] = Guard(
         backend,
@@ -108,4 +167,5 @@ def init_app(app) -> None:
         default_timeout=config["HOOK_BUDGET_MS"] / 1000,
         call_timeout=config["AI_CALL_TIMEOUT_MS"] / 1000,
     )
+    app.extensions["summary_guard"] = _summary_guard(config)
     init_cli(app)
