@@ -7,10 +7,16 @@ FHIR_SERVER := tests/fhir_server
 
 export PORT
 
-.PHONY: run test lint bench venv node migrate clean
+.PHONY: run test lint bench venv node migrate keys clean
 
-run: venv migrate
+# The web server and one job worker (async work runs out of the box); stopping one stops both.
+run: venv migrate keys
+	@trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
+	$(BIN)/flask --app app jobs worker & worker=$$!; \
 	$(BIN)/gunicorn -c app/gunicorn_conf.py 'app:create_app()'
+
+keys: venv
+	$(BIN)/flask --app app keys generate --if-missing
 
 test: venv node
 	$(BIN)/ruff check .

@@ -12,7 +12,7 @@ from app.config import load_config
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application: settings from the environment (overridden by ``test_config``), then each area."""
-    from app import ai, audit, cds, db, health, jobs, logs, metrics
+    from app import ai, audit, cds, db, health, jobs, logs, metrics, smart, webhooks
 
     settings = load_config(overrides=test_config)
     app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
@@ -24,6 +24,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     ai.init_app(app)
     cds.init_app(app)
     jobs.init_app(app)
+    smart.init_app(app)
+    webhooks.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
     return app

@@ -9,6 +9,7 @@ from typing import Any
 from app.ai import InferenceError, ModelUnavailable, reason_text
 from app.ai.guard import deadline as model_deadline
 from app.cds.cards import Card, Source
+from app.cds.clients import TrustedClient
 from app.cds.prefetch import FhirAccess, PrefetchResolver
 from app.cds.request import HookRequest
 from app.cds.service import CdsService, ServiceCall
@@ -54,6 +55,7 @@ def run_service(
     default_budget_ms: int,
     on_fetch: Callable[[dict[str, Any]], None],
     reserve_ms: int = 20,
+    client: TrustedClient | None = None,
 ) -> tuple[list[Card], str]:
     """The cards for this call and how they came about (``cards`` or ``fallback:<reason>``).
 
@@ -63,7 +65,9 @@ def run_service(
     budget = (service.budget_ms or default_budget_ms) / 1000
     deadline = started + budget
     prefetch = resolver.resolve(service.prefetch, request, access, started + budget * FETCH_SHARE, on_fetch)
-    call = ServiceCall(request=request, prefetch=prefetch.values, unavailable=prefetch.unavailable, deadline=deadline)
+    call = ServiceCall(
+        request=request, prefetch=prefetch.values, unavailable=prefetch.unavailable, deadline=deadline, client=client
+    )
     try:
         with model_deadline(deadline - reserve_ms / 1000):
             return service.cards(call), "cards"

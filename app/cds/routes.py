@@ -84,6 +84,7 @@ def call_service(service_id: str):
         current_app.config["HOOK_BUDGET_MS"],
         state.fetch_auditor(g.audit),
         current_app.config["AI_RESERVE_MS"],
+        principal.client if principal else None,
     )
     g.audit["outcome"] = outcome
     g.audit["cards"] = len(cards)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cds.cards import Card
+from app.cds.clients import TrustedClient
 from app.cds.prefetch import check_template
 from app.cds.request import HookRequest
 
@@ -33,6 +34,7 @@ class ServiceCall:
     prefetch: dict[str, Any]
     unavailable: frozenset[str] = frozenset()
     deadline: float = field(default_factory=lambda: time.monotonic() + 0.5)
+    client: TrustedClient | None = None  # the authenticated caller; None when CDS_AUTH is off
 
     @property
     def context(self) -> dict[str, Any]:

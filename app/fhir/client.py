@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin
 
@@ -37,17 +38,61 @@ def pooled_session(pool_size: int = 32) -> requests.Session:
     return session
 
 
-class Client:
-    """FHIR REST calls against one base URL, with one bearer token (or none)."""
+# Sends one HTTP request with our credentials: (method, url, **requests kwargs) -> Response. The SMART Backend
+# Services client is one (it adds its token and retries once on 401).
+Sender = Callable[..., requests.Response]
 
-    def __init__(self, base: str, token: str | None, session: requests.Session, timeout: float = 5.0):
+
+class Client:
+    """FHIR REST calls against one base URL, with one bearer token, a credentialed ``send``, or neither."""
+
+    def __init__(
+        self,
+        base: str,
+        token: str | None,
+        session: requests.Session,
+        timeout: float = 5.0,
+        send: Sender | None = None,
+    ):
         self.base = base.rstrip("/") + "/"
         self._token = token
         self._session = session
         self._timeout = timeout
+        self._send = send
 
     def __repr__(self) -> str:  # never show the token
         return f"Client({self.base!r})"
+
+    def _request(self, method: str, url: str, timeout: float, headers: dict[str, str] | None = None, **kwargs):
+        headers = {"Accept": FHIR_JSON, **(headers or {})}
+        if self._send is not None:
+            return self._send(method, url, headers=headers, timeout=timeout, allow_redirects=False, **kwargs)
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return self._session.request(method, url, headers=headers, timeout=timeout, allow_redirects=False, **kwargs)
+
+    def create(self, resource: dict[str, Any], if_none_exist: str | None = None) -> tuple[dict[str, Any], bool]:
+        """POST ``resource``; with ``if_none_exist`` (a search query) a conditional create, so that a re-run
+        finds the first write instead of making a second. Returns (the stored resource, whether it was new)."""
+        url = urljoin(self.base, resource["resourceType"])
+        headers = {"Content-Type": FHIR_JSON, "Prefer": "return=representation"}
+        if if_none_exist:
+            headers["If-None-Exist"] = if_none_exist
+        try:
+            response = self._request("POST", url, self._timeout, headers, data=orjson.dumps(resource))
+        except requests.Timeout:
+            raise DeadlineExceeded("FHIR server did not answer in time") from None
+        except requests.RequestException as exc:
+            raise FhirError(f"FHIR server unreachable: {type(exc).__name__}") from None
+        if response.status_code not in (200, 201):
+            raise FhirError(f"FHIR server answered {response.status_code} to a create", response.status_code)
+        stored = _json_or_empty(response)
+        if not stored.get("id"):  # return=minimal servers: the id is in Location (.../Type/id/_history/v)
+            parts = (response.headers.get("Location") or "").split("/_history/")[0].rstrip("/").split("/")
+            if len(parts) < 2 or parts[-2] != resource["resourceType"]:
+                raise FhirError("FHIR server answered a create without the resource or its Location")
+            stored = {**resource, "id": parts[-1]}
+        return stored, response.status_code == 201
 
     def get(self, path_or_url: str, deadline: float | None = None) -> dict[str, Any]:
         """GET a resource or a search, relative to the base or absolute; bounded by ``deadline`` (monotonic)."""
@@ -57,9 +102,8 @@ class Client:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
                 raise DeadlineExceeded("deadline passed before the request was sent")
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
-            response = self._session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
+            response = self._request("GET", url, timeout)
         except requests.Timeout:
             raise DeadlineExceeded("FHIR server did not answer in time") from None
         except requests.RequestException as exc:
@@ -105,6 +149,14 @@ class Client:
         if entries:
             merged["entry"] = entries
         return merged
+
+
+def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = orjson.loads(response.content) if response.content else {}
+    except orjson.JSONDecodeError:
+        raise FhirError("FHIR server answered with a body that is not JSON") from None
+    return body if isinstance(body, dict) else {}
 
 
 def next_link(bundle: dict[str, Any]) -> str | None:

@@ -50,7 +50,7 @@ def service(tmp_path_factory, signing_key):
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"make run did not become healthy:\n{(work / 'make-run.log').read_text()[-3000:]}")
         time.sleep(0.3)
-    yield base, work
+    yield base, work, env
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
     log.close()
@@ -77,7 +77,7 @@ def sandbox_headers(signing_key, base: str, path: str) -> dict[str, str]:
 
 
 def test_sandbox_flow_discovery_call_and_feedback(service, signing_key, hook_body):
-    base, work = service
+    base, work, _ = service
     service_path = "/cds-services/cardiovascular-risk"
 
     assert preflight(base, "/cds-services").headers["Access-Control-Allow-Origin"] == "*"
@@ -128,7 +128,7 @@ def test_sandbox_flow_discovery_call_and_feedback(service, signing_key, hook_bod
 
 
 def test_errors_reach_the_browser_with_cors_headers(service):
-    base, _ = service
+    base, _, _ = service
     response = requests.post(
         base + "/cds-services/cardiovascular-risk",
         data="{}",
@@ -138,3 +138,20 @@ def test_errors_reach_the_browser_with_cors_headers(service):
     assert response.status_code == 401
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_job_worker_runs_alongside_and_our_keys_are_published(service):
+    base, work, env = service
+    canary = subprocess.run(
+        [str(ROOT / ".venv/bin/flask"), "--app", "app", "jobs", "canary", "--timeout", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert canary.returncode == 0, canary.stderr
+    assert canary.stdout.startswith("canary run by ")
+    keys = requests.get(base + "/.well-known/jwks.json", timeout=5).json()["keys"]
+    assert sorted(k["alg"] for k in keys) == ["ES384", "RS384"]
+    assert (work / "keys").stat().st_mode & 0o777 == 0o700

@@ -1,0 +1,293 @@
+"""discharge-summary (encounter-discharge): an AI draft of the discharge summary, prepared off the hook's budget.
+
+The hook answers at once with an info card and enqueues one job per (service, model version, FHIR server,
+encounter), so repeated hook calls for the same discharge make one job. The worker gathers the encounter's
+conditions, procedures, medications and results with our own SMART Backend Services credentials (the hook's
+token is for that call only), drafts the summary, writes a preliminary DocumentReference with a conditional
+create keyed on the job id (a re-run finds the first document), and emits ``discharge-summary.ready``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from flask import Flask, current_app
+
+from app import ai, smart, webhooks
+from app.ai import InvalidModelInput
+from app.ai.models.discharge_summary import extract_inputs
+from app.cds.cards import Card, Link, Source
+from app.cds.clients import TrustedClient
+from app.cds.service import ServiceCall, cds_service
+from app.fhir.client import Client, FhirNotFound
+from app.jobs import ledger
+from app.jobs.registry import JobContext, PermanentFailure, job_handler, submit
+
+SERVICE_ID = "discharge-summary"
+JOB_KIND = "discharge-summary.draft"
+READY_EVENT = "discharge-summary.ready"
+LOINC_DISCHARGE_SUMMARY = {"system": "http://loinc.org", "code": "18842-5", "display": "Discharge summary"}
+# HL7 security label "AI asserted": tells every reader of the chart that software wrote this document.
+AI_ASSERTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
+GATHERED = {
+    "conditions": "Condition",
+    "procedures": "Procedure",
+    "medications": "MedicationRequest",
+    "results": "Observation",
+}
+MAX_PAGES = 20
+
+
+def job_id_for(model_version: str, fhir_server: str, encounter_id: str) -> str:
+    """The idempotency key: opaque (no PHI in URLs, webhooks or logs), the same for the same discharge."""
+    key = "\x1f".join((SERVICE_ID, model_version, fhir_server.rstrip("/"), encounter_id))
+    return "ds-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _calling_client(call: ServiceCall, fhir_server: str) -> TrustedClient | None:
+    """The caller; with CDS_AUTH off, the first configured client that may use this FHIR server."""
+    if call.client is not None:
+        return call.client
+    return next((c for c in current_app.extensions["cds"].clients if c.allows_fhir_server(fhir_server)), None)
+
+
+def _source() -> Source:
+    return Source(label=f"Clinical AI gateway: discharge summary draft ({ai.summary_model_version(current_app)})")
+
+
+def _cannot_draft(why: str) -> list[Card]:
+    return [
+        Card(
+            summary="No AI draft discharge summary for this encounter",
+            indicator="info",
+            detail=f"{why} Write the discharge summary as usual.",
+            source=_source(),
+        )
+    ]
+
+
+def _can_write_back(client: TrustedClient) -> bool:
+    return client.smart_backend is not None or current_app.config["FHIR_ALLOW_ANONYMOUS"]
+
+
+STATUS_CARDS = {
+    ledger.QUEUED: ("A draft discharge summary is being prepared", "info"),
+    ledger.RUNNING: ("A draft discharge summary is being prepared", "info"),
+    ledger.SUCCEEDED: ("A draft discharge summary is ready for your review", "info"),
+    ledger.DEAD: ("The draft discharge summary could not be prepared", "warning"),
+    ledger.EXPIRED: ("The draft discharge summary was not prepared in time", "warning"),
+}
+
+
+def _status_card(job: ledger.Job) -> Card:
+    summary, indicator = STATUS_CARDS[job.state]
+    if job.state in (ledger.DEAD, ledger.EXPIRED):
+        detail = "Write the discharge summary as usual. The failure is in the gateway's dead letter queue for review."
+    else:
+        detail = (
+            "The AI draft is saved to the chart as a **preliminary** discharge summary (LOINC 18842-5) for you to "
+            "review, correct and sign. It is built only from this encounter's recorded conditions, procedures, "
+            "medications and results; nothing in it is final until a clinician signs it."
+        )
+    base = current_app.config["PUBLIC_BASE_URL"]
+    return Card(
+        summary=summary,
+        indicator=indicator,
+        detail=detail,
+        source=_source(),
+        links=[
+            Link(
+                label="Draft status and content",
+                url=f"{base}/smart/launch",
+                type="smart",
+                appContext=orjson.dumps({"job": job.id}).decode(),
+            )
+        ],
+    )
+
+
+@cds_service(
+    id=SERVICE_ID,
+    hook="encounter-discharge",
+    title="Discharge summary draft",
+    description="Prepares an AI draft of the discharge summary from the encounter's record, for clinician review.",
+)
+def discharge_summary(call: ServiceCall) -> list[Card]:
+    request = call.request
+    fhir_server = request.fhir_server
+    if not fhir_server:
+        return _cannot_draft("The EHR sent no FHIR server with this hook, so the record cannot be read.")
+    client = _calling_client(call, fhir_server)
+    if client is None or not client.allows_fhir_server(fhir_server):
+        return _cannot_draft("This EHR's FHIR server is not configured for the gateway.")
+    if not _can_write_back(client):
+        return _cannot_draft("Write-back to this EHR is not configured (no SMART Backend Services credentials).")
+    app = current_app._get_current_object()
+    job_id = job_id_for(ai.summary_model_version(app), fhir_server, request.context["encounterId"])
+    submit(
+        app,
+        JOB_KIND,
+        job_id,
+        {
+            "client_iss": client.iss,
+            "fhir_server": fhir_server,
+            "patient_id": request.context["patientId"],
+            "encounter_id": request.context["encounterId"],
+            "user_id": request.context["userId"],
+            "hook_instance": request.hook_instance,
+        },
+        expires_in=app.config["DISCHARGE_SUMMARY_TTL_S"],
+        max_attempts=app.config["JOB_MAX_ATTEMPTS"],
+    )
+    return [_status_card(ledger.get(app.extensions["db"], job_id))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def _fhir_client(app: Flask, payload: dict[str, Any]) -> tuple[Client, TrustedClient]:
+    """A FHIR client with our own credentials for the job's server, or PermanentFailure saying what is missing."""
+    trusted = app.extensions["cds"].clients.get(payload["client_iss"])
+    server = payload["fhir_server"]
+    if trusted is None:
+        raise PermanentFailure("the trusted client that asked for this job is no longer configured")
+    if not trusted.allows_fhir_server(server):
+        raise PermanentFailure("the job's FHIR server is not on its client's allowlist")
+    session, timeout = app.extensions["cds"].session, app.config["FHIR_TIMEOUT_S"]
+    backend = smart.backend_client(app, trusted)
+    if backend is not None:
+        return Client(server, None, session, timeout, send=backend.request), trusted
+    if app.config["FHIR_ALLOW_ANONYMOUS"]:
+        return Client(server, None, session, timeout), trusted
+    raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for this client")
+
+
+def gather(fhir: Client, trusted: TrustedClient, patient_id: str, encounter_id: str) -> tuple[dict, dict]:
+    """The encounter and what was recorded in it: conditions, procedures, medications, results, the patient."""
+    try:
+        encounter = fhir.get(f"Encounter/{encounter_id}")
+    except FhirNotFound:
+        raise PermanentFailure("the encounter does not exist on the FHIR server") from None
+    resources: dict[str, list[dict]] = {}
+    try:
+        resources["patient"] = [fhir.get(f"Patient/{patient_id}")]
+    except FhirNotFound:
+        resources["patient"] = []
+    query = urlencode({"encounter": f"Encounter/{encounter_id}", "_count": 200})
+    for key, resource_type in GATHERED.items():
+        bundle = fhir.search_all(f"{resource_type}?{query}", max_pages=MAX_PAGES, allow_url=trusted.allows_fhir_server)
+        resources[key] = [
+            e["resource"]
+            for e in bundle.get("entry") or ()
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == resource_type
+        ]
+    return encounter, resources
+
+
+def identifier_system(app: Flask) -> str:
+    return f"{app.config['PUBLIC_BASE_URL']}/jobs"
+
+
+def document_reference(app: Flask, job: ledger.Job, encounter: dict, text: str, model_version: str) -> dict:
+    """The draft as a preliminary DocumentReference carrying the job id, marked as written by AI."""
+    payload = job.payload
+    period = encounter.get("period") if isinstance(encounter.get("period"), dict) else None
+    return {
+        "resourceType": "DocumentReference",
+        "meta": {"security": [AI_ASSERTED]},
+        "identifier": [{"system": identifier_system(app), "value": job.id}],
+        "status": "current",
+        "docStatus": "preliminary",
+        "type": {"coding": [LOINC_DISCHARGE_SUMMARY], "text": "Discharge summary (AI draft)"},
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
+                        "code": "clinical-note",
+                        "display": "Clinical Note",
+                    }
+                ]
+            }
+        ],
+        "subject": {"reference": f"Patient/{payload['patient_id']}"},
+        "date": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "description": f"AI-generated draft discharge summary for clinician review ({model_version})",
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "language": "en",
+                    "data": base64.b64encode(text.encode()).decode(),
+                    "title": "Discharge summary (AI draft)",
+                }
+            }
+        ],
+        "context": {
+            "encounter": [{"reference": f"Encounter/{payload['encounter_id']}"}],
+            **({"period": period} if period else {}),
+        },
+    }
+
+
+@job_handler(JOB_KIND, max_attempts=5, client_visible=True)
+def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
+    """Gather, draft, write back (conditional create), then tell subscribers; safe to run twice."""
+    app, job, payload = ctx.app, ctx.job, ctx.payload
+    fhir, trusted = _fhir_client(app, payload)
+    encounter, resources = gather(fhir, trusted, payload["patient_id"], payload["encounter_id"])
+    try:
+        prediction = ai.summarise(extract_inputs(encounter, resources))
+    except InvalidModelInput as exc:
+        raise PermanentFailure(f"the summariser rejected the encounter's data ({type(exc).__name__})") from None
+    ctx.heartbeat()
+    version = f"{prediction.model}@{prediction.version}"
+    text = prediction.outputs["text"]
+    document, created = fhir.create(
+        document_reference(app, job, encounter, text, version),
+        if_none_exist=urlencode({"identifier": f"{identifier_system(app)}|{job.id}"}),
+    )
+    reference = f"DocumentReference/{document['id']}"
+    stored_text = _attachment_text(document) or text  # a re-run keeps the first draft, not a second one
+    url = f"{app.config['PUBLIC_BASE_URL']}/jobs/{job.id}"
+    webhooks.emit(
+        app,
+        READY_EVENT,
+        job.id,
+        {"jobId": job.id, "url": url},
+        client_iss=payload["client_iss"],
+        full_data={
+            "documentReference": reference,
+            "patient": f"Patient/{payload['patient_id']}",
+            "encounter": f"Encounter/{payload['encounter_id']}",
+            "summary": stored_text,
+        },
+    )
+    return {
+        "documentReference": reference,
+        "created": created,
+        "fhirServer": payload["fhir_server"],
+        "patient": f"Patient/{payload['patient_id']}",
+        "encounter": f"Encounter/{payload['encounter_id']}",
+        "docStatus": "preliminary",
+        "model": {"name": prediction.model, "version": prediction.version},
+        "summary": stored_text,
+    }
+
+
+def _attachment_text(document: dict) -> str | None:
+    try:
+        return base64.b64decode(document["content"][0]["attachment"]["data"]).decode()
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
