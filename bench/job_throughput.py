@@ -3,7 +3,7 @@
 Enqueue latency: ``ledger.enqueue`` (INSERT ... ON CONFLICT DO NOTHING RETURNING, its own transaction) one job
 at a time, against a baseline of a plain INSERT of the same row in its own transaction.
 Throughput: canary jobs (no work) through ``flask --app app jobs worker`` processes, against a baseline of the
-bare ledger loop (claim + complete in one process, no worker machinery). Workers are started and warmed
+bare ledger loop (claim + complete in one process, no worker machinery, no sweeps). Workers are started and warmed
 before the jobs are inserted, so process start-up is not counted.
 
     .venv/bin/python -m bench.job_throughput [--enqueues 2000] [--jobs 2000] [--workers 1,4]
@@ -90,7 +90,7 @@ def wait_done(engine: sa.Engine, n: int, timeout: float = 300) -> None:
 def bare_loop(engine: sa.Engine, n: int) -> float:
     bulk_insert(engine, n, "bare")
     started = time.perf_counter()
-    while (job := ledger.claim(engine, "bench")) is not None:
+    while (job := ledger.claim(engine, "bench", sweep_first=False)) is not None:
         ledger.complete(engine, job, {"worker": "bench"})
     rate = n / (time.perf_counter() - started)
     with engine.begin() as conn:

@@ -202,6 +202,12 @@ def _sweep(conn: sa.Connection, now: datetime) -> None:
         conn.execute(jobs.update().where(jobs.c.id.in_(ids)).values(**values))
 
 
+def sweep(engine: sa.Engine, now: datetime | None = None) -> None:
+    """Expire stale jobs and dead-letter the ones that keep killing their worker (see ``_sweep``)."""
+    with _write_transaction(engine) as conn:
+        _sweep(conn, _now(now))
+
+
 def claim(
     engine: sa.Engine,
     worker_id: str,
@@ -209,8 +215,12 @@ def claim(
     lease_seconds: float = 30,
     kinds: Iterable[str] | None = None,
     now: datetime | None = None,
+    sweep_first: bool = True,
 ) -> Job | None:
-    """Take the oldest due job (queued, or running with a lapsed lease) for ``worker_id``; None when none is due."""
+    """Take the oldest due job (queued, or running with a lapsed lease) for ``worker_id``; None when none is due.
+
+    Stale jobs and jobs at their last attempt are never claimed, swept or not; ``sweep_first=False`` leaves
+    moving them to expired/dead to a periodic :func:`sweep` (workers do that, to keep claims one statement)."""
     now = _now(now)
     not_stale = sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now)
     due = sa.or_(sa.and_(jobs.c.state == QUEUED, jobs.c.run_after <= now), _lease_lapsed(now))
@@ -236,7 +246,8 @@ def claim(
         .returning(*jobs.c)
     )
     with _write_transaction(engine) as conn:
-        _sweep(conn, now)
+        if sweep_first:
+            _sweep(conn, now)
         row = conn.execute(statement).first()
     return Job.from_row(row) if row else None
 

@@ -24,6 +24,7 @@ from app.logs import describe
 log = logging.getLogger(__name__)
 
 DLQ_CHECK_SECONDS = 30.0
+SWEEP_SECONDS = 1.0  # expired and worker-killing jobs are moved out of the queue within this time
 
 
 def new_worker_id() -> str:
@@ -61,6 +62,7 @@ class Worker:
         self.poll_seconds = poll_seconds or app.config["JOB_POLL_S"]
         self.grace_seconds = grace_seconds
         self.stop = stop or threading.Event()
+        self._next_sweep = 0.0
 
     def run(self) -> None:
         """Work until ``stop`` is set; then finish the job in hand (or release it after the grace period)."""
@@ -97,8 +99,15 @@ class Worker:
 
     def run_once(self) -> Outcome | None:
         """Claim one due job and run it to its end; None when nothing is due."""
+        if time.monotonic() >= self._next_sweep:
+            ledger.sweep(self.engine)
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
         job = ledger.claim(
-            self.engine, self.worker_id, lease_seconds=self.lease_seconds, kinds=self.kinds or job_kinds()
+            self.engine,
+            self.worker_id,
+            lease_seconds=self.lease_seconds,
+            kinds=self.kinds or job_kinds(),
+            sweep_first=False,
         )
         if job is None:
             return None
