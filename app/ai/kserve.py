@@ -16,10 +16,10 @@ from urllib.parse import quote
 
 import orjson
 import requests
-from urllib3.exceptions import ReadTimeoutError
 
 from app import http
 from app.ai import InvalidModelInput, ModelUnavailable, Prediction
+from app.ai.remote import bad_response, transport_failure
 
 POOL_SIZE = 32
 READY_TIMEOUT = 1.0
@@ -122,17 +122,6 @@ def pooled_session(pool_size: int = POOL_SIZE) -> requests.Session:
     return http.pooled_session(pool_size, hosts=4)
 
 
-def _unavailable(exc: requests.RequestException) -> ModelUnavailable:
-    """Map a transport failure; a read timeout while the body streams arrives wrapped in a ConnectionError."""
-    if isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
-        return ModelUnavailable("timeout", "no answer within the socket timeout")
-    return ModelUnavailable("unavailable", type(exc).__name__)
-
-
-def _bad(detail: str) -> ModelUnavailable:
-    return ModelUnavailable("bad-response", detail)
-
-
 class KServeBackend:
     """Models on a KServe v2 server (KServe, Triton, MLServer, ``flask models serve``), over pooled connections."""
 
@@ -166,7 +155,7 @@ class KServeBackend:
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            raise _unavailable(exc) from None
+            raise transport_failure(exc) from None
         if response.status_code != 200:
             raise self._refusal(model, inputs, response)
         return self._prediction(model, request_id, response.content)
@@ -202,20 +191,20 @@ class KServeBackend:
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
-            raise _bad("response is not JSON") from None
+            raise bad_response("response is not JSON") from None
         if not isinstance(body, dict):
-            raise _bad("response is not a JSON object")
+            raise bad_response("response is not a JSON object")
         version = body.get("model_version")
         if not isinstance(version, str) or not version:
-            raise _bad("response has no model_version")
+            raise bad_response("response has no model_version")
         if body.get("model_name") != model:
-            raise _bad("response names another model")
+            raise bad_response("response names another model")
         if "id" in body and body["id"] != request_id:
-            raise _bad("response id does not match the request")
+            raise bad_response("response id does not match the request")
         if not isinstance(body.get("outputs"), list) or not body["outputs"]:
-            raise _bad("response has no outputs")
+            raise bad_response("response has no outputs")
         try:
             outputs = decode_tensors(body["outputs"])
         except ValueError as exc:
-            raise _bad(str(exc)) from None
+            raise bad_response(str(exc)) from None
         return Prediction(model=model, version=version, outputs=outputs)

@@ -11,11 +11,11 @@ from typing import Any
 
 import orjson
 import requests
-from urllib3.exceptions import ReadTimeoutError
 
 from app import http
 from app.ai import InvalidModelInput, ModelUnavailable, Prediction
 from app.ai.models.discharge_summary import NAME, SECTION_TITLES
+from app.ai.remote import bad_response, transport_failure
 
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 3.0
@@ -31,17 +31,6 @@ SYSTEM_PROMPT = (
     "heading, the others under medications at discharge. Begin with the line "
     '"AI-generated DRAFT for clinician review, not a final document."'
 )
-
-
-def _unavailable(exc: requests.RequestException) -> ModelUnavailable:
-    """Map a transport failure; a read timeout while the body streams arrives wrapped in a ConnectionError."""
-    if isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
-        return ModelUnavailable("timeout", "no answer within the socket timeout")
-    return ModelUnavailable("unavailable", type(exc).__name__)
-
-
-def _bad(detail: str) -> ModelUnavailable:
-    return ModelUnavailable("bad-response", detail)
 
 
 def completions_url(base_url: str) -> str:
@@ -108,7 +97,7 @@ class ChatCompletionsBackend:
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            raise _unavailable(exc) from None
+            raise transport_failure(exc) from None
         if response.status_code == 400:
             raise InvalidModelInput(f"{NAME}: the model endpoint rejected the request (HTTP 400)")
         if response.status_code == 429:
@@ -121,16 +110,16 @@ class ChatCompletionsBackend:
         try:
             body = orjson.loads(content)
         except orjson.JSONDecodeError:
-            raise _bad("response is not JSON") from None
+            raise bad_response("response is not JSON") from None
         if not isinstance(body, dict):
-            raise _bad("response is not a JSON object")
+            raise bad_response("response is not a JSON object")
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise _bad("response has no choices")
+            raise bad_response("response has no choices")
         message = choices[0].get("message")
         text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise _bad("response has no content")
+            raise bad_response("response has no content")
         version = body.get("model")
         version = version if isinstance(version, str) and version.strip() else self.model_id
         return Prediction(model=NAME, version=version, outputs={"text": text, "sections": []})

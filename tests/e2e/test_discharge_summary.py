@@ -191,6 +191,16 @@ def wait_all_done(app, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def work_until_done(setup, app, timeout: float = 60) -> None:
+    """One worker process until every job has succeeded, then a clean SIGTERM."""
+    worker = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
+    try:
+        wait_all_done(app, timeout)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+
+
 def documents_for(fhir_server, app, job_id: str) -> list[dict]:
     system = f"{app.config['PUBLIC_BASE_URL']}/jobs"
     bundle = fhir_server.get_json("DocumentReference", params={"identifier": f"{system}|{job_id}"})
@@ -219,12 +229,7 @@ def test_the_hook_answers_at_once_and_one_job_makes_one_document_and_one_webhook
     assert job_of(first) == job_of(again)
     assert len(jobs_of_kind(gateway, JOB_KIND)) == 1
 
-    worker = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
-    try:
-        wait_all_done(gateway)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=30) == 0
+    work_until_done(setup, gateway)
     job_id = job_of(first)
     docs = documents_for(setup["fhir"], gateway, job_id)
     assert len(docs) == 1
@@ -261,12 +266,7 @@ def test_workers_killed_at_random_points_twenty_times_still_make_one_result_each
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
         kills += 1
-    final = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
-    try:
-        wait_all_done(gateway, timeout=90)
-    finally:
-        final.send_signal(signal.SIGTERM)
-        final.wait(timeout=30)
+    work_until_done(setup, gateway, timeout=90)
     assert kills == 20
     assert len(jobs_of_kind(gateway, JOB_KIND)) == len(encounters)
     for encounter, job_id in job_ids.items():
@@ -293,12 +293,7 @@ def test_a_kill_after_the_write_before_completion_reruns_to_the_same_document(ga
     assert worker["proc"].wait(timeout=30) == -signal.SIGKILL
     job = ledger.get(gateway.extensions["db"], job_id)
     assert job.state == ledger.RUNNING and len(documents_for(setup["fhir"], gateway, job_id)) == 1
-    again = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
-    try:
-        wait_all_done(gateway)
-    finally:
-        again.send_signal(signal.SIGTERM)
-        again.wait(timeout=30)
+    work_until_done(setup, gateway)
     job = ledger.get(gateway.extensions["db"], job_id)
     assert job.attempts == 2 and job.result["created"] is False  # the re-run found the first document
     docs = documents_for(setup["fhir"], gateway, job_id)
@@ -321,12 +316,7 @@ def test_a_kill_during_webhook_delivery_redelivers_with_the_same_id(gateway, set
     setup["receiver"].respond = kill_on_first_receipt
     worker["proc"] = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
     assert worker["proc"].wait(timeout=30) == -signal.SIGKILL
-    again = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
-    try:
-        wait_all_done(gateway)
-    finally:
-        again.send_signal(signal.SIGTERM)
-        again.wait(timeout=30)
+    work_until_done(setup, gateway)
     assert verified_ids(setup["receiver"]) == {job_id: 2}  # at least once, one id: the receiver dedupes on it
     assert len(documents_for(setup["fhir"], gateway, job_id)) == 1
 
@@ -344,12 +334,7 @@ def test_fhir_server_down_is_retried_until_it_is_back(gateway, setup, signing_ke
         return None
 
     setup["proxy"].before = down_for_a_while
-    worker = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
-    try:
-        wait_all_done(gateway, timeout=60)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=30)
+    work_until_done(setup, gateway)
     job = ledger.get(gateway.extensions["db"], job_id)
     assert job.attempts == 4 and job.state == ledger.SUCCEEDED
     assert len(documents_for(setup["fhir"], gateway, job_id)) == 1

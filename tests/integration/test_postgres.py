@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import psycopg
@@ -12,16 +11,7 @@ import sqlalchemy as sa
 
 from app.db import engine, feedback
 from tests.conftest import PUBLIC_BASE_URL, require
-
-ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def postgres_unavailable() -> str | None:
-    try:
-        psycopg.connect(ADMIN_URL, connect_timeout=2).close()
-    except psycopg.Error as exc:
-        return f"no PostgreSQL at {ADMIN_URL}: {type(exc).__name__}"
-    return None
+from tests.support.databases import ADMIN_URL, postgres_unavailable
 
 
 @pytest.fixture
