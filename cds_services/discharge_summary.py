@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -24,9 +25,9 @@ from app.ai.models.discharge_summary import extract_inputs
 from app.cds.cards import Card, Link, Source
 from app.cds.clients import TrustedClient
 from app.cds.service import ServiceCall, cds_service
-from app.fhir.client import Client, FhirNotFound
+from app.fhir.client import Client, FhirError, FhirNotFound
 from app.jobs import ledger
-from app.jobs.registry import JobContext, PermanentFailure, job_handler, submit
+from app.jobs.registry import JobContext, JobExpired, PermanentFailure, job_handler, submit
 
 SERVICE_ID = "discharge-summary"
 JOB_KIND = "discharge-summary.draft"
@@ -45,6 +46,7 @@ GATHERED = {
     "results": "Observation",
 }
 MAX_PAGES = 20
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 def job_id_for(model_version: str, fhir_server: str, encounter_id: str) -> str:
@@ -129,6 +131,8 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
     client = _calling_client(call, fhir_server)
     if client is None or not client.allows_fhir_server(fhir_server):
         return _cannot_draft("This EHR's FHIR server is not configured for the gateway.")
+    if not all(FHIR_ID.match(request.context[key]) for key in ("patientId", "encounterId")):
+        return _cannot_draft("The encounter or patient id sent with this hook is not a FHIR id.")
     if not _can_write_back(client):
         return _cannot_draft("Write-back to this EHR is not configured (no SMART Backend Services credentials).")
     app = current_app._get_current_object()
@@ -155,7 +159,7 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
 # The job
 
 
-def _fhir_client(app: Flask, payload: dict[str, Any]) -> tuple[Client, TrustedClient]:
+def _fhir_client(app: Flask, payload: dict[str, Any]) -> Client:
     """A FHIR client with our own credentials for the job's server, or PermanentFailure saying what is missing."""
     trusted = app.extensions["cds"].clients.get(payload["client_iss"])
     server = payload["fhir_server"]
@@ -166,13 +170,13 @@ def _fhir_client(app: Flask, payload: dict[str, Any]) -> tuple[Client, TrustedCl
     session, timeout = app.extensions["cds"].session, app.config["FHIR_TIMEOUT_S"]
     backend = smart.backend_client(app, trusted)
     if backend is not None:
-        return Client(server, None, session, timeout, send=backend.request), trusted
+        return Client(server, None, session, timeout, send=backend.request)
     if app.config["FHIR_ALLOW_ANONYMOUS"]:
-        return Client(server, None, session, timeout), trusted
+        return Client(server, None, session, timeout)
     raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for this client")
 
 
-def gather(fhir: Client, trusted: TrustedClient, patient_id: str, encounter_id: str) -> tuple[dict, dict]:
+def gather(fhir: Client, patient_id: str, encounter_id: str) -> tuple[dict, dict]:
     """The encounter and what was recorded in it: conditions, procedures, medications, results, the patient."""
     try:
         encounter = fhir.get(f"Encounter/{encounter_id}")
@@ -185,11 +189,15 @@ def gather(fhir: Client, trusted: TrustedClient, patient_id: str, encounter_id: 
         resources["patient"] = []
     query = urlencode({"encounter": f"Encounter/{encounter_id}", "_count": 200})
     for key, resource_type in GATHERED.items():
-        bundle = fhir.search_all(f"{resource_type}?{query}", max_pages=MAX_PAGES, allow_url=trusted.allows_fhir_server)
+        # Paging links are followed only on this server: our token for it must not travel anywhere else.
+        bundle = fhir.search_all(
+            f"{resource_type}?{query}", max_pages=MAX_PAGES, allow_url=lambda url: url.startswith(fhir.base)
+        )
         resources[key] = [
             e["resource"]
             for e in bundle.get("entry") or ()
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            if isinstance(e, dict)
+            and isinstance(e.get("resource"), dict)
             and e["resource"].get("resourceType") == resource_type
         ]
     return encounter, resources
@@ -244,14 +252,31 @@ def document_reference(app: Flask, job: ledger.Job, encounter: dict, text: str, 
 @job_handler(JOB_KIND, max_attempts=5, client_visible=True)
 def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
     """Gather, draft, write back (conditional create), then tell subscribers; safe to run twice."""
-    app, job, payload = ctx.app, ctx.job, ctx.payload
-    fhir, trusted = _fhir_client(app, payload)
-    encounter, resources = gather(fhir, trusted, payload["patient_id"], payload["encounter_id"])
+    app = ctx.app
+    fhir = _fhir_client(app, ctx.payload)
+    try:
+        return _draft(app, ctx, fhir)
+    except FhirError as exc:
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
+            # Refused (401/403 after a fresh token, 412 several matches, 422 invalid): retrying cannot help.
+            raise PermanentFailure(f"the FHIR server refused: HTTP {exc.status}") from None
+        raise
+
+
+def _stale(job: ledger.Job) -> bool:
+    return job.expires_at is not None and job.expires_at <= datetime.now(UTC)
+
+
+def _draft(app: Flask, ctx: JobContext, fhir: Client) -> dict[str, Any]:
+    job, payload = ctx.job, ctx.payload
+    encounter, resources = gather(fhir, payload["patient_id"], payload["encounter_id"])
     try:
         prediction = ai.summarise(extract_inputs(encounter, resources))
     except InvalidModelInput as exc:
         raise PermanentFailure(f"the summariser rejected the encounter's data ({type(exc).__name__})") from None
     ctx.heartbeat()
+    if _stale(job):  # the draft came too late to be useful: write and announce nothing
+        raise JobExpired("the draft was ready only after the job's clinical expiry")
     version = f"{prediction.model}@{prediction.version}"
     text = prediction.outputs["text"]
     document, created = fhir.create(
@@ -261,6 +286,7 @@ def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
     reference = f"DocumentReference/{document['id']}"
     stored_text = _attachment_text(document) or text  # a re-run keeps the first draft, not a second one
     url = f"{app.config['PUBLIC_BASE_URL']}/jobs/{job.id}"
+    remaining = (job.expires_at - datetime.now(UTC)).total_seconds() if job.expires_at else None
     webhooks.emit(
         app,
         READY_EVENT,
@@ -273,6 +299,7 @@ def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
             "encounter": f"Encounter/{payload['encounter_id']}",
             "summary": stored_text,
         },
+        expires_in=max(remaining, 1.0) if remaining is not None else None,
     )
     return {
         "documentReference": reference,

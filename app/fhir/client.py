@@ -87,16 +87,18 @@ class Client:
         if response.status_code not in (200, 201):
             raise FhirError(f"FHIR server answered {response.status_code} to a create", response.status_code)
         stored = _json_or_empty(response)
-        if not stored.get("id"):  # return=minimal servers: the id is in Location (.../Type/id/_history/v)
+        if not stored.get("id"):  # return=minimal servers: read what was stored (an existing match, maybe)
             parts = (response.headers.get("Location") or "").split("/_history/")[0].rstrip("/").split("/")
             if len(parts) < 2 or parts[-2] != resource["resourceType"]:
                 raise FhirError("FHIR server answered a create without the resource or its Location")
-            stored = {**resource, "id": parts[-1]}
+            stored = self.get(f"{resource['resourceType']}/{parts[-1]}")
         return stored, response.status_code == 201
 
     def get(self, path_or_url: str, deadline: float | None = None) -> dict[str, Any]:
         """GET a resource or a search, relative to the base or absolute; bounded by ``deadline`` (monotonic)."""
         url = urljoin(self.base, path_or_url)
+        if "://" not in path_or_url and not url.startswith(self.base):  # "Encounter/../../x" leaves the base
+            raise FhirError("a relative FHIR path must stay under the server's base URL")
         timeout = self._timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())

@@ -318,6 +318,16 @@ def fail(
         return state if _changed(conn, statement) else FENCED
 
 
+def expire(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
+    """End a running attempt as expired (its result came too late to be used); False when fenced."""
+    now = _now(now)
+    statement = (
+        jobs.update().where(_fence(job)).values(state=EXPIRED, lease_owner=None, lease_expires_at=None, updated_at=now)
+    )
+    with engine.begin() as conn:
+        return _changed(conn, statement)
+
+
 def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
     """Hand a running job back unfinished (a worker shutting down): queued again at once, the attempt not
     counted. False when the lease was already taken over."""

@@ -2,7 +2,8 @@
 
 A handler receives a :class:`JobContext` and returns the job's result (JSON-serialisable). Raising
 :class:`RetryLater` asks for another attempt after a given delay, :class:`PermanentFailure` sends the job to the
-dead letter queue at once, and any other exception is a transient failure retried with backoff. Handlers must
+dead letter queue at once, :class:`JobExpired` ends it as expired, and any other exception is a transient failure
+retried with backoff. Handlers must
 be idempotent: a job may run more than once (a worker killed after the work, before the completion write).
 """
 
@@ -20,6 +21,10 @@ from app.jobs import ledger
 
 class PermanentFailure(Exception):
     """Retrying cannot help (bad payload, refused destination): dead-letter the job now."""
+
+
+class JobExpired(Exception):
+    """The job's clinical expiry passed while it ran: its result must not be written or delivered."""
 
 
 class RetryLater(Exception):

@@ -15,10 +15,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 from flask import Flask
 
 from app.jobs import ledger, monitor
-from app.jobs.registry import JobContext, PermanentFailure, RetryLater, job_kind, job_kinds
+from app.jobs.registry import JobContext, JobExpired, PermanentFailure, RetryLater, job_kind, job_kinds
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Worker:
     def run_until_idle(self, max_jobs: int | None = None) -> list[Outcome]:
         """Run due jobs until none is due (tests, benchmarks, ``--burst``); the outcomes in order."""
         outcomes: list[Outcome] = []
-        while max_jobs is None or len(outcomes) < max_jobs:
+        while (max_jobs is None or len(outcomes) < max_jobs) and not self.stop.is_set():
             outcome = self.run_once()
             if outcome is None:
                 break
@@ -121,7 +122,15 @@ class Worker:
         declared = job_kind(job.kind)
         if declared is None:  # claimed with kinds=None by a caller that knows no handler for it
             return ledger.fail(self.engine, job, f"UnknownJobKind: {job.kind}", permanent=True)
-        heartbeat = lambda: ledger.heartbeat(self.engine, job, lease_seconds=self.lease_seconds)  # noqa: E731
+
+        def heartbeat() -> bool:
+            """Renew the lease; a database hiccup is not a lost lease, the next beat tries again."""
+            try:
+                return ledger.heartbeat(self.engine, job, lease_seconds=self.lease_seconds)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("worker %s: heartbeat for job %s failed: %s", self.worker_id, job.id, describe(exc))
+                return True
+
         run = _Run(JobContext(self.app, job, heartbeat), declared.handler)
         thread = threading.Thread(target=run, name=f"job-{job.kind}", daemon=True)
         thread.start()
@@ -133,7 +142,7 @@ class Worker:
             if self.stop.is_set():
                 stop_noticed_at = stop_noticed_at or time.monotonic()
                 if time.monotonic() - stop_noticed_at >= self.grace_seconds:
-                    released = ledger.release(self.engine, job)
+                    released = self._write_outcome(job, lambda: ledger.release(self.engine, job))
                     log.warning("worker %s: released job %s unfinished at shutdown", self.worker_id, job.id)
                     return "released" if released else ledger.FENCED
             if not heartbeat():
@@ -142,16 +151,39 @@ class Worker:
                 )
         return self._record(job, run)
 
+    def _write_outcome(self, job: ledger.Job, write):
+        """Write a job's outcome, retrying through database hiccups for as long as the lease lasts: giving up
+        sooner would leave the job running with nobody watching it until the lease lapses and it runs again."""
+        give_up_at = time.monotonic() + self.lease_seconds
+        delay = 0.05
+        while True:
+            try:
+                return write()
+            except sa.exc.SQLAlchemyError as exc:
+                if time.monotonic() + delay >= give_up_at:
+                    log.error(
+                        "worker %s: cannot record the outcome of job %s: %s", self.worker_id, job.id, describe(exc)
+                    )
+                    return ledger.FENCED  # the lease will lapse and another attempt takes over
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     def _record(self, job: ledger.Job, run: _Run) -> str:
         exc = run.error
         if exc is None:
-            return ledger.SUCCEEDED if ledger.complete(self.engine, job, run.result) else ledger.FENCED
+            completed = self._write_outcome(job, lambda: ledger.complete(self.engine, job, run.result))
+            return ledger.SUCCEEDED if completed is True else ledger.FENCED
+        if isinstance(exc, JobExpired):
+            expired = self._write_outcome(job, lambda: ledger.expire(self.engine, job))
+            log.info("job %s (%s) expired while it ran", job.id, job.kind)
+            return ledger.EXPIRED if expired is True else ledger.FENCED
         if isinstance(exc, RetryLater):
-            state = ledger.fail(self.engine, job, f"RetryLater: {exc.reason}", retry_in=exc.seconds)
+            args = {"error": f"RetryLater: {exc.reason}", "retry_in": exc.seconds}
         elif isinstance(exc, PermanentFailure):
-            state = ledger.fail(self.engine, job, f"PermanentFailure: {exc}", permanent=True)
+            args = {"error": f"PermanentFailure: {exc}", "permanent": True}
         else:
-            state = ledger.fail(self.engine, job, describe(exc))
+            args = {"error": describe(exc)}
+        state = self._write_outcome(job, lambda: ledger.fail(self.engine, job, **args))
         level = logging.ERROR if state == ledger.DEAD else logging.WARNING
         log.log(
             level,

@@ -193,9 +193,15 @@ def wait_all_done(app, timeout: float = 60) -> None:
 
 def work_until_done(setup, app, timeout: float = 60) -> None:
     """One worker process until every job has succeeded, then a clean SIGTERM."""
-    worker = start_worker(setup["settings"], log_path=setup["logs"] / "worker.log")
+    log = setup["logs"] / "worker.log"
+    started_before = log.read_text().count(" started") if log.exists() else 0
+    worker = start_worker(setup["settings"], log_path=log)
     try:
         wait_all_done(app, timeout)
+        deadline = time.monotonic() + 30  # its SIGTERM handler is set once it says it started
+        while log.read_text().count(" started") <= started_before:
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
@@ -268,7 +274,9 @@ def test_workers_killed_at_random_points_twenty_times_still_make_one_result_each
         kills += 1
     work_until_done(setup, gateway, timeout=90)
     assert kills == 20
-    assert len(jobs_of_kind(gateway, JOB_KIND)) == len(encounters)
+    summary_jobs = jobs_of_kind(gateway, JOB_KIND)
+    assert len(summary_jobs) == len(encounters)
+    assert all(job.state == ledger.SUCCEEDED for job in summary_jobs)
     for encounter, job_id in job_ids.items():
         assert len(documents_for(setup["fhir"], gateway, job_id)) == 1, f"seed {seed}: {encounter}"
     received = verified_ids(setup["receiver"])

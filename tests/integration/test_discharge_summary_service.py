@@ -158,3 +158,10 @@ def test_a_refused_create_is_an_error_not_a_silent_success(make_httpserver, stat
     with pytest.raises(FhirError, match=str(status)):
         client.create({"resourceType": "DocumentReference"}, if_none_exist="identifier=x|y")
     make_httpserver.clear()
+
+
+def test_ids_that_are_not_fhir_ids_make_no_job(make_app, signing_key):
+    app = make_app(FHIR_ALLOW_ANONYMOUS=True)
+    card = hook(app, signing_key, "http://127.0.0.1:9/fhir/R4", encounter="../../admin")
+    assert "not a FHIR id" in card["detail"]
+    assert sum(ledger.counts(app.extensions["db"]).values()) == 0

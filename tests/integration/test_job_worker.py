@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from app.jobs import ledger
-from app.jobs.registry import PermanentFailure, RetryLater, job_handler, submit
+from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, job_handler, submit
 from app.jobs.worker import Worker
 from tests.conftest import PUBLIC_BASE_URL
 
@@ -34,6 +34,8 @@ def echo(ctx):
         raise RetryLater(30, "receiver asked for 30 s")
     if how == "slow":
         RELEASE.wait(10)
+    if how == "expired":
+        raise JobExpired("too late")
     return {"echo": ctx.payload}
 
 
@@ -67,6 +69,13 @@ def drain(app, rounds: int = 50) -> list:
             break
         time.sleep(0.03)
     return outcomes
+
+
+def wait_for(condition, seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def _waiting(app) -> bool:
@@ -155,8 +164,9 @@ def test_the_lease_is_kept_alive_while_a_long_job_works(app):
     runner = threading.Thread(target=first.run_once)
     runner.start()
     time.sleep(1.5)  # more than two lease lengths
-    assert Worker(app, lease_seconds=0.6).run_once() is None  # nobody can take it over
-    RELEASE.set()
+    taken_over = Worker(app, lease_seconds=0.6).run_once()
+    RELEASE.set()  # before asserting, so that a wrongful takeover fails instead of hanging
+    assert taken_over is None  # nobody could take it over
     runner.join(5)
     job = ledger.get(engine, "long")
     assert (job.state, job.attempts, CALLS["long"]) == ("succeeded", 1, 1)
@@ -169,9 +179,7 @@ def test_shutdown_hands_an_unfinished_job_back(app):
     worker = Worker(app, lease_seconds=0.3, grace_seconds=0.3, stop=stop)
     loop = threading.Thread(target=worker.run)
     loop.start()
-    deadline = time.monotonic() + 5
-    while CALLS["slow"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: CALLS["slow"] > 0)
     stop.set()
     loop.join(5)
     assert not loop.is_alive()
@@ -189,8 +197,7 @@ def test_shutdown_lets_a_job_that_finishes_in_time_complete(app):
     stop = threading.Event()
     loop = threading.Thread(target=Worker(app, lease_seconds=0.3, grace_seconds=5, stop=stop).run)
     loop.start()
-    while CALLS["quick"] == 0:
-        time.sleep(0.02)
+    wait_for(lambda: CALLS["quick"] > 0)
     stop.set()
     threading.Timer(0.3, RELEASE.set).start()
     loop.join(5)
@@ -275,3 +282,37 @@ def test_metrics_show_the_ledger(app):
     assert 'gateway_job_attempts{kind="test.echo",state="queued"} 1.0' in text
     assert "gateway_jobs_oldest_queued_age_seconds" in text
     assert "gateway_jobs_ledger_up 1.0" in text
+
+
+def test_a_job_that_expires_while_it_runs_ends_expired(app):
+    BEHAVIOUR["late"] = "expired"
+    submit(app, "test.echo", "late", {})
+    assert [o.state for o in drain(app)] == ["expired"]
+    job = ledger.get(app.extensions["db"], "late")
+    assert (job.state, job.result, job.lease_owner) == ("expired", None, None)
+
+
+def test_a_database_hiccup_at_completion_is_retried_not_lost(app, monkeypatch):
+    import sqlalchemy as sa
+
+    real_complete, failures = ledger.complete, []
+
+    def flaky_complete(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise sa.exc.OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "complete", flaky_complete)
+    submit(app, "test.echo", "hiccup", {})
+    assert [o.state for o in drain(app)] == ["succeeded"]
+    assert failures == [1] and ledger.get(app.extensions["db"], "hiccup").state == "succeeded"
+
+
+def test_a_stopped_burst_worker_claims_nothing_more(app):
+    for i in range(3):
+        submit(app, "test.echo", f"b-{i}", {})
+    stop = threading.Event()
+    stop.set()
+    assert Worker(app, stop=stop).run_until_idle() == []
+    assert ledger.counts(app.extensions["db"])["queued"] == 3

@@ -298,3 +298,33 @@ def test_next_link_ignores_other_relations_and_malformed_links():
     bundle = {"link": [{"relation": "self", "url": "a"}, "junk", {"relation": "next", "url": 7}]}
     assert next_link(bundle) is None
     assert next_link({"link": [{"relation": "next", "url": "b"}]}) == "b"
+
+
+def test_a_relative_path_cannot_climb_out_of_the_base(mocked, client):
+    with pytest.raises(FhirError, match="under the server's base"):
+        client.get("Encounter/../../admin/secrets")
+    assert len(mocked.calls) == 0
+
+
+def test_conditional_create_sends_the_condition_and_reports_a_new_resource(mocked, client):
+    stored = {"resourceType": "DocumentReference", "id": "d1"}
+    mocked.post(
+        f"{BASE}/DocumentReference",
+        json=stored,
+        status=201,
+        match=[
+            matchers.header_matcher({"If-None-Exist": "identifier=s%7Cv", "Authorization": f"Bearer {TOKEN}"}),
+            matchers.json_params_matcher({"resourceType": "DocumentReference"}),
+        ],
+    )
+    assert client.create({"resourceType": "DocumentReference"}, if_none_exist="identifier=s%7Cv") == (stored, True)
+
+
+def test_an_existing_match_without_a_body_is_read_back_not_assumed(mocked, client):
+    first = {"resourceType": "DocumentReference", "id": "d1", "description": "the first draft"}
+    mocked.post(
+        f"{BASE}/DocumentReference", status=200, headers={"Location": f"{BASE}/DocumentReference/d1/_history/1"}
+    )
+    mocked.get(f"{BASE}/DocumentReference/d1", json=first)
+    resource, created = client.create({"resourceType": "DocumentReference", "description": "a second draft"})
+    assert (resource, created) == (first, False)
