@@ -7,7 +7,7 @@ FHIR_SERVER := tests/fhir_server
 
 export PORT
 
-.PHONY: run test lint bench venv node migrate keys clean
+.PHONY: run test lint bench venv node browser migrate keys clean
 
 # The web server and one job worker (async work runs out of the box); stopping one stops both.
 run: venv migrate keys
@@ -18,7 +18,7 @@ run: venv migrate keys
 keys: venv
 	$(BIN)/flask --app app keys generate --if-missing
 
-test: venv node
+test: venv node browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -48,6 +48,13 @@ $(FHIR_SERVER)/node_modules/.installed: $(FHIR_SERVER)/package-lock.json
 	@command -v npm >/dev/null || { echo "npm (Node 20) is needed for the test FHIR server"; exit 1; }
 	npm ci --prefix $(FHIR_SERVER) --no-audit --no-fund
 	touch $@
+
+# Debian's Chromium and its driver for the SMART app's browser test (never a browser download).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  apt-get install -y -q --no-install-recommends chromium chromium-driver || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; } || \
+	  { echo "the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; }
 
 clean:
 	rm -rf $(VENV) $(FHIR_SERVER)/node_modules instance/gateway.db* .pytest_cache

@@ -60,6 +60,11 @@ def _schedule(name: str, raw: Any) -> tuple[float, ...]:
     return delays
 
 
+def _is_local_http(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in schemes or not parts.netloc:
@@ -111,6 +116,10 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "LLM_API_KEY": get("LLM_API_KEY") or None,
         "LLM_TIMEOUT_S": _int("LLM_TIMEOUT_S", get("LLM_TIMEOUT_S", 60), 1, 600),
         "ADMIN_TOKEN": get("ADMIN_TOKEN") or None,
+        "SMART_CLIENT_ID": str(get("SMART_CLIENT_ID") or "clinical-ai-gateway"),
+        "SMART_CLIENT_SECRET": get("SMART_CLIENT_SECRET") or None,
+        "SMART_SESSION_TTL_S": _int("SMART_SESSION_TTL_S", get("SMART_SESSION_TTL_S", 3600), 60, 86400),
+        "RESULT_TTL_S": _int("RESULT_TTL_S", get("RESULT_TTL_S", 86400), 60, 2_592_000),
         "JOB_LEASE_S": _float("JOB_LEASE_S", get("JOB_LEASE_S", 30), 0.5, 3600),
         "JOB_POLL_S": _float("JOB_POLL_S", get("JOB_POLL_S", 0.5), 0.01, 60),
         "JOB_MAX_ATTEMPTS": _int("JOB_MAX_ATTEMPTS", get("JOB_MAX_ATTEMPTS", 5), 1, 100),
@@ -124,6 +133,11 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
             "WEBHOOK_RETRY_SCHEDULE", get("WEBHOOK_RETRY_SCHEDULE", "5,300,1800,7200,18000,36000,36000")
         ),
     }
+    # Session cookies are Secure everywhere but plain-http development on this machine.
+    settings["SESSION_COOKIE_SECURE"] = _flag(
+        "SESSION_COOKIE_SECURE",
+        get("SESSION_COOKIE_SECURE", "0" if _is_local_http(settings["PUBLIC_BASE_URL"]) else "1"),
+    )
     if settings["LLM_URL"]:
         settings["LLM_URL"] = _url("LLM_URL", settings["LLM_URL"], ("http", "https"))
     if settings["AI_BACKEND"] not in ("local", "kserve"):

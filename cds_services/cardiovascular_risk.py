@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app import results
 from app.ai import Prediction, infer
 from app.ai.models.pce import BORDERLINE, HIGH, INTERMEDIATE, LOW, out_of_range, risk_category
 from app.cds.cards import Action, Card, Link, Source, Suggestion, escape_markdown
@@ -25,6 +26,7 @@ GUIDELINE_URL = "https://doi.org/10.1161/01.cir.0000437741.48606.98"
 ESTIMATOR_URL = "https://tools.acc.org/ascvd-risk-estimator-plus/"
 ESTIMATOR_LABEL = "ACC/AHA ASCVD Risk Estimator Plus"
 GUIDELINE_LABEL = "ACC/AHA Pooled Cohort Equations 2013"
+EXPLANATION_LABEL = "Explain this result: inputs, dates, model"
 
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
@@ -42,6 +44,14 @@ HDL_CODES = ("2085-9", "14646-4")
 SYSTOLIC_CODE = "8480-6"
 BP_PANEL_CODES = ("55284-4", "85354-9")
 SMOKING_CODE = "72166-2"
+# The codes that can carry each observation-based input, stored with the result so that the explanation page
+# can look for values newer than the card.
+LOINC_BY_INPUT = {
+    "total_cholesterol": TOTAL_CHOLESTEROL_CODES,
+    "hdl": HDL_CODES,
+    "systolic_bp": (SYSTOLIC_CODE, *BP_PANEL_CODES),
+    "smoker": (SMOKING_CODE,),
+}
 
 
 def _observation_search(*codes: str) -> str:
@@ -767,31 +777,35 @@ def inputs_from_call(call: ServiceCall, today: date) -> PceInputs:
 # ---- cards ---------------------------------------------------------------------------------------------------
 
 
-def _finding_line(name: str, finding: Finding) -> str:
+def _shown(name: str, finding: Finding, esc: Callable[[str], str] = escape_markdown) -> str:
+    """The finding's value in words; ``esc`` neutralises record text (Markdown for cards, nothing for stored data)."""
     value = finding.value
     if name in ("total_cholesterol", "hdl", "systolic_bp"):
-        shown = f"{_number(value)} {finding.unit}"
-    elif name == "age":
-        shown = f"{value} years (birth date {escape_markdown(finding.text)})"
-    elif name == "race":
-        shown = (
-            f"{escape_markdown(finding.text)}: {value} equations" if value != "other" else escape_markdown(finding.text)
-        )
-    elif name == "smoker":
-        shown = f"{'current smoker' if value else 'not a current smoker'} ({escape_markdown(finding.text)})"
-    elif name in ("diabetes", "treated_hypertension"):
-        shown = f"{'yes' if value else 'no'} ({escape_markdown(finding.text)})" if finding.text else str(value)
-    else:
-        shown = escape_markdown(str(value))
-    parts = [f"- **{LABELS[name]}:** {shown}"]
+        return f"{_number(value)} {finding.unit}"
+    if name == "age":
+        return f"{value} years (birth date {esc(finding.text)})"
+    if name == "race":
+        return f"{esc(finding.text)}: {value} equations" if value != "other" else esc(finding.text)
+    if name == "smoker":
+        return f"{'current smoker' if value else 'not a current smoker'} ({esc(finding.text)})"
+    if name in ("diabetes", "treated_hypertension"):
+        return f"{'yes' if value else 'no'} ({esc(finding.text)})" if finding.text else str(value)
+    return esc(str(value))
+
+
+def _finding_line(name: str, finding: Finding) -> str:
+    parts = [f"- **{LABELS[name]}:** {_shown(name, finding)}"]
     if finding.date:
-        verb = {"diabetes": "since", "treated_hypertension": "since", "smoker": "recorded"}.get(name, "measured")
-        parts.append(f", {verb} {finding.date.isoformat()}")
+        parts.append(f", {_date_verb(name)} {finding.date.isoformat()}")
     if finding.note:
         parts.append(f"; {escape_markdown(finding.note)}")
     if finding.old:
         parts.append(f" — **older than {OLD_AFTER_YEARS} years**")
     return "".join(parts)
+
+
+def _date_verb(name: str) -> str:
+    return {"diabetes": "since", "treated_hypertension": "since", "smoker": "recorded"}.get(name, "measured")
 
 
 def _statin_line(inputs: PceInputs) -> str:
@@ -964,12 +978,14 @@ def build_cards(inputs: PceInputs, prediction: Prediction | None) -> list[Card]:
 
 def fallback(call: ServiceCall, reason: str) -> list[Card]:
     """Without the model: what to do instead, and the values the record holds for the calculator."""
+    made_at = datetime.now(UTC)
     shown = _short(str(reason).replace("-", " "), 40)
     summary = f"Cardiovascular risk unavailable ({shown}); estimate with the ACC/AHA risk calculator"
     lines = [
         f"The 10-year ASCVD risk could not be calculated now ({escape_markdown(shown)}). Estimate it with the "
         f"{ESTIMATOR_LABEL} (link below)."
     ]
+    inputs = None
     try:
         inputs = inputs_from_call(call, today())
         if inputs.findings:
@@ -977,16 +993,102 @@ def fallback(call: ServiceCall, reason: str) -> list[Card]:
         if inputs.blocking:
             lines += ["", "**Missing or not usable:**"] + [f"- {escape_markdown(p.message)}" for p in inputs.blocking]
     except Exception:  # the fallback must answer even when the record cannot be read
+        inputs = None
         lines.append("\nThe record's values could not be listed.")
-    return [
-        Card(
-            summary=summary,
-            indicator="info",
-            detail="\n".join(lines),
-            source=Source(label=f"{GUIDELINE_LABEL} (AI result unavailable: {_short(reason, 40)})", url=GUIDELINE_URL),
-            links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
-        )
-    ]
+    card = Card(
+        summary=summary,
+        indicator="info",
+        detail="\n".join(lines),
+        source=Source(label=f"{GUIDELINE_LABEL} (AI result unavailable: {_short(reason, 40)})", url=GUIDELINE_URL),
+        links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
+    )
+    return _with_explanation(call, [card], explanation(inputs, None, made_at=made_at, fallback_reason=str(reason)))
+
+
+# ---- what the explanation page shows (stored under an opaque id that the card's SMART link carries) ----------
+
+
+def _day(value: date | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def _input_entry(name: str, finding: Finding) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": LABELS[name],
+        "value": _plain(finding.value),
+        "display": _shown(name, finding, str),
+        "unit": finding.unit,
+        "date": _day(finding.date),
+        "date_kind": _date_verb(name),
+        "source": finding.source,
+        "note": finding.note,
+        "old": finding.old,
+        "loinc": list(LOINC_BY_INPUT.get(name, ())),
+    }
+
+
+def _statin_entry(inputs: PceInputs) -> dict[str, Any]:
+    if inputs.statins:
+        items = [{"text": s.text, "source": s.source, "date": _day(s.date)} for s in inputs.statins]
+        return {"status": "active", "items": items}
+    return {"status": "none" if inputs.statin_status_known else "unknown", "items": []}
+
+
+def explanation(
+    inputs: PceInputs | None,
+    prediction: Prediction | None,
+    *,
+    made_at: datetime,
+    fallback_reason: str | None = None,
+) -> dict[str, Any]:
+    """Everything the explanation page shows for one card, as plain JSON (the record's own words, unescaped)."""
+    record_read = inputs is not None
+    inputs = inputs if inputs is not None else PceInputs(statin_status_known=False)
+    risk = float(prediction.outputs["risk"]) if prediction is not None and "risk" in prediction.outputs else None
+    blocking = inputs.blocking
+    if risk is None and record_read and not blocking and fallback_reason is None:
+        blocking = [Problem("model", "the model gave no result")]
+    model: dict[str, Any] = {"name": MODEL, "version": None, "equation": None, "notes": []}
+    if prediction is not None:
+        model = {
+            "name": prediction.model,
+            "version": prediction.version,
+            "equation": prediction.outputs.get("equation"),
+            "notes": [str(n) for n in prediction.outputs.get("notes") or ()],
+        }
+    return {
+        "made_at": made_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "risk": risk,
+        "risk_text": f"{risk * 100:.1f} %" if risk is not None else None,
+        "category": risk_category(risk) if risk is not None else None,
+        "record_read": record_read,
+        "inputs": [_input_entry(name, inputs.findings[name]) for name in MODEL_INPUTS if name in inputs.findings],
+        "missing": [{"input": p.input, "label": LABELS.get(p.input, p.input), "message": p.message} for p in blocking],
+        "notes": [p.message for p in inputs.notes],
+        "statin": _statin_entry(inputs),
+        "ascvd": [{"text": c.text, "source": c.source, "date": _day(c.date)} for c in inputs.ascvd],
+        "model": model,
+        "guideline": {"label": GUIDELINE_LABEL, "url": GUIDELINE_URL},
+        "estimator": {"label": ESTIMATOR_LABEL, "url": ESTIMATOR_URL},
+        "fallback": fallback_reason is not None,
+        "fallback_reason": fallback_reason,
+        "loinc_system": LOINC,
+        "loinc": {name: list(codes) for name, codes in LOINC_BY_INPUT.items()},
+    }
+
+
+def _with_explanation(call: ServiceCall, cards: list[Card], data: dict[str, Any]) -> list[Card]:
+    """Add a SMART link to the explanation page, whose ``appContext`` is the stored result's opaque id."""
+    result_id = results.save_for_call(call, results.RISK, data)
+    if result_id is not None:
+        for card in cards:
+            card.links.append(results.smart_link(EXPLANATION_LABEL, result_id))
+    return cards
 
 
 @cds_service(
@@ -1002,7 +1104,7 @@ def fallback(call: ServiceCall, reason: str) -> list[Card]:
     fallback=fallback,
 )
 def cardiovascular_risk(call: ServiceCall) -> list[Card]:
+    made_at = datetime.now(UTC)
     inputs = inputs_from_call(call, today())
-    if inputs.blocking:
-        return build_cards(inputs, None)
-    return build_cards(inputs, infer(MODEL, inputs.model_inputs()))
+    prediction = None if inputs.blocking else infer(MODEL, inputs.model_inputs())
+    return _with_explanation(call, build_cards(inputs, prediction), explanation(inputs, prediction, made_at=made_at))

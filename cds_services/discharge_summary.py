@@ -16,13 +16,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
 from flask import Flask, current_app
 
-from app import ai, smart, webhooks
+from app import ai, results, smart, webhooks
 from app.ai import InvalidModelInput
 from app.ai.models.discharge_summary import extract_inputs
-from app.cds.cards import Card, Link, Source
+from app.cds.cards import Card, Source
 from app.cds.clients import TrustedClient
 from app.cds.service import ServiceCall, cds_service
 from app.fhir.client import Client, FhirError, FhirNotFound
@@ -90,7 +89,7 @@ STATUS_CARDS = {
 }
 
 
-def _status_card(job: ledger.Job) -> Card:
+def _status_card(call: ServiceCall, job: ledger.Job) -> Card:
     summary, indicator = STATUS_CARDS[job.state]
     if job.state in (ledger.DEAD, ledger.EXPIRED):
         detail = "Write the discharge summary as usual. The failure is in the gateway's dead letter queue for review."
@@ -100,21 +99,9 @@ def _status_card(job: ledger.Job) -> Card:
             "review, correct and sign. It is built only from this encounter's recorded conditions, procedures, "
             "medications and results; nothing in it is final until a clinician signs it."
         )
-    base = current_app.config["PUBLIC_BASE_URL"]
-    return Card(
-        summary=summary,
-        indicator=indicator,
-        detail=detail,
-        source=_source(),
-        links=[
-            Link(
-                label="Draft status and content",
-                url=f"{base}/smart/launch",
-                type="smart",
-                appContext=orjson.dumps({"job": job.id}).decode(),
-            )
-        ],
-    )
+    result_id = results.save_for_call(call, results.JOB, {"job_id": job.id})
+    links = [results.smart_link("Draft status and content", result_id)] if result_id else []
+    return Card(summary=summary, indicator=indicator, detail=detail, source=_source(), links=links)
 
 
 @cds_service(
@@ -152,7 +139,7 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
         expires_in=app.config["DISCHARGE_SUMMARY_TTL_S"],
         max_attempts=app.config["JOB_MAX_ATTEMPTS"],
     )
-    return [_status_card(ledger.get(app.extensions["db"], job_id))]
+    return [_status_card(call, ledger.get(app.extensions["db"], job_id))]
 
 
 # ---------------------------------------------------------------------------------------------------------------

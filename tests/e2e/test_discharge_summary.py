@@ -23,6 +23,7 @@ import pytest
 import requests
 from standardwebhooks.webhooks import Webhook
 
+from app import results
 from app.jobs import ledger
 from tests.conftest import PUBLIC_BASE_URL
 from tests.support.http_servers import FhirProxy, WebhookReceiver
@@ -169,9 +170,10 @@ def discharge(app, signing_key, fhir_base: str, patient_id: str, encounter_id: s
     return response.get_json()
 
 
-def job_of(card_response: dict) -> str:
+def job_of(app, card_response: dict) -> str:
+    """The job behind a card: its smart link's appContext is a stored result that names the job."""
     link = card_response["cards"][0]["links"][0]
-    return json.loads(link["appContext"])["job"]
+    return results.load(app.extensions["db"], link["appContext"]).data["job_id"]
 
 
 def jobs_of_kind(app, kind: str) -> list[ledger.Job]:
@@ -232,11 +234,11 @@ def test_the_hook_answers_at_once_and_one_job_makes_one_document_and_one_webhook
     assert card["summary"] == "A draft discharge summary is being prepared" and card["indicator"] == "info"
     assert card["links"][0]["type"] == "smart"
     again = discharge(gateway, signing_key, setup["fhir_base"], patient, encounter)
-    assert job_of(first) == job_of(again)
+    assert job_of(gateway, first) == job_of(gateway, again)
     assert len(jobs_of_kind(gateway, JOB_KIND)) == 1
 
     work_until_done(setup, gateway)
-    job_id = job_of(first)
+    job_id = job_of(gateway, first)
     docs = documents_for(setup["fhir"], gateway, job_id)
     assert len(docs) == 1
     doc = docs[0]
@@ -264,9 +266,11 @@ def test_workers_killed_at_random_points_twenty_times_still_make_one_result_each
     kills = 0
     for round_ in range(20):
         for encounter in encounters[round_ * 2 : round_ * 2 + 2]:
-            job_ids[encounter] = job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
+            job_ids[encounter] = job_of(
+                gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, encounter)
+            )
         repeat = rng.choice(list(job_ids))
-        assert job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, repeat)) == job_ids[repeat]
+        assert job_of(gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, repeat)) == job_ids[repeat]
         worker = start_worker(setup["settings"], "--threads", "2", log_path=setup["logs"] / "worker.log")
         time.sleep(rng.uniform(0.6, 1.8))  # start-up is ~0.6 s: kills land before, during and after work
         os.killpg(worker.pid, signal.SIGKILL)
@@ -288,7 +292,7 @@ def test_workers_killed_at_random_points_twenty_times_still_make_one_result_each
 def test_a_kill_after_the_write_before_completion_reruns_to_the_same_document(gateway, setup, signing_key):
     patient, encounter = f"p-{uuid.uuid4().hex[:8]}", f"e-{uuid.uuid4().hex[:8]}"
     seed_encounter(setup["fhir"], patient, encounter)
-    job_id = job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
+    job_id = job_of(gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
     worker = {}
 
     def kill_after_document_write(method: str, path: str, status: int) -> None:
@@ -312,7 +316,7 @@ def test_a_kill_after_the_write_before_completion_reruns_to_the_same_document(ga
 def test_a_kill_during_webhook_delivery_redelivers_with_the_same_id(gateway, setup, signing_key):
     patient, encounter = f"p-{uuid.uuid4().hex[:8]}", f"e-{uuid.uuid4().hex[:8]}"
     seed_encounter(setup["fhir"], patient, encounter)
-    job_id = job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
+    job_id = job_of(gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
     worker = {}
 
     def kill_on_first_receipt(_received) -> int:
@@ -332,7 +336,7 @@ def test_a_kill_during_webhook_delivery_redelivers_with_the_same_id(gateway, set
 def test_fhir_server_down_is_retried_until_it_is_back(gateway, setup, signing_key):
     patient, encounter = f"p-{uuid.uuid4().hex[:8]}", f"e-{uuid.uuid4().hex[:8]}"
     seed_encounter(setup["fhir"], patient, encounter)
-    job_id = job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
+    job_id = job_of(gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
     refused = Counter()
 
     def down_for_a_while(method: str, path: str) -> int | None:
@@ -351,7 +355,7 @@ def test_fhir_server_down_is_retried_until_it_is_back(gateway, setup, signing_ke
 def test_an_expired_job_delivers_nothing(gateway, setup, signing_key):
     patient, encounter = f"p-{uuid.uuid4().hex[:8]}", f"e-{uuid.uuid4().hex[:8]}"
     seed_encounter(setup["fhir"], patient, encounter)
-    job_id = job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
+    job_id = job_of(gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
     engine = gateway.extensions["db"]
     with engine.begin() as conn:  # the clinical deadline passes before any worker is free
         conn.execute(ledger.jobs.update().where(ledger.jobs.c.id == job_id).values(expires_at=ledger.jobs.c.created_at))
@@ -367,7 +371,7 @@ def test_an_expired_job_delivers_nothing(gateway, setup, signing_key):
 def test_job_status_is_served_to_the_client_that_asked(gateway, setup, signing_key):
     patient, encounter = f"p-{uuid.uuid4().hex[:8]}", f"e-{uuid.uuid4().hex[:8]}"
     seed_encounter(setup["fhir"], patient, encounter)
-    job_id = job_of(discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
+    job_id = job_of(gateway, discharge(gateway, signing_key, setup["fhir_base"], patient, encounter))
     from app.jobs.worker import Worker
 
     Worker(gateway).run_until_idle()

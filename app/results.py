@@ -1,0 +1,146 @@
+"""The AI results that cards link to: stored under an opaque random id (a SMART link's ``appContext``), with expiry.
+
+The id carries no PHI and cannot be guessed; the row holds what the explanation page needs. A result past its
+``expires_at`` is treated as unknown, so the page can say "expired or unknown" without telling the two apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from app.cds.cards import Link
+from app.db import metadata
+from app.jobs.ledger import UTCDateTime
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+SMART_LAUNCH_PATH = "/smart/launch"
+RISK = "cardiovascular-risk"
+JOB = "job"
+KINDS = (RISK, JOB)
+
+ai_results = sa.Table(
+    "ai_results",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("client_iss", sa.Text, nullable=True),
+    sa.Column("fhir_server", sa.Text, nullable=True),
+    sa.Column("patient_id", sa.Text, nullable=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Index("ix_ai_results_expires_at", "expires_at"),
+)
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One stored result, as the explanation page reads it."""
+
+    id: str
+    kind: str
+    client_iss: str | None
+    fhir_server: str | None
+    patient_id: str | None
+    data: Any
+    created_at: datetime
+    expires_at: datetime
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now.astimezone(UTC)
+
+
+def new_id() -> str:
+    """128 random bits, URL-safe: nothing about the patient or the result can be read from it."""
+    return secrets.token_urlsafe(16)
+
+
+def save(
+    engine: sa.Engine,
+    kind: str,
+    data: Any,
+    *,
+    client_iss: str | None,
+    fhir_server: str | None,
+    patient_id: str | None,
+    ttl_seconds: float,
+    now: datetime | None = None,
+) -> str:
+    """Store ``data`` for ``ttl_seconds`` and return its new id. One INSERT: it runs inside a hook's budget."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown result kind {kind!r}")
+    created = _now(now)
+    result_id = new_id()
+    with engine.begin() as conn:
+        conn.execute(
+            ai_results.insert().values(
+                id=result_id,
+                kind=kind,
+                client_iss=client_iss,
+                fhir_server=fhir_server,
+                patient_id=patient_id,
+                data=data,
+                created_at=created,
+                expires_at=created + timedelta(seconds=ttl_seconds),
+            )
+        )
+    return result_id
+
+
+def load(engine: sa.Engine, result_id: str, *, now: datetime | None = None) -> StoredResult | None:
+    """The result stored under ``result_id``, or None when it is unknown or has expired."""
+    if not isinstance(result_id, str) or not result_id or len(result_id) > 200:
+        return None
+    query = sa.select(ai_results).where(ai_results.c.id == result_id, ai_results.c.expires_at > _now(now))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return StoredResult(**row._mapping) if row is not None else None
+
+
+def purge_expired(engine: sa.Engine, *, now: datetime | None = None) -> int:
+    """Delete expired results; returns how many went."""
+    with engine.begin() as conn:
+        return conn.execute(ai_results.delete().where(ai_results.c.expires_at <= _now(now))).rowcount
+
+
+def save_for_call(call, kind: str, data: Any) -> str | None:
+    """Store a hook's result for its card's explanation link; None when it cannot be stored (a database outage
+    must not cost the clinician the card, which then goes out without the link)."""
+    from flask import current_app, has_app_context
+
+    if not has_app_context() or "db" not in current_app.extensions:
+        return None
+    try:
+        return save(
+            current_app.extensions["db"],
+            kind,
+            data,
+            client_iss=call.client.iss if call.client is not None else None,
+            fhir_server=call.request.fhir_server,
+            patient_id=call.request.patient_id,
+            ttl_seconds=int(current_app.config["RESULT_TTL_S"]),
+        )
+    except Exception as exc:
+        log.warning("%s result not stored for its card link: %s", kind, describe(exc))
+        return None
+
+
+def smart_link(label: str, result_id: str) -> Link:
+    """The card link that launches our SMART app on this result (appContext: its opaque id, no PHI)."""
+    from flask import current_app
+
+    url = current_app.config["PUBLIC_BASE_URL"].rstrip("/") + SMART_LAUNCH_PATH
+    return Link(label=label, url=url, type="smart", appContext=result_id)

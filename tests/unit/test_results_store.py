@@ -1,0 +1,110 @@
+"""The store of AI results that cards link to: save and load, expiry, unknown ids, and ids that say nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app import results
+from app.db import make_engine, upgrade
+
+NOW = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def save(engine, data=None, *, ttl=3600, now=NOW, kind=results.RISK, patient="pat-1"):
+    return results.save(
+        engine,
+        kind,
+        {"risk": 0.054} if data is None else data,
+        client_iss="https://ehr.example/cds",
+        fhir_server="https://ehr.example/fhir",
+        patient_id=patient,
+        ttl_seconds=ttl,
+        now=now,
+    )
+
+
+def test_a_saved_result_loads_with_everything_it_was_saved_with(engine):
+    data = {"risk": 0.054, "inputs": [{"name": "hdl", "value": 40.0, "date": "2026-06-02"}], "fallback": False}
+    result_id = save(engine, data)
+    loaded = results.load(engine, result_id, now=NOW + timedelta(minutes=5))
+    assert loaded == results.StoredResult(
+        id=result_id,
+        kind="cardiovascular-risk",
+        client_iss="https://ehr.example/cds",
+        fhir_server="https://ehr.example/fhir",
+        patient_id="pat-1",
+        data=data,
+        created_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+    )
+    assert loaded.created_at.tzinfo is not None
+    with pytest.raises(AttributeError):
+        loaded.kind = "job"  # frozen
+
+
+def test_a_job_result_keeps_its_job_id(engine):
+    result_id = save(engine, {"job_id": "discharge-summary:enc-1"}, kind=results.JOB)
+    assert results.load(engine, result_id, now=NOW).data == {"job_id": "discharge-summary:enc-1"}
+
+
+def test_an_expired_result_is_gone_and_one_just_before_expiry_is_not(engine):
+    result_id = save(engine, ttl=60)
+    assert results.load(engine, result_id, now=NOW + timedelta(seconds=59)) is not None
+    assert results.load(engine, result_id, now=NOW + timedelta(seconds=60)) is None
+    assert results.load(engine, result_id, now=NOW + timedelta(days=2)) is None
+
+
+def test_an_unknown_or_malformed_id_is_none(engine):
+    save(engine)
+    assert results.load(engine, "no-such-result", now=NOW) is None
+    assert results.load(engine, "", now=NOW) is None
+    assert results.load(engine, "x" * 1000, now=NOW) is None
+    assert results.load(engine, "' OR 1=1 --", now=NOW) is None
+
+
+def test_ids_are_random_url_safe_and_carry_no_patient_data(engine):
+    ids = {save(engine, patient="pat-1") for _ in range(50)}
+    assert len(ids) == 50
+    for result_id in ids:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", result_id)  # 16 random bytes, base64url without padding
+        assert "pat" not in result_id.lower()
+
+
+def test_purge_removes_only_expired_results(engine):
+    old, fresh = save(engine, ttl=60), save(engine, ttl=7200)
+    assert results.purge_expired(engine, now=NOW + timedelta(hours=1)) == 1
+    with engine.connect() as conn:
+        left = conn.execute(sa.select(results.ai_results.c.id)).scalars().all()
+    assert left == [fresh] and old not in left
+
+
+def test_times_must_be_timezone_aware_and_kinds_known(engine):
+    with pytest.raises(ValueError):
+        save(engine, now=datetime(2026, 12, 1, 9, 30))
+    with pytest.raises(ValueError):
+        save(engine, kind="something-else")
+
+
+def test_the_migration_creates_the_table_at_revision_0004(engine):
+    with engine.connect() as conn:
+        assert "ai_results" in sa.inspect(conn).get_table_names()
+    path = Path(results.__file__).parent / "migrations" / "versions" / "0004_ai_results.py"
+    spec = importlib.util.spec_from_file_location("m0004", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (module.revision, module.down_revision) == ("0004", "0003")
