@@ -63,7 +63,10 @@ def _place(url: Any, wildcard_port: bool = False) -> _Place | None:
     """Scheme, host, port and path of an http(s) URL, or None for anything we would not fetch from."""
     if not isinstance(url, str) or "\\" in url or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         return None
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
     scheme = parts.scheme.lower()
     netloc = parts.netloc
     any_port = wildcard_port and netloc.endswith(":*")

@@ -189,7 +189,7 @@ def _launch_context(token: dict, make_context):
     return make_context(
         patient=patient,
         need_patient_banner=need_banner,
-        user=token.get("fhirUser"),
+        user=token.get("user"),
         granted_scopes=launch.granted_scopes(token),
         fhir_get=fhir_get,
     )

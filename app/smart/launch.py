@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import jwt
 import requests
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
@@ -25,7 +26,9 @@ from app.logs import describe
 log = logging.getLogger(__name__)
 
 # The least the explanation page needs (S-8): who the user is, the patient for the banner, and live values.
-SCOPE = "launch openid fhirUser patient/Patient.r patient/Observation.rs"
+# online_access: EHRs issue a refresh token only when asked, and the page refreshes while the session lives.
+SCOPE = "launch openid fhirUser online_access patient/Patient.r patient/Observation.rs"
+ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "ES256", "ES384", "PS256", "PS384"]
 DISCOVERY_TTL_S = 300.0
 REFRESH_LEEWAY_S = 30.0
 # Members of the token response kept in the session (S-5); anything else the EHR sends is dropped.
@@ -37,7 +40,6 @@ TOKEN_MEMBERS = (
     "encounter",
     "need_patient_banner",
     "appContext",
-    "fhirUser",
     "id_token",
     "fhirContext",
 )
@@ -104,6 +106,8 @@ class SmartConfiguration:
     authorization_endpoint: str
     token_endpoint: str
     code_challenge_methods: frozenset[str]
+    issuer: str | None = None
+    jwks_uri: str | None = None
 
 
 class DiscoveryCache:
@@ -137,6 +141,8 @@ def discover(iss: str, http: requests.Session, timeout: float, cache: DiscoveryC
                 authorization_endpoint=_endpoint(document, "authorization_endpoint"),
                 token_endpoint=_endpoint(document, "token_endpoint"),
                 code_challenge_methods=frozenset(document.get("code_challenge_methods_supported") or ()),
+                issuer=document.get("issuer") if isinstance(document.get("issuer"), str) else None,
+                jwks_uri=_endpoint(document, "jwks_uri") if "jwks_uri" in document else None,
             )
         except (requests.RequestException, ValueError, AttributeError) as exc:
             log.warning("SMART discovery failed for %s: %s", iss, describe(exc))
@@ -185,7 +191,7 @@ def begin(
     """
     if not iss or not launch:
         raise LaunchError("The EHR must open this app with both iss and launch. Start again from the EHR.")
-    if not allowed(iss):
+    if "#" in iss or "?" in iss or not allowed(iss):  # iss is a FHIR base: no query, no fragment
         raise IssuerNotAllowed(
             "This EHR's FHIR server is not on the list of servers this gateway trusts. "
             "An administrator can add it to the trusted clients file."
@@ -204,6 +210,8 @@ def begin(
         "launch": launch,
         "authorization_endpoint": config.authorization_endpoint,
         "token_endpoint": config.token_endpoint,
+        "issuer": config.issuer,
+        "jwks_uri": config.jwks_uri,
     }
     return url, pending
 
@@ -238,7 +246,36 @@ def complete(pending: dict[str, Any] | None, args: dict[str, str], *, settings: 
         raise TokenExchangeFailed("The EHR did not exchange the sign-in code. Start again from the EHR.") from None
     if not token.get("access_token"):
         raise TokenExchangeFailed("The EHR's token response had no access token. Start again from the EHR.")
-    return token_state(token, pending)
+    return {**token_state(token, pending), "user": fhir_user(token.get("id_token"), pending, settings)}
+
+
+def fhir_user(id_token: str | None, pending: dict[str, Any], settings: ClientSettings) -> str | None:
+    """The user: the ``fhirUser`` claim of the validated ``id_token`` (S-5), or None when the EHR sent none.
+
+    The signature is checked with the keys at the discovery's ``jwks_uri``, ``aud`` must be our client id and
+    ``iss`` the discovery's issuer; a token that fails any check stops the launch (someone is not who they say).
+    """
+    if not id_token:
+        return None
+    if not pending.get("jwks_uri"):
+        log.warning("SMART id_token not validated: the EHR's SMART configuration has no jwks_uri")
+        return None
+    try:
+        key = jwt.PyJWKClient(pending["jwks_uri"], timeout=settings.timeout).get_signing_key_from_jwt(id_token)
+        claims = jwt.decode(
+            id_token,
+            key.key,
+            algorithms=ID_TOKEN_ALGORITHMS,
+            audience=settings.client_id,
+            issuer=pending.get("issuer") or None,
+            options={"require": ["exp", "iat", "sub"], "verify_iss": bool(pending.get("issuer"))},
+            leeway=5,
+        )
+    except jwt.PyJWTError as exc:
+        log.warning("SMART id_token rejected: %s", describe(exc))
+        raise TokenExchangeFailed("The EHR's identity token could not be verified. Start again from the EHR.") from None
+    user = claims.get("fhirUser") or claims.get("profile")
+    return user if isinstance(user, str) else None
 
 
 def token_state(token: dict[str, Any], pending: dict[str, Any], now: float | None = None) -> dict[str, Any]:

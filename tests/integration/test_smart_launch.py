@@ -319,6 +319,24 @@ def test_iss_off_the_allowlist_is_refused_without_contacting_it(gateway, seeded)
     assert browser.cookie() is None
 
 
+@pytest.mark.parametrize("suffix", ["%23", "%3Fx=1", "/x%23y"])
+def test_iss_with_a_query_or_fragment_is_refused(gateway, ehr, suffix):
+    page = Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}{suffix}&launch=abc")
+    assert page.status == 400 and page.location is None
+    assert ehr.received == []
+
+
+def test_a_malformed_iss_is_a_400_page_not_a_500(gateway):
+    page = Browser(gateway).get(f"{LAUNCH_URL}?iss=http://%5B::1&launch=abc")
+    assert page.status == 400 and page.location is None
+
+
+def test_a_forged_id_token_stops_the_launch(gateway, ehr, result_id):
+    ehr.forge_id_token = True
+    page = launch_to_app(Browser(gateway), ehr, result_id)
+    assert page.status >= 400 and "identity token could not be verified" in page.text
+
+
 def test_access_denied_shows_a_403_page(gateway, ehr, result_id):
     ehr.consent = "deny"
     browser = Browser(gateway)

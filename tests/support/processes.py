@@ -25,7 +25,7 @@ def free_port() -> int:
 def healthy(base: str) -> bool:
     try:
         return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
+    except requests.RequestException:  # not listening yet, or listening while its workers still boot
         return False
 
 

@@ -9,12 +9,13 @@ EHR's side of a launch (``/ehr/launch``), all on a real loopback port.
 
 Switches (attributes, change them any time): ``consent`` ("ask" shows the page, "allow"/"deny" decide at
 once), ``advertise_s256``, ``token_lifetime_s``, ``withhold_scopes`` (granted scope is narrower),
-``refuse_refresh``. Records: ``received`` (method, path) of every request, ``token_requests`` (grant_type,
-status), ``fhir_requests`` (path, status).
+``refuse_refresh``, ``forge_id_token`` (sign the id_token with an unpublished key). Records: ``received``
+(method, path) of every request, ``token_requests`` (grant_type, status), ``fhir_requests`` (path, status).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -23,13 +24,16 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+import jwt
 import requests
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc7636 import CodeChallenge
+from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, abort, redirect, request
+from jwt.algorithms import RSAAlgorithm
 from werkzeug.serving import make_server
 
 FHIR_PATH = "/fhir/R4"
@@ -160,6 +164,8 @@ class SmartEhr:
         self.token_lifetime_s = 3600
         self.withhold_scopes: set[str] = set()
         self.refuse_refresh = False
+        self.forge_id_token = False
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.received: list[tuple[str, str]] = []
         self.token_requests: list[tuple[str, int]] = []
         self.fhir_requests: list[tuple[str, int]] = []
@@ -236,6 +242,7 @@ class SmartEhr:
             "issuer": self.base_url,
             "authorization_endpoint": self.base_url + "/authorize",
             "token_endpoint": self.base_url + "/token",
+            "jwks_uri": self.base_url + "/jwks",
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": methods,
             "scopes_supported": ["launch", "openid", "fhirUser", "patient/*.rs", "offline_access"],
@@ -271,6 +278,7 @@ class SmartEhr:
         app.add_url_rule(f"{FHIR_PATH}/.well-known/smart-configuration", "discovery", self._discovery)
         app.add_url_rule("/authorize", "authorize", self._authorize, methods=["GET", "POST"])
         app.add_url_rule("/token", "token", self._token, methods=["POST"])
+        app.add_url_rule("/jwks", "jwks", self._jwks)
         app.add_url_rule(f"{FHIR_PATH}/<path:path>", "fhir", self._fhir)
         app.add_url_rule("/ehr/launch", "ehr_launch", self._ehr_launch)
         return app
@@ -295,7 +303,27 @@ class SmartEhr:
             self._store.tokens[record.access_token] = record
         if getattr(oauth_request, "authorization_code", None) is not None:
             token.update(context)
-            token["fhirUser"] = oauth_request.user.fhir_user
+            if "openid" in record.scope.split():
+                token["id_token"] = self._id_token(oauth_request.user)
+
+    def _id_token(self, user: _User) -> str:
+        """An OpenID Connect id_token naming the user in ``fhirUser``, signed with this EHR's key (or, with
+        ``forge_id_token``, with a key nobody published)."""
+        now = int(time.time())
+        claims = {
+            "iss": self.base_url,
+            "sub": user.get_user_id(),
+            "aud": self.client.client_id,
+            "iat": now,
+            "exp": now + 300,
+            "fhirUser": user.fhir_user,
+        }
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if self.forge_id_token else self._key
+        return jwt.encode(claims, key, "RS256", headers={"kid": "ehr-double"})
+
+    def _jwks(self):
+        jwk = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
+        return {"keys": [{**jwk, "kid": "ehr-double", "alg": "RS256", "use": "sig"}]}
 
     def _code_grant(self):
         ehr = self
