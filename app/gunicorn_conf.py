@@ -14,7 +14,9 @@ threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 keepalive = 5
 timeout = 30
 graceful_timeout = 20
-accesslog = os.environ.get("ACCESS_LOG") or None  # off by default: URLs carry no PHI, but keep logs lean
+accesslog = os.environ.get("ACCESS_LOG") or None  # off by default: keep logs lean
+# Path without the query string: a SMART callback's query carries the authorization code.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss'
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
