@@ -82,6 +82,8 @@ def _drain(url: str, worker_id: str, start_at: float = 0.0) -> list[str]:
     """A worker: claim and complete until nothing is left. Module level so that spawned processes can run it;
     they all start at ``start_at`` (a time.time()) so that they really race."""
     engine = make_engine(url)
+    with engine.connect():  # connect (and set SQLite's pragmas) before the race, not during it
+        pass
     time.sleep(max(0.0, start_at - time.time()))
     claimed = []
     try:
@@ -103,15 +105,14 @@ def _assert_each_completed_once(engine, claims: list[str], expected: set[str]) -
 
 
 def test_racing_threads_never_claim_the_same_job(engine, database_url):
-    ids = {f"job-{i}" for i in range(50)}
+    ids = {f"job-{i}" for i in range(200)}
     for job_id in sorted(ids):
         ledger.enqueue(engine, job_id, "score", {"n": job_id})
     results: dict[str, list[str]] = {}
-    start = threading.Barrier(4)
+    start_at = time.time() + 1.0
 
     def worker(name: str) -> None:
-        start.wait()
-        results[name] = _drain(database_url, name)
+        results[name] = _drain(database_url, name, start_at)
 
     threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(4)]
     for thread in threads:
