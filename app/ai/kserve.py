@@ -19,7 +19,7 @@ import requests
 
 from app import http
 from app.ai import InvalidModelInput, ModelUnavailable, Prediction
-from app.ai.remote import bad_response, transport_failure
+from app.ai.remote import bad_response, json_object, transport_failure
 
 POOL_SIZE = 32
 READY_TIMEOUT = 1.0
@@ -188,12 +188,7 @@ class KServeBackend:
 
     @staticmethod
     def _prediction(model: str, request_id: str, content: bytes) -> Prediction:
-        try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise bad_response("response is not JSON") from None
-        if not isinstance(body, dict):
-            raise bad_response("response is not a JSON object")
+        body = json_object(content)
         version = body.get("model_version")
         if not isinstance(version, str) or not version:
             raise bad_response("response has no model_version")

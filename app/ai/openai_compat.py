@@ -15,7 +15,7 @@ import requests
 from app import http
 from app.ai import InvalidModelInput, ModelUnavailable, Prediction
 from app.ai.models.discharge_summary import NAME, SECTION_TITLES
-from app.ai.remote import bad_response, transport_failure
+from app.ai.remote import bad_response, json_object, transport_failure
 
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 3.0
@@ -107,12 +107,7 @@ class ChatCompletionsBackend:
         return self._prediction(response.content)
 
     def _prediction(self, content: bytes) -> Prediction:
-        try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise bad_response("response is not JSON") from None
-        if not isinstance(body, dict):
-            raise bad_response("response is not a JSON object")
+        body = json_object(content)
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise bad_response("response has no choices")

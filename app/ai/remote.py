@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
@@ -17,3 +18,14 @@ def transport_failure(exc: requests.RequestException) -> ModelUnavailable:
 
 def bad_response(detail: str) -> ModelUnavailable:
     return ModelUnavailable("bad-response", detail)
+
+
+def json_object(content: bytes) -> dict:
+    """A model server's answer as a JSON object, or ModelUnavailable("bad-response")."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise bad_response("response is not JSON") from None
+    if not isinstance(body, dict):
+        raise bad_response("response is not a JSON object")
+    return body
