@@ -12,7 +12,7 @@ from app.config import load_config
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application: settings from the environment (overridden by ``test_config``), then each area."""
-    from app import ai, audit, cds, db, health, jobs, logs, metrics, smart, webhooks
+    from app import ai, audit, cds, db, health, jobs, logs, metrics, results, smart, webhooks
 
     settings = load_config(overrides=test_config)
     app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
@@ -21,6 +21,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     db.init_app(app)
     audit.init_app(app)
+    results.init_app(app)
     ai.init_app(app)
     cds.init_app(app)
     jobs.init_app(app)

@@ -173,6 +173,7 @@ def discharge(app, signing_key, fhir_base: str, patient_id: str, encounter_id: s
 def job_of(app, card_response: dict) -> str:
     """The job behind a card: its smart link's appContext is a stored result that names the job."""
     link = card_response["cards"][0]["links"][0]
+    app.extensions["results_writer"].flush()
     return results.load(app.extensions["db"], link["appContext"]).data["job_id"]
 
 

@@ -108,3 +108,21 @@ def test_the_migration_creates_the_table_at_revision_0004(engine):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (module.revision, module.down_revision) == ("0004", "0003")
+
+
+def test_the_background_writer_stores_what_it_was_given_in_batches(engine):
+    writer = results.ResultWriter(engine, batch=50)
+    ids = [
+        writer.submit("job", {"job_id": str(i)}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)
+        for i in range(120)
+    ]
+    writer.flush()
+    assert [results.load(engine, i).data["job_id"] for i in ids] == [str(i) for i in range(120)]
+
+
+def test_a_full_writer_queue_costs_the_link_not_the_card(engine, monkeypatch):
+    writer = results.ResultWriter(engine, max_queued=1)
+    monkeypatch.setattr(writer, "_start", lambda: None)  # nothing drains the queue
+    first = writer.submit("job", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
+    second = writer.submit("job", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
+    assert first is not None and second is None
