@@ -102,7 +102,9 @@ def test_each_fault_falls_back_in_budget_then_opens_the_breaker(guarded_app, mod
         assert "AI result unavailable" in card_of(response)["source"]["label"]
         durations.append(elapsed)
     assert model_server.calls == calls_before, "an open breaker let a call through"
-    assert statistics.median(durations) < 0.005, (
+    # Not a benchmark (bench/ai_guard.py is): a bound far below any wait for the model (budget 500 ms) that
+    # a whole hook through the test client (JWT, prefetch, card, stored explanation) meets on a loaded machine.
+    assert statistics.median(durations) < 0.015, (
         f"open-breaker fallback median {statistics.median(durations) * 1000:.1f} ms"
     )
 
