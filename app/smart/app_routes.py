@@ -97,6 +97,9 @@ def _allowed_iss(url: str) -> bool:
     return any(client.allows_fhir_server(url) for client in current_app.extensions["cds"].clients)
 
 
+MAX_PENDING_LAUNCHES = 5
+
+
 @bp.get("/launch")
 def launch_route():
     """EHR launch (S-1..S-3): start a fresh session holding the pending launch, then go to the EHR's authorize."""
@@ -109,10 +112,17 @@ def launch_route():
         http=smart.http,
         cache=smart.discovery,
     )
-    smart.store.delete(request.cookies.get(COOKIE_NAME))
-    session = smart.store.create({"pending": pending})
+    # A launch adds to this browser's session and ends nothing: a link from another site that starts a launch
+    # must not sign the clinician out. Pending launches are kept by state; the oldest go past a handful.
+    current = _session()
+    if current is None:
+        current = smart.store.create({"pending": {pending["state"]: pending}})
+    else:
+        pendings = {**current.state.get("pending", {}), pending["state"]: pending}
+        kept = dict(list(pendings.items())[-MAX_PENDING_LAUNCHES:])
+        current = smart.store.save(current, {**current.state, "pending": kept})
     response = redirect(url, 302)
-    _set_cookie(response, session)
+    _set_cookie(response, current)
     return response
 
 
@@ -121,15 +131,17 @@ def callback():
     """The EHR's redirect back: state bound to this browser, code exchange, then a new session id (no fixation)."""
     smart = _app()
     current = _session()
-    pending = current.state.get("pending") if current else None
+    pendings = dict(current.state.get("pending") or {}) if current else {}
+    pending = pendings.pop(request.args.get("state") or "", None)
     try:
         token = launch.complete(pending, request.args.to_dict(), settings=smart.client)
     except launch.StateMismatch:
         raise
     except LaunchError:
-        smart.store.delete(current.token if current else None)  # a pending launch is used once
+        smart.store.save(current, {**current.state, "pending": pendings})  # a pending launch is used once
         raise
-    session = smart.store.rotate(current, {"token": token, "csrf": secrets.token_urlsafe(32)})
+    state = {"token": token, "csrf": secrets.token_urlsafe(32), "pending": pendings}
+    session = smart.store.rotate(current, state)
     response = redirect("/smart/app", 302)
     _set_cookie(response, session)
     return response

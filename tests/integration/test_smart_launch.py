@@ -481,3 +481,20 @@ def test_the_double_checks_pkce(ehr):
     assert missing.status_code == 400
     right = http.post(ehr.base_url + "/token", data={**form, "code_verifier": verifier}, timeout=10)
     assert right.status_code == 200 and right.json()["patient"] == PATIENT_ID
+
+
+def test_a_launch_started_elsewhere_does_not_end_the_session(gateway, ehr, result_id):
+    browser = Browser(gateway)
+    assert launch_to_app(browser, ehr, result_id).status == 200
+    # Another site sends the browser to our launch URL with a trusted iss and a made-up launch.
+    started = browser.get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=made-up")
+    assert started.status == 302
+    assert browser.get("/smart/app").status == 200
+
+
+def test_two_launches_in_one_browser_each_complete(gateway, ehr, result_id):
+    browser = Browser(gateway)
+    first = callback_url(browser, ehr, result_id)
+    second = callback_url(browser, ehr, result_id)
+    assert browser.follow(first).status == 200  # the first launch's state is still known
+    assert browser.follow(second).status == 200
