@@ -12,14 +12,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from app.cds.cards import Link
 from app.db import metadata
-from app.jobs.ledger import UTCDateTime
+from app.jobs.ledger import UTCDateTime, utc_now
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,6 @@ class StoredResult:
     expires_at: datetime
 
 
-def _now(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return now.astimezone(UTC)
-
-
 def new_id() -> str:
     """128 random bits, URL-safe: nothing about the patient or the result can be read from it."""
     return secrets.token_urlsafe(16)
@@ -74,7 +66,7 @@ def new_id() -> str:
 def _row(kind, data, client_iss, fhir_server, patient_id, ttl_seconds, now) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"unknown result kind {kind!r}")
-    created = _now(now)
+    created = utc_now(now)
     return {
         "id": new_id(),
         "kind": kind,
@@ -173,7 +165,7 @@ def load(engine: sa.Engine, result_id: str, *, now: datetime | None = None) -> S
     """The result stored under ``result_id``, or None when it is unknown or has expired."""
     if not isinstance(result_id, str) or not result_id or len(result_id) > 200:
         return None
-    query = sa.select(ai_results).where(ai_results.c.id == result_id, ai_results.c.expires_at > _now(now))
+    query = sa.select(ai_results).where(ai_results.c.id == result_id, ai_results.c.expires_at > utc_now(now))
     with engine.connect() as conn:
         row = conn.execute(query).first()
     return StoredResult(**row._mapping) if row is not None else None
@@ -182,7 +174,7 @@ def load(engine: sa.Engine, result_id: str, *, now: datetime | None = None) -> S
 def purge_expired(engine: sa.Engine, *, now: datetime | None = None) -> int:
     """Delete expired results; returns how many went."""
     with engine.begin() as conn:
-        return conn.execute(ai_results.delete().where(ai_results.c.expires_at <= _now(now))).rowcount
+        return conn.execute(ai_results.delete().where(ai_results.c.expires_at <= utc_now(now))).rowcount
 
 
 def save_for_call(call, kind: str, data: Any) -> str | None:

@@ -114,7 +114,8 @@ def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
     return (rng or random).uniform(0, ceiling)
 
 
-def _now(now: datetime | None) -> datetime:
+def utc_now(now: datetime | None = None) -> datetime:
+    """``now`` (which must be timezone-aware) in UTC, or the current time: one clock for every table we keep."""
     if now is None:
         return datetime.now(UTC)
     if now.tzinfo is None:
@@ -158,7 +159,7 @@ def enqueue(
     """Add a job unless one with this id (the idempotency key) exists; True when newly created."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
-    now = _now(now)
+    now = utc_now(now)
     values = {
         "id": job_id,
         "kind": kind,
@@ -205,7 +206,7 @@ def _sweep(conn: sa.Connection, now: datetime) -> None:
 def sweep(engine: sa.Engine, now: datetime | None = None) -> None:
     """Expire stale jobs and dead-letter the ones that keep killing their worker (see ``_sweep``)."""
     with _write_transaction(engine) as conn:
-        _sweep(conn, _now(now))
+        _sweep(conn, utc_now(now))
 
 
 def claim(
@@ -221,7 +222,7 @@ def claim(
 
     Stale jobs and jobs at their last attempt are never claimed, swept or not; ``sweep_first=False`` leaves
     moving them to expired/dead to a periodic :func:`sweep` (workers do that, to keep claims one statement)."""
-    now = _now(now)
+    now = utc_now(now)
     not_stale = sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now)
     due = sa.or_(sa.and_(jobs.c.state == QUEUED, jobs.c.run_after <= now), _lease_lapsed(now))
     candidate = (
@@ -263,7 +264,7 @@ def _fence(job: Job):
 
 def heartbeat(engine: sa.Engine, job: Job, *, lease_seconds: float = 30, now: datetime | None = None) -> bool:
     """Extend the lease while this worker's attempt still owns it; False once it was taken over or ended."""
-    now = _now(now)
+    now = utc_now(now)
     statement = (
         jobs.update().where(_fence(job)).values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
     )
@@ -273,7 +274,7 @@ def heartbeat(engine: sa.Engine, job: Job, *, lease_seconds: float = 30, now: da
 
 def complete(engine: sa.Engine, job: Job, result: Any, *, now: datetime | None = None) -> bool:
     """Record success; False (and nothing written) when the lease was taken over."""
-    now = _now(now)
+    now = utc_now(now)
     statement = (
         jobs.update()
         .where(_fence(job))
@@ -296,7 +297,7 @@ def fail(
     """Record a failed attempt (``error``: exception type and place, never PHI). Returns the new state: queued
     for a retry after backoff (or after ``retry_in`` seconds when the caller knows better, e.g. Retry-After),
     dead at max_attempts or when ``permanent``, or "fenced" when the lease was taken over."""
-    now = _now(now)
+    now = utc_now(now)
     if permanent or job.attempts >= job.max_attempts:
         state, run_after = DEAD, now
     else:
@@ -320,7 +321,7 @@ def fail(
 
 def expire(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
     """End a running attempt as expired (its result came too late to be used); False when fenced."""
-    now = _now(now)
+    now = utc_now(now)
     statement = (
         jobs.update().where(_fence(job)).values(state=EXPIRED, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
@@ -331,7 +332,7 @@ def expire(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
 def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
     """Hand a running job back unfinished (a worker shutting down): queued again at once, the attempt not
     counted. False when the lease was already taken over."""
-    now = _now(now)
+    now = utc_now(now)
     statement = (
         jobs.update()
         .where(_fence(job))
@@ -350,7 +351,7 @@ def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool
 
 def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> bool:
     """Send a dead job back to the queue with its attempts reset; False unless it was dead."""
-    now = _now(now)
+    now = utc_now(now)
     statement = (
         jobs.update()
         .where(jobs.c.id == job_id, jobs.c.state == DEAD)
@@ -393,7 +394,7 @@ def counts(engine: sa.Engine) -> dict[str, int]:
 def oldest_queued_age(engine: sa.Engine, now: datetime | None = None) -> float | None:
     """Seconds the longest-waiting due job has waited since it became due (its run_after); None when no
     queued job is due. Jobs held back by retry backoff are not waiting yet."""
-    now = _now(now)
+    now = utc_now(now)
     query = sa.select(sa.func.min(jobs.c.run_after)).where(jobs.c.state == QUEUED, jobs.c.run_after <= now)
     with engine.connect() as conn:
         oldest = conn.execute(query).scalar()
