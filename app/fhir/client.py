@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin, urlsplit
 
 import orjson
 import requests
@@ -97,7 +97,7 @@ class Client:
     def get(self, path_or_url: str, deadline: float | None = None) -> dict[str, Any]:
         """GET a resource or a search, relative to the base or absolute; bounded by ``deadline`` (monotonic)."""
         url = urljoin(self.base, path_or_url)
-        if "://" not in path_or_url and not url.startswith(self.base):  # "Encounter/../../x" leaves the base
+        if not urlsplit(path_or_url).scheme and not _stays_under_base(path_or_url, url, self.base):
             raise FhirError("a relative FHIR path must stay under the server's base URL")
         timeout = self._timeout
         if deadline is not None:
@@ -151,6 +151,16 @@ class Client:
         if entries:
             merged["entry"] = entries
         return merged
+
+
+def _stays_under_base(relative: str, url: str, base: str) -> bool:
+    """Whether a relative reference stays under ``base``: no "..", ".", "/x" or "\\", escaped or not, in its path
+    ("Encounter/../../admin" would take our token elsewhere on the server)."""
+    path = urlsplit(relative).path
+    segments = {unquote(segment) for segment in path.split("/")}
+    return (
+        url.startswith(base) and not path.startswith("/") and "\\" not in unquote(path) and not segments & {".", ".."}
+    )
 
 
 def _json_or_empty(response: requests.Response) -> dict[str, Any]:

@@ -328,3 +328,10 @@ def test_an_existing_match_without_a_body_is_read_back_not_assumed(mocked, clien
     mocked.get(f"{BASE}/DocumentReference/d1", json=first)
     resource, created = client.create({"resourceType": "DocumentReference", "description": "a second draft"})
     assert (resource, created) == (first, False)
+
+
+@pytest.mark.parametrize("path", ["Encounter/%2e%2e/%2e%2e/admin", "/admin", "Encounter/..%5C..%5Cadmin"])
+def test_escaped_and_rooted_paths_cannot_leave_the_base_either(mocked, client, path):
+    with pytest.raises(FhirError, match="under the server's base"):
+        client.get(path)
+    assert len(mocked.calls) == 0
