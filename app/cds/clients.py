@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
@@ -56,11 +56,38 @@ class _Place(NamedTuple):
     scheme: str
     host: str
     port: int | None  # None: any port (allowlist entries ending in ":*")
-    path: str  # no trailing slash
+    path: str  # decoded, no trailing slash
+
+
+class FhirBase(NamedTuple):
+    """An allowlisted FHIR base named exactly: its normalised spelling, and the allowlist entry it matched."""
+
+    url: str
+    entry: str
+
+
+# Not in a decoded path segment: an escaped separator, a path parameter (Tomcat reads "..;x" as ".."),
+# a "%" left after decoding (double escaping), or a query or fragment escaped into the path.
+_SEGMENT_FORBIDDEN = frozenset("/\\;%?#")
+
+
+def _decoded_path(raw: str) -> str | None:
+    """A URL path as a server that decodes it sees it, or None when decoding could move it elsewhere: an escaped
+    "/" or "\\", a ";" parameter, double escaping, a segment of dots only ("..", "%2e%2e", "..."), or anything but
+    printable ASCII (spaces, controls, bytes that are not UTF-8)."""
+    segments = []
+    for raw_segment in raw.split("/"):
+        segment = unquote(raw_segment)
+        if not all("!" <= c <= "~" for c in segment) or _SEGMENT_FORBIDDEN.intersection(segment):
+            return None
+        if segment and segment.strip(".") == "":
+            return None
+        segments.append(segment)
+    return "/".join(segments).rstrip("/")
 
 
 def _place(url: Any, wildcard_port: bool = False) -> _Place | None:
-    """Scheme, host, port and path of an http(s) URL, or None for anything we would not fetch from."""
+    """Scheme, host, port and decoded path of an http(s) URL, or None for anything we would not fetch from."""
     if not isinstance(url, str) or "\\" in url or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         return None
     try:
@@ -73,25 +100,32 @@ def _place(url: Any, wildcard_port: bool = False) -> _Place | None:
     if any_port:
         netloc = netloc[:-2]
         parts = urlsplit(f"{scheme}://{netloc}{parts.path}")
-    if scheme not in _DEFAULT_PORTS or "@" in netloc or not parts.hostname:
+    if scheme not in _DEFAULT_PORTS or "@" in netloc or not netloc.isascii() or not parts.hostname:
         return None
     try:
-        port = None if any_port else parts.port or _DEFAULT_PORTS[scheme]
+        port = None if any_port else (parts.port if parts.port is not None else _DEFAULT_PORTS[scheme])
     except ValueError:
         return None
-    if any(unquote(segment) in (".", "..") for segment in parts.path.split("/")):
-        return None
-    host = parts.hostname.rstrip(".")
-    return _Place(scheme, host, port, parts.path.rstrip("/")) if host else None
+    path = _decoded_path(parts.path)
+    return None if path is None else _Place(scheme, parts.hostname, port, path)
 
 
 def _admits(entry: _Place, target: _Place) -> bool:
-    return (
-        entry.scheme == target.scheme
-        and entry.host == target.host
-        and entry.port in (None, target.port)
-        and (not entry.path or target.path == entry.path or target.path.startswith(entry.path + "/"))
+    """Whether ``target`` is on ``entry``'s server at or under its path (compared decoded, segment by segment)."""
+    return _same_server(entry, target) and (
+        not entry.path or target.path == entry.path or target.path.startswith(entry.path + "/")
     )
+
+
+def _same_server(entry: _Place, target: _Place) -> bool:
+    return entry.scheme == target.scheme and entry.host == target.host and entry.port in (None, target.port)
+
+
+def _spelling(place: _Place) -> str:
+    """The normalised URL of a place: lower-case scheme and host, no default port, no trailing slash."""
+    host = f"[{place.host}]" if ":" in place.host else place.host
+    port = "" if place.port == _DEFAULT_PORTS[place.scheme] else f":{place.port}"
+    return f"{place.scheme}://{host}{port}{quote(place.path, safe='/!$&()*+,=:@~')}"
 
 
 @dataclass(frozen=True)
@@ -114,9 +148,21 @@ class TrustedClient:
         object.__setattr__(self, "_allowlist", places)
 
     def allows_fhir_server(self, url: str) -> bool:
-        """SSRF guard: is ``url`` on one of this client's FHIR servers (same origin, path under a segment)?"""
+        """SSRF guard: is ``url`` on one of this client's FHIR servers (same origin, decoded path at or under)?"""
         target = _place(url)
         return target is not None and any(_admits(entry, target) for entry in self._allowlist)
+
+    def fhir_base(self, url: str) -> FhirBase | None:
+        """The FHIR server ``url`` names exactly (case of scheme and host, default port and trailing slash aside),
+        or None: a SMART ``iss`` must be a base itself, not a path under one, and has no query or fragment.
+        An entry with port ``*`` names that host and path on any port."""
+        target = _place(url) if isinstance(url, str) and not {"?", "#"} & set(url) else None
+        if target is None:
+            return None
+        for entry, spelled in zip(self._allowlist, self.fhir_servers, strict=True):
+            if _same_server(entry, target) and entry.path == target.path:
+                return FhirBase(_spelling(target), spelled)
+        return None
 
 
 class ClientRegistry:
@@ -194,13 +240,16 @@ class _Loader:
             raise self.fail(f"{where}.fhir_servers", "must be an array of URLs")
         for i, url in enumerate(servers):
             if _place(url, wildcard_port=True) is None:
-                raise self.fail(f"{where}.fhir_servers[{i}]", "must be an absolute http(s) URL, no user info")
+                raise self.fail(
+                    f"{where}.fhir_servers[{i}]",
+                    "must be an absolute http(s) URL: no user info, escaped separators, dot segments or ';'",
+                )
         return TrustedClient(
             iss=iss,
             jwks=jwks,
             jwks_url=jwks_url,
             fhir_servers=tuple(servers),
-            tenant=self.text(entry, "tenant", where) if "tenant" in entry else None,
+            tenant=self.text(entry, "tenant", where, max_chars=200) if "tenant" in entry else None,
             smart_backend=self.smart_backend(entry["smart_backend"], f"{where}.smart_backend")
             if "smart_backend" in entry
             else None,
@@ -236,7 +285,7 @@ class _Loader:
             raise self.fail(where, "must be an object with token_url, client_id and scope")
         self.url(value.get("token_url"), f"{where}.token_url")
         self.text(value, "client_id", where)
-        self.text(value, "scope", where)
+        self.text(value, "scope", where, max_chars=4000)
         if value.get("alg", "RS384") not in _SMART_BACKEND_ALGORITHMS:
             raise self.fail(f"{where}.alg", f"must be one of {', '.join(_SMART_BACKEND_ALGORITHMS)}")
         return value
@@ -276,15 +325,18 @@ class _Loader:
             raise self.fail(where, f"must decode to at least {WEBHOOK_SECRET_MIN_BYTES} bytes")
         return value
 
-    def text(self, mapping: dict, member: str, where: str) -> str:
+    def text(self, mapping: dict, member: str, where: str, max_chars: int = 500) -> str:
         value = mapping.get(member)
         if not isinstance(value, str) or not value.strip():
             raise self.fail(f"{where}.{member}", "must be a non-empty string")
+        if len(value) > max_chars or not value.isprintable():
+            # The feedback table stores iss and tenant (500 and 200 characters).
+            raise self.fail(f"{where}.{member}", f"must be printable and at most {max_chars} characters")
         return value
 
     def url(self, value: Any, where: str) -> str:
         if _place(value) is None:
-            raise self.fail(where, "must be an absolute http(s) URL without user info")
+            raise self.fail(where, "must be an absolute http(s) URL: no user info, escaped separators or dot segments")
         return value
 
     def known_members(self, mapping: dict, members: tuple[str, ...], prefix: str) -> None:

@@ -1,31 +1,40 @@
 """The SMART app's HTTP face under ``/smart/``: launch, callback, the result page and logout; routes stay thin.
 
-The browser only ever holds ``smart_session``, a random token naming a server-side session (app.smart.sessions);
-tokens, codes and verifiers never reach a URL, a log line or a readable cookie.
+A launch writes nothing on the server: its pending state goes to the browser sealed in a ``smart_launch_*`` cookie
+(app.smart.sessions). Only a completed sign-in makes a session, named by ``smart_session``, a random token. Tokens,
+codes and verifiers never reach a URL, a log line or a readable cookie.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
-from flask import Blueprint, Flask, Response, current_app, redirect, request
+from flask import Blueprint, Flask, Response, after_this_request, current_app, redirect, request
 from werkzeug.exceptions import HTTPException
 
 from app.http import pooled_session
 from app.logs import describe
 from app.smart import launch
-from app.smart.launch import ClientSettings, DiscoveryCache, LaunchError, LaunchExpired
-from app.smart.sessions import SessionStore, SmartSession, load_or_create_key
+from app.smart.launch import ClientSettings, DiscoveryCache, LaunchError, LaunchExpired, NoPatientContext
+from app.smart.sessions import PendingLaunchSeal, SessionStore, SmartSession, load_or_create_key
+
+if TYPE_CHECKING:
+    from app.cds.clients import FhirBase
 
 log = logging.getLogger(__name__)
 
 COOKIE_NAME = "smart_session"
 COOKIE_PATH = "/smart"
+LAUNCH_COOKIE_PREFIX = "smart_launch_"
+PENDING_LAUNCH_TTL_S = 600  # from the launch to the EHR's redirect back: the clinician may have to sign in
+MAX_PENDING_LAUNCHES = 5
 # An EHR that embeds the app in an iframe must have its origin added to frame-ancestors.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'"
@@ -61,6 +70,7 @@ class SmartApp:
     """What the SMART app's routes share for the application's lifetime."""
 
     store: SessionStore
+    pending: PendingLaunchSeal
     http: requests.Session
     discovery: DiscoveryCache
     client: ClientSettings
@@ -74,11 +84,11 @@ def _session() -> SmartSession | None:
     return _app().store.load(request.cookies.get(COOKIE_NAME))
 
 
-def _set_cookie(response: Response, session: SmartSession) -> None:
+def _set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
     response.set_cookie(
-        COOKIE_NAME,
-        session.token,
-        max_age=int((session.expires_at - session.created_at).total_seconds()),
+        name,
+        value,
+        max_age=max_age,
         path=COOKIE_PATH,
         secure=current_app.config["SESSION_COOKIE_SECURE"],
         httponly=True,
@@ -86,64 +96,71 @@ def _set_cookie(response: Response, session: SmartSession) -> None:
     )
 
 
-def _clear_cookie(response: Response) -> None:
+def _clear_cookie(response: Response, name: str = COOKIE_NAME) -> None:
     response.delete_cookie(
-        COOKIE_NAME, path=COOKIE_PATH, secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax"
+        name, path=COOKIE_PATH, secure=current_app.config["SESSION_COOKIE_SECURE"], httponly=True, samesite="Lax"
     )
 
 
-def _allowed_iss(url: str) -> bool:
-    """S-1: the allowlist is the union of the trusted clients' FHIR servers."""
-    return any(client.allows_fhir_server(url) for client in current_app.extensions["cds"].clients)
+def _launch_cookie(state: str) -> str:
+    """The cookie that carries the pending launch with this ``state``: one per launch, so several can be pending."""
+    return LAUNCH_COOKIE_PREFIX + hashlib.sha256(state.encode("utf-8")).hexdigest()[:16]
 
 
-MAX_PENDING_LAUNCHES = 5
+def _allowlisted_base(url: str) -> FhirBase | None:
+    """S-1: ``iss`` must be exactly one of the trusted clients' FHIR servers."""
+    for client in current_app.extensions["cds"].clients:
+        base = client.fhir_base(url)
+        if base is not None:
+            return base
+    return None
 
 
 @bp.get("/launch")
 def launch_route():
-    """EHR launch (S-1..S-3): start a fresh session holding the pending launch, then go to the EHR's authorize."""
+    """EHR launch (S-1..S-3): the pending launch goes to this browser, sealed; then on to the EHR's authorize.
+
+    Nothing is written on the server and nothing ends: a link from another site that starts a launch neither
+    costs a database row nor signs the clinician out. Past a handful of pending launches the oldest are dropped.
+    """
     smart = _app()
     url, pending = launch.begin(
         request.args.get("iss", ""),
         request.args.get("launch", ""),
-        allowed=_allowed_iss,
+        base_of=_allowlisted_base,
         settings=smart.client,
         http=smart.http,
         cache=smart.discovery,
     )
-    # A launch adds to this browser's session and ends nothing: a link from another site that starts a launch
-    # must not sign the clinician out. Pending launches are kept by state; the oldest go past a handful.
-    current = _session()
-    if current is None:
-        current = smart.store.create({"pending": {pending["state"]: pending}})
-    else:
-        pendings = {**current.state.get("pending", {}), pending["state"]: pending}
-        kept = dict(list(pendings.items())[-MAX_PENDING_LAUNCHES:])
-        current = smart.store.save(current, {**current.state, "pending": kept})
     response = redirect(url, 302)
-    _set_cookie(response, current)
+    others = [(n, v) for n, v in request.cookies.items() if n.startswith(LAUNCH_COOKIE_PREFIX)]
+    others.sort(key=lambda item: smart.pending.sealed_at(item[1]) or 0)
+    for name, _ in others[: max(0, len(others) - MAX_PENDING_LAUNCHES + 1)]:
+        _clear_cookie(response, name)
+    _set_cookie(response, _launch_cookie(pending["state"]), smart.pending.seal(pending), PENDING_LAUNCH_TTL_S)
     return response
 
 
 @bp.get("/callback")
 def callback():
-    """The EHR's redirect back: state bound to this browser, code exchange, then a new session id (no fixation)."""
+    """The EHR's redirect back: ``state`` must open this browser's sealed pending launch, which is used once; after
+    the code exchange the browser gets a new session (any earlier one of this browser ends)."""
     smart = _app()
-    current = _session()
-    pendings = dict(current.state.get("pending") or {}) if current else {}
-    pending = pendings.pop(request.args.get("state") or "", None)
-    try:
-        token = launch.complete(pending, request.args.to_dict(), settings=smart.client)
-    except launch.StateMismatch:
-        raise
-    except LaunchError:
-        smart.store.save(current, {**current.state, "pending": pendings})  # a pending launch is used once
-        raise
-    state = {"token": token, "csrf": secrets.token_urlsafe(32), "pending": pendings}
-    session = smart.store.rotate(current, state)
+    state = request.args.get("state") or ""
+    cookie = _launch_cookie(state)
+    pending = smart.pending.open(request.cookies.get(cookie)) if state else None
+    if pending is not None:
+
+        @after_this_request
+        def used_once(response: Response) -> Response:
+            _clear_cookie(response, cookie)
+            return response
+
+    token = launch.complete(pending, request.args.to_dict(), settings=smart.client)
+    session = smart.store.create({"token": token, "csrf": secrets.token_urlsafe(32)})
+    smart.store.delete(request.cookies.get(COOKIE_NAME))
     response = redirect("/smart/app", 302)
-    _set_cookie(response, session)
+    _set_cookie(response, COOKIE_NAME, session.token, int((session.expires_at - session.created_at).total_seconds()))
     return response
 
 
@@ -173,8 +190,9 @@ def app_page():
     if result is None:
         raise ResultUnavailable("This result is no longer available. Open the patient's chart again for a new one.")
     launched_for = launch.patient_reference_id(token.get("patient"))
-    result_for = launch.patient_reference_id(result.patient_id)
-    if launched_for and result_for and launched_for != result_for:
+    if launched_for is None:
+        raise NoPatientContext(launch.NO_PATIENT)
+    if launch.patient_reference_id(result.patient_id) != launched_for:
         raise PatientMismatch("This result belongs to a different patient than the one open in the EHR.")
     # Patient ids are only unique within one EHR: the result must come from the FHIR server that launched us.
     if result.fhir_server and result.fhir_server.rstrip("/") != token["iss"].rstrip("/"):
@@ -264,12 +282,10 @@ def init_app(app: Flask) -> None:
     """The session store (encryption key in ``instance/keys``), the blueprint and the security headers."""
     if _STATE in app.extensions:
         return
+    fernet = load_or_create_key(Path(app.instance_path) / "keys")
     app.extensions[_STATE] = SmartApp(
-        store=SessionStore(
-            app.extensions["db"],
-            load_or_create_key(Path(app.instance_path) / "keys"),
-            int(app.config["SMART_SESSION_TTL_S"]),
-        ),
+        store=SessionStore(app.extensions["db"], fernet, int(app.config["SMART_SESSION_TTL_S"])),
+        pending=PendingLaunchSeal(fernet, PENDING_LAUNCH_TTL_S),
         http=pooled_session(),
         discovery=DiscoveryCache(),
         client=ClientSettings(

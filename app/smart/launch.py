@@ -7,14 +7,16 @@ Nothing here touches Flask's request or the session store, so each step is testa
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 import jwt
 import requests
@@ -23,6 +25,9 @@ from authlib.integrations.requests_client import OAuth2Session
 
 from app.logs import describe
 
+if TYPE_CHECKING:
+    from app.cds.clients import FhirBase
+
 log = logging.getLogger(__name__)
 
 # The least the explanation page needs (S-8): who the user is, the patient for the banner, and live values.
@@ -30,6 +35,11 @@ log = logging.getLogger(__name__)
 SCOPE = "launch openid fhirUser online_access patient/Patient.r patient/Observation.rs"
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "ES256", "ES384", "PS256", "PS384"]
 DISCOVERY_TTL_S = 300.0
+DISCOVERY_FAILURE_TTL_S = 30.0  # a failed discovery is shown again, not retried, for this long
+DISCOVERY_FETCHES_PER_MINUTE = 10  # per allowlist entry: a ":*" entry names a base on every port
+DISCOVERY_MAX_BYTES = 256 * 1024
+WELL_KNOWN = "/.well-known/smart-configuration"
+MAX_PARAMETER_CHARS = 2048  # iss and launch: they end up in a redirect URL
 REFRESH_LEEWAY_S = 30.0
 # Members of the token response kept in the session (S-5); anything else the EHR sends is dropped.
 TOKEN_MEMBERS = (
@@ -62,12 +72,24 @@ class IssuerNotAllowed(LaunchError):
 
 class DiscoveryFailed(LaunchError):
     status = 502
-    title = "The EHR's SMART configuration is unavailable"
+    title = "The EHR's SMART configuration cannot be used"
 
 
-class PkceUnsupported(LaunchError):
-    status = 502
+class DiscoveryTimedOut(DiscoveryFailed):
+    status = 504
+
+
+class TooManyDiscoveries(LaunchError):
+    status = 429
+    title = "Too many launches from new addresses"
+
+
+class PkceUnsupported(DiscoveryFailed):
     title = "The EHR does not support PKCE"
+
+
+class NoPatientContext(LaunchError):
+    title = "No patient in context"
 
 
 class StateMismatch(LaunchError):
@@ -110,56 +132,215 @@ class SmartConfiguration:
     jwks_uri: str | None = None
 
 
+class _Unanswered(Exception):
+    """The fetch in flight did not finish while a launch waited for it."""
+
+
+@dataclass
+class _Flight:
+    """A discovery being fetched; launches for the same base wait for it instead of fetching again."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    waiters: int = 0
+
+
 class DiscoveryCache:
-    """Discovery documents per ``iss`` for a few minutes, so each launch does not refetch them."""
+    """SMART configurations per FHIR base, so launches cost the EHR a bounded number of requests whatever comes in.
 
-    def __init__(self, ttl_s: float = DISCOVERY_TTL_S):
-        self.ttl = ttl_s
+    A configuration is kept ``ttl_s``; a failure is kept ``failure_ttl_s`` and shown again without asking; one
+    fetch at a time per base (concurrent launches wait for it); and at most ``fetches_per_minute`` fetches per
+    allowlist entry, which only a ``:*`` entry (a base on every port) can reach.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = DISCOVERY_TTL_S,
+        failure_ttl_s: float = DISCOVERY_FAILURE_TTL_S,
+        fetches_per_minute: int = DISCOVERY_FETCHES_PER_MINUTE,
+        max_entries: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.ttl, self.failure_ttl = ttl_s, failure_ttl_s
+        self.fetches_per_minute, self.max_entries = fetches_per_minute, max_entries
+        self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, SmartConfiguration]] = {}
+        self._entries: dict[str, tuple[float, SmartConfiguration | LaunchError]] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._fetched: dict[str, deque[float]] = {}  # fetch times per allowlist entry, last minute
 
-    def get(self, iss: str) -> SmartConfiguration | None:
+    def get(self, base: FhirBase, fetch: Callable[[], SmartConfiguration], wait_s: float) -> SmartConfiguration:
+        """The configuration for ``base``: cached, or the answer of the fetch in flight, or ``fetch()``'s."""
+        while True:
+            with self._lock:
+                now = self._clock()
+                cached = self._entries.get(base.url)
+                if cached is not None and cached[0] > now:
+                    return _answer(cached[1])
+                flight = self._flights.get(base.url)
+                if flight is None:
+                    self._spend(base, now)
+                    flight = self._flights[base.url] = _Flight()
+                    break
+                flight.waiters += 1
+            finished = flight.done.wait(wait_s)
+            with self._lock:
+                flight.waiters -= 1
+            if not finished:
+                raise _Unanswered
+        return self._lead(base.url, flight, fetch)
+
+    def waiting(self, base: FhirBase) -> int:
+        """How many launches wait for the fetch in flight for ``base``."""
         with self._lock:
-            entry = self._entries.get(iss)
-        return entry[1] if entry and entry[0] > time.monotonic() else None
+            flight = self._flights.get(base.url)
+            return flight.waiters if flight else 0
 
-    def put(self, iss: str, config: SmartConfiguration) -> None:
-        with self._lock:
-            self._entries[iss] = (time.monotonic() + self.ttl, config)
-
-
-def discover(iss: str, http: requests.Session, timeout: float, cache: DiscoveryCache) -> SmartConfiguration:
-    """``GET {iss}/.well-known/smart-configuration`` (S-2), cached; raises DiscoveryFailed or PkceUnsupported."""
-    config = cache.get(iss)
-    if config is None:
-        url = iss.rstrip("/") + "/.well-known/smart-configuration"
+    def _lead(self, key: str, flight: _Flight, fetch: Callable[[], SmartConfiguration]) -> SmartConfiguration:
+        value: SmartConfiguration | LaunchError | None = None
         try:
-            response = http.get(url, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False)
-            response.raise_for_status()
-            document = response.json()
-            config = SmartConfiguration(
-                authorization_endpoint=_endpoint(document, "authorization_endpoint"),
-                token_endpoint=_endpoint(document, "token_endpoint"),
-                code_challenge_methods=frozenset(document.get("code_challenge_methods_supported") or ()),
-                issuer=document.get("issuer") if isinstance(document.get("issuer"), str) else None,
-                jwks_uri=_endpoint(document, "jwks_uri") if "jwks_uri" in document else None,
+            try:
+                value, ttl = fetch(), self.ttl
+            except LaunchError as exc:
+                value, ttl = exc, self.failure_ttl
+        finally:  # an unexpected error caches nothing, but must not leave the others waiting
+            with self._lock:
+                del self._flights[key]
+                if value is not None:
+                    self._store(key, value, self._clock() + ttl)
+            flight.done.set()
+        return _answer(value)
+
+    def _spend(self, base: FhirBase, now: float) -> None:
+        fetched = self._fetched.setdefault(base.entry, deque())
+        while fetched and fetched[0] <= now - 60:
+            fetched.popleft()
+        if len(fetched) >= self.fetches_per_minute:
+            raise TooManyDiscoveries(
+                f"Launches from {len(fetched)} new addresses of the trusted FHIR server {base.entry} came in the last "
+                "minute, more than this app looks up; this one was not contacted. Start again from the EHR in a minute."
             )
-        except (requests.RequestException, ValueError, AttributeError) as exc:
-            log.warning("SMART discovery failed for %s: %s", iss, describe(exc))
-            raise DiscoveryFailed("The EHR's SMART configuration could not be read. Try again later.") from None
-        cache.put(iss, config)
-    if "S256" not in config.code_challenge_methods:
-        raise PkceUnsupported(
-            "The EHR does not list S256 in code_challenge_methods_supported, so the launch cannot be protected "
-            "with PKCE. Ask the EHR's administrators to enable it."
+        fetched.append(now)
+
+    def _store(self, key: str, value: SmartConfiguration | LaunchError, expires: float) -> None:
+        self._entries[key] = (expires, value)
+        if len(self._entries) > self.max_entries:
+            now = self._clock()
+            for stale in [k for k, (until, _) in self._entries.items() if until <= now]:
+                del self._entries[stale]
+            while len(self._entries) > self.max_entries:
+                del self._entries[min(self._entries, key=lambda k: self._entries[k][0])]
+
+
+def _answer(value: SmartConfiguration | LaunchError) -> SmartConfiguration:
+    if isinstance(value, LaunchError):
+        raise type(value)(value.message)  # a new exception each time: threads may raise it at once
+    return value
+
+
+def discover(
+    iss: str, base: FhirBase, http: requests.Session, timeout: float, cache: DiscoveryCache
+) -> SmartConfiguration:
+    """``GET {iss}/.well-known/smart-configuration`` (S-2) through ``cache``; raises a DiscoveryFailed that says
+    what is wrong (PkceUnsupported when S256 is not offered)."""
+    wait_s = 2 * timeout + 1
+    try:
+        return cache.get(base, lambda: fetch_configuration(iss, http, timeout), wait_s=wait_s)
+    except _Unanswered:
+        raise _failure(DiscoveryTimedOut, iss, f"did not answer within {wait_s:g} s") from None
+
+
+def fetch_configuration(iss: str, http: requests.Session, timeout: float) -> SmartConfiguration:
+    """Read and check an EHR's SMART configuration; every failure names its cause and quotes nothing the EHR sent."""
+    document = _read_json(iss, http, timeout)
+    plain_http = urlsplit(iss).scheme.lower() == "http"  # a development EHR on plain http (allowlisted as such)
+    authorization = _endpoint(document, "authorization_endpoint", plain_http, iss)
+    token = _endpoint(document, "token_endpoint", plain_http, iss)
+    jwks_uri = _endpoint(document, "jwks_uri", plain_http, iss) if "jwks_uri" in document else None
+    methods = document.get("code_challenge_methods_supported")
+    if not isinstance(methods, list) or "S256" not in methods:
+        raise _failure(
+            PkceUnsupported,
+            iss,
+            "does not list S256 in code_challenge_methods_supported, so the launch cannot be protected with PKCE",
         )
-    return config
+    issuer = document.get("issuer")
+    return SmartConfiguration(
+        authorization_endpoint=authorization,
+        token_endpoint=token,
+        code_challenge_methods=frozenset(m for m in methods if isinstance(m, str)),
+        issuer=issuer if isinstance(issuer, str) else None,
+        jwks_uri=jwks_uri,
+    )
 
 
-def _endpoint(document: dict, member: str) -> str:
+def _read_json(iss: str, http: requests.Session, timeout: float) -> dict[str, Any]:
+    """The configuration document: a 200 answer, at most DISCOVERY_MAX_BYTES read within ``timeout`` in all, that
+    is a JSON object."""
+    deadline = time.monotonic() + timeout
+    try:
+        with http.get(
+            iss.rstrip("/") + WELL_KNOWN,
+            headers={"Accept": "application/json"},
+            timeout=timeout,
+            allow_redirects=False,
+            stream=True,
+        ) as response:
+            if response.status_code != 200:
+                redirect = " (a redirect, which the app does not follow)" if response.is_redirect else ""
+                raise _failure(DiscoveryFailed, iss, f"answered HTTP {response.status_code}{redirect}")
+            body = bytearray()
+            for chunk in response.iter_content(64 * 1024):
+                body += chunk
+                if len(body) > DISCOVERY_MAX_BYTES:
+                    raise _failure(DiscoveryFailed, iss, f"is larger than {DISCOVERY_MAX_BYTES // 1024} KB")
+                if time.monotonic() > deadline:
+                    raise requests.Timeout("the body came too slowly")
+    except requests.Timeout:
+        raise _failure(DiscoveryTimedOut, iss, f"did not answer within {timeout:g} s") from None
+    except requests.exceptions.SSLError:
+        raise _failure(DiscoveryFailed, iss, "could not be reached securely: the TLS connection failed") from None
+    except requests.ConnectionError:
+        raise _failure(DiscoveryFailed, iss, "could not be reached: no connection could be made") from None
+    except requests.RequestException as exc:
+        raise _failure(DiscoveryFailed, iss, f"could not be read ({type(exc).__name__})") from None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise _failure(DiscoveryFailed, iss, "is not JSON") from None
+    if not isinstance(document, dict):
+        raise _failure(DiscoveryFailed, iss, "is not a JSON object")
+    return document
+
+
+def _failure(kind: type[DiscoveryFailed], iss: str, what: str) -> DiscoveryFailed:
+    """A discovery failure naming the document's URL and what is wrong with it, logged once where it happens."""
+    log.warning("SMART discovery failed for %s: %s", iss, what)
+    if kind is DiscoveryTimedOut or what.startswith("could not be reached"):
+        advice = "The app cannot sign in with this EHR until it answers; if this persists, tell its administrators."
+    else:
+        advice = "The app cannot sign in with this EHR until its administrators fix this."
+    return kind(f"The EHR's SMART configuration at {iss.rstrip('/')}{WELL_KNOWN} {what}. {advice}")
+
+
+def _endpoint(document: dict, member: str, plain_http: bool, iss: str) -> str:
+    """An endpoint URL from the configuration: absolute https (http too for an http EHR), no user info."""
     value = document.get(member)
-    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
-        raise ValueError(f"{member} missing")
+    if value is None:
+        raise _failure(DiscoveryFailed, iss, f"has no {member}")
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme.lower() not in (("https", "http") if plain_http else ("https",))
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.fragment
+        or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value)
+    ):
+        kind = "an http(s)" if plain_http else "an https"
+        raise _failure(DiscoveryFailed, iss, f"has no usable {member} (not {kind} URL)")
     return value
 
 
@@ -180,23 +361,27 @@ def begin(
     iss: str,
     launch: str,
     *,
-    allowed: Callable[[str], bool],
+    base_of: Callable[[str], FhirBase | None],
     settings: ClientSettings,
     http: requests.Session,
     cache: DiscoveryCache,
 ) -> tuple[str, dict[str, Any]]:
     """Check ``iss`` (S-1), discover (S-2) and build the authorize URL (S-3).
 
-    Returns the URL to redirect the browser to and the pending state to keep server-side.
+    ``base_of`` gives the allowlisted FHIR base ``iss`` names exactly, or None. Returns the URL to redirect the
+    browser to and the pending launch, which the browser keeps sealed until the callback.
     """
     if not iss or not launch:
         raise LaunchError("The EHR must open this app with both iss and launch. Start again from the EHR.")
-    if "#" in iss or "?" in iss or not allowed(iss):  # iss is a FHIR base: no query, no fragment
+    if len(iss) > MAX_PARAMETER_CHARS or len(launch) > MAX_PARAMETER_CHARS:
+        raise LaunchError(f"The EHR's iss or launch is longer than {MAX_PARAMETER_CHARS} characters.")
+    base = base_of(iss)
+    if base is None:
         raise IssuerNotAllowed(
-            "This EHR's FHIR server is not on the list of servers this gateway trusts. "
-            "An administrator can add it to the trusted clients file."
+            "This EHR's FHIR server (iss) is not one of the servers this gateway trusts: iss must be exactly a FHIR "
+            "base listed in the trusted clients file, not a path under one. An administrator can add it."
         )
-    config = discover(iss, http, settings.timeout, cache)
+    config = discover(iss, base, http, settings.timeout, cache)
     code_verifier = secrets.token_urlsafe(64)
     state = secrets.token_urlsafe(32)
     with _oauth(settings, scope=SCOPE) as oauth:
@@ -207,8 +392,6 @@ def begin(
         "state": state,
         "code_verifier": code_verifier,
         "iss": iss,
-        "launch": launch,
-        "authorization_endpoint": config.authorization_endpoint,
         "token_endpoint": config.token_endpoint,
         "issuer": config.issuer,
         "jwks_uri": config.jwks_uri,
@@ -246,6 +429,8 @@ def complete(pending: dict[str, Any] | None, args: dict[str, str], *, settings: 
         raise TokenExchangeFailed("The EHR did not exchange the sign-in code. Start again from the EHR.") from None
     if not token.get("access_token"):
         raise TokenExchangeFailed("The EHR's token response had no access token. Start again from the EHR.")
+    if not patient_reference_id(token.get("patient")):
+        raise NoPatientContext(NO_PATIENT)
     return {**token_state(token, pending), "user": fhir_user(token.get("id_token"), pending, settings)}
 
 
@@ -346,11 +531,17 @@ def fhir_getter(iss: str, access_token: str, http: requests.Session, timeout: fl
     return get
 
 
-def patient_reference_id(value: str | None) -> str | None:
-    """``Patient/123`` or ``123`` -> ``123``."""
-    if not value:
+NO_PATIENT = (
+    "The EHR did not give this app a patient context, so no patient's data is shown. Open the app from the "
+    "patient's chart in the EHR."
+)
+
+
+def patient_reference_id(value: Any) -> str | None:
+    """``Patient/123`` or ``123`` -> ``123``; None for anything that names no patient."""
+    if not isinstance(value, str) or not value.strip():
         return None
-    return value.rsplit("/", 1)[-1] if value.startswith("Patient/") else value
+    return (value.rsplit("/", 1)[-1] if value.startswith("Patient/") else value) or None
 
 
 def quote_path(segment: str) -> str:

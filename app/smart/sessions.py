@@ -1,10 +1,11 @@
-"""Server-side SMART app sessions: the browser holds a random token, the database its hash and encrypted state.
+"""SMART app state: the pending launch sealed in the browser, then a server-side session once the EHR has signed in.
 
-A session's state is a JSON object: first the pending launch (``state``, ``code_verifier``, ``iss``, ``launch``,
-endpoints), then, after the callback, the token response and a CSRF token. The whole state is encrypted with
-Fernet (AES-128-CBC + HMAC-SHA256) under a key kept in ``instance/keys/smart-sessions.fernet``, so a copy of the
-database alone yields no access or refresh token. The row id is the SHA-256 of the cookie's token, so the
-database alone cannot be replayed as a cookie either.
+Until the callback, a launch costs us no database row: its pending state (``state``, the PKCE ``code_verifier``,
+``iss``, endpoints) travels in a cookie sealed with Fernet (AES-128-CBC + HMAC-SHA256), which the browser can
+neither read nor change, and which opens only for a few minutes. After a successful code exchange the token
+response and a CSRF token become a session: the browser holds a random token, the database its SHA-256 as the row
+id and the state encrypted under the same key (``instance/keys/smart-sessions.fernet``), so a copy of the
+database alone yields no access or refresh token and cannot be replayed as a cookie either.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,7 +51,7 @@ def new_cookie_token() -> str:
 
 def load_or_create_key(directory: Path) -> Fernet:
     """The Fernet key in ``directory`` (created with mode 0600 on first use)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / KEY_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -123,20 +125,45 @@ class SessionStore:
             )
         return SmartSession(session.token, state, session.created_at, session.expires_at)
 
-    def rotate(self, session: SmartSession, state: dict[str, Any], *, now: datetime | None = None) -> SmartSession:
-        """Move a session to a new cookie token with new ``state`` and a fresh lifetime (prevents fixation)."""
-        now = now or datetime.now(UTC)
-        token = new_cookie_token()
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(smart_sessions).where(smart_sessions.c.id == session_id(session.token)))
-            conn.execute(
-                sa.insert(smart_sessions).values(
-                    id=session_id(token), created_at=now, expires_at=now + self.ttl, state=self._seal(state)
-                )
-            )
-        return SmartSession(token, state, now, now + self.ttl)
-
     def delete(self, token: str | None) -> None:
         if token:
             with self.engine.begin() as conn:
                 conn.execute(sa.delete(smart_sessions).where(smart_sessions.c.id == session_id(token)))
+
+
+class PendingLaunchSeal:
+    """Seals a pending launch into a cookie value and opens it again within ``ttl_s`` seconds.
+
+    The marker keeps a sealed session state (same key) from passing for a pending launch.
+    """
+
+    _KIND = "smart-pending-launch"
+
+    def __init__(self, fernet: Fernet, ttl_s: int):
+        self.fernet = fernet
+        self.ttl_s = ttl_s
+
+    def seal(self, pending: dict[str, Any], *, now: int | None = None) -> str:
+        plain = json.dumps({"kind": self._KIND, "pending": pending}, separators=(",", ":")).encode("utf-8")
+        return self.fernet.encrypt_at_time(plain, int(time.time()) if now is None else now).decode("ascii")
+
+    def open(self, sealed: str | None, *, now: int | None = None) -> dict[str, Any] | None:
+        """The pending launch, or None when ``sealed`` is missing, changed, from another purpose or too old."""
+        if not sealed:
+            return None
+        try:
+            at = int(time.time()) if now is None else now
+            content = json.loads(self.fernet.decrypt_at_time(sealed.encode("ascii"), self.ttl_s, at))
+        except (InvalidToken, ValueError):
+            return None
+        if not isinstance(content, dict) or content.get("kind") != self._KIND:
+            return None
+        pending = content.get("pending")
+        return pending if isinstance(pending, dict) else None
+
+    def sealed_at(self, sealed: str) -> int | None:
+        """When ``sealed`` was made (Unix seconds), or None when it is not ours."""
+        try:
+            return self.fernet.extract_timestamp(sealed.encode("ascii"))
+        except (InvalidToken, ValueError):
+            return None

@@ -7,6 +7,7 @@ import html
 import json
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,11 +15,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+import sqlalchemy as sa
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from app.smart.app_routes import CONTENT_SECURITY_POLICY
 from app.smart.launch import SCOPE
 from tests.conftest import PUBLIC_BASE_URL
+from tests.support.processes import free_port
 from tests.support.smart_ehr import SmartEhr
 from tests.support.tokens import clients_document
 
@@ -140,7 +143,7 @@ def seeded(fhir_server):
 
 @pytest.fixture
 def ehr(seeded):
-    with SmartEhr(seeded.base_url) as double:
+    with SmartEhr(seeded.base_url, fhir_path="/fhir/R4") as double:
         double.consent = "allow"
         yield double
 
@@ -211,6 +214,21 @@ def callback_url(browser: Browser, ehr: SmartEhr, app_context: str) -> str:
 
 def session_state(app, browser: Browser) -> dict:
     return app.extensions["smart_app"].store.load(browser.cookie()).state
+
+
+def session_rows(app) -> int:
+    with app.extensions["db"].connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM smart_sessions")).scalar_one()
+
+
+def launch_cookies(browser: Browser) -> list:
+    return [c for c in browser.client._cookies.values() if c.key.startswith("smart_launch_")]
+
+
+def gateway_trusting(make_app, tmp_path, signing_key, fhir_servers: list[str], **config):
+    clients = tmp_path / "other-clients.json"
+    clients.write_text(json.dumps(clients_document(signing_key, fhir_servers)))
+    return make_app(CDS_CLIENTS_FILE=str(clients), **config)
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -437,8 +455,6 @@ def test_logout_requires_the_csrf_token(gateway, ehr, result_id):
 
 
 def test_database_keeps_neither_the_cookie_nor_clear_tokens(gateway, ehr, result_id):
-    import sqlalchemy as sa
-
     browser = Browser(gateway)
     assert launch_to_app(browser, ehr, result_id).status == 200
     token = session_state(gateway, browser)["token"]
@@ -498,3 +514,188 @@ def test_two_launches_in_one_browser_each_complete(gateway, ehr, result_id):
     second = callback_url(browser, ehr, result_id)
     assert browser.follow(first).status == 200  # the first launch's state is still known
     assert browser.follow(second).status == 200
+
+
+# -- a launch costs the server nothing until the EHR signs in (issue 9) ------------------------------------------
+
+
+def test_launches_without_a_session_write_no_row_and_ask_the_ehr_once(gateway, ehr):
+    for i in range(200):
+        page = Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=made-up-{i}")
+        assert page.status == 302 and "/authorize?" in page.location
+    assert session_rows(gateway) == 0
+    assert ehr.discovery_count() == 1
+
+
+def test_the_pending_launch_waits_in_the_browser_sealed(gateway, ehr, result_id):
+    browser = Browser(gateway)
+    url = callback_url(browser, ehr, result_id)
+    (cookie,) = launch_cookies(browser)
+    assert cookie.http_only and cookie.secure and cookie.same_site == "Lax" and cookie.path == "/smart"
+    authorize = parse_qs(urlsplit(next(u for u in browser.visited if "/authorize?" in u)).query)
+    assert authorize["state"][0] not in cookie.value and "code_verifier" not in "".join(browser.visited)
+    assert session_rows(gateway) == 0
+
+    assert browser.follow(url).status == 200
+    assert launch_cookies(browser) == []  # used once
+    assert session_rows(gateway) == 1
+    assert browser.get(url).status == 400  # a replayed callback finds no pending launch
+
+
+def test_a_browser_keeps_at_most_five_pending_launches(gateway, ehr, result_id):
+    browser = Browser(gateway)
+    urls = [callback_url(browser, ehr, result_id) for _ in range(7)]
+    assert len(launch_cookies(browser)) == 5
+    assert browser.get(urls[0]).status == 400  # the oldest were dropped
+    assert browser.follow(urls[-1]).status == 200
+
+
+def test_concurrent_launches_share_one_discovery(gateway, ehr):
+    ehr.hold_discovery = True
+    base = next(c.fhir_base(ehr.fhir_base) for c in gateway.extensions["cds"].clients)
+    cache = gateway.extensions["smart_app"].discovery
+    statuses: list[int] = []
+
+    def launch(i: int) -> None:
+        statuses.append(Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=l{i}").status)
+
+    threads = [threading.Thread(target=launch, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while cache.waiting(base) < 11:  # one fetch in flight, the other launches wait for it
+        assert time.monotonic() < deadline, f"{cache.waiting(base)} launches waiting, {ehr.discovery_count()} fetches"
+        time.sleep(0.01)
+    ehr.release_discovery()
+    for thread in threads:
+        thread.join(10)
+    assert statuses == [302] * 12
+    assert ehr.discovery_count() == 1
+
+
+@pytest.mark.parametrize("suffix", ["/Patient", "/Patient/1", "/..%2fevil", "/%2e%2e/x", "/x/..", "/.", "/R4"])
+def test_an_iss_under_an_allowlisted_base_is_refused_without_contacting_it(gateway, ehr, suffix):
+    page = Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}{suffix}&launch=abc")
+    assert page.status == 400 and page.location is None
+    assert "not a path under one" in page.text
+    assert ehr.received == []
+
+
+def test_other_spellings_of_an_allowlisted_base_are_the_same_base(gateway, ehr):
+    spelled = ehr.fhir_base.replace("http://", "HTTP://") + "/"
+    assert Browser(gateway).get(f"{LAUNCH_URL}?iss={spelled}&launch=a").status == 302
+    assert Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=b").status == 302
+    assert ehr.discovery_count() == 1  # one cache entry for both spellings
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "problem"),
+    [
+        ({"discovery_status": 500}, 502, "answered HTTP 500"),
+        ({"discovery_status": 404}, 502, "answered HTTP 404"),
+        ({"discovery_status": 302}, 502, "answered HTTP 302 (a redirect, which the app does not follow)"),
+        ({"discovery_body": b"<html>not json</html>"}, 502, "is not JSON"),
+        ({"discovery_body": ["S256"]}, 502, "is not a JSON object"),
+        ({"discovery_body": {"token_endpoint": "http://x.test/t"}}, 502, "has no authorization_endpoint"),
+        (
+            {"discovery_body": {"authorization_endpoint": "javascript:alert(1)", "token_endpoint": "http://x.test/t"}},
+            502,
+            "has no usable authorization_endpoint (not an http(s) URL)",
+        ),
+        ({"advertise_s256": False}, 502, "does not list S256 in code_challenge_methods_supported"),
+    ],
+)
+def test_each_discovery_failure_is_a_page_naming_the_problem(gateway, ehr, setup, status, problem):
+    for name, value in setup.items():
+        setattr(ehr, name, value)
+    for i in range(3):
+        page = Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=l{i}")
+        assert page.status == status and page.location is None
+        text = html.unescape(page.text)
+        assert problem in text and f"{ehr.fhir_base}/.well-known/smart-configuration" in text
+        assert "try again later" not in text.lower()
+    assert ehr.discovery_count() == 1  # the failure is shown again, not asked again
+    assert not any(path.startswith("/authorize") for _, path in ehr.received)
+
+
+def test_a_failing_discovery_is_asked_once_for_two_hundred_launches(gateway, ehr):
+    ehr.discovery_status = 503
+    for i in range(200):
+        assert Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=l{i}").status == 502
+    assert ehr.discovery_count() == 1
+    assert session_rows(gateway) == 0
+
+
+def test_nothing_the_ehr_sends_reaches_the_error_page(gateway, ehr):
+    ehr.discovery_body = {
+        "authorization_endpoint": "<script>alert('authorize')</script>",
+        "token_endpoint": "http://x.test/t",
+        "code_challenge_methods_supported": ["<b>S256</b>"],
+    }
+    page = Browser(gateway).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=x")
+    assert page.status == 502 and "authorization_endpoint" in page.text
+    assert "<script" not in page.text and "alert" not in page.text and "<b>" not in page.text
+
+
+def test_an_unreachable_ehr_is_named(make_app, tmp_path, signing_key):
+    closed = f"http://127.0.0.1:{free_port()}/fhir"
+    app = gateway_trusting(make_app, tmp_path, signing_key, [closed])
+    page = Browser(app).get(f"{LAUNCH_URL}?iss={closed}&launch=x")
+    assert page.status == 502 and "could not be reached: no connection could be made" in page.text
+
+
+def test_an_ehr_that_does_not_answer_in_time_is_named(make_app, tmp_path, signing_key, seeded):
+    with SmartEhr(seeded.base_url) as slow:
+        slow.hold_discovery = True
+        app = gateway_trusting(make_app, tmp_path, signing_key, [slow.fhir_base], FHIR_TIMEOUT_S=1)
+        page = Browser(app).get(f"{LAUNCH_URL}?iss={slow.fhir_base}&launch=x")
+        slow.release_discovery()
+    assert page.status == 504 and "did not answer within 1 s" in page.text
+
+
+def test_a_wildcard_port_entry_admits_its_host_on_any_port_with_the_same_path(make_app, tmp_path, signing_key, ehr):
+    app = gateway_trusting(make_app, tmp_path, signing_key, ["http://127.0.0.1:*/fhir/R4"])
+    assert Browser(app).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}&launch=x").status == 302
+    assert Browser(app).get(f"{LAUNCH_URL}?iss={ehr.base_url}&launch=x").status == 400
+    assert Browser(app).get(f"{LAUNCH_URL}?iss={ehr.fhir_base}/Patient&launch=x").status == 400
+
+
+def test_a_token_response_without_a_patient_shows_no_patient_data(gateway, ehr, result_id, rendered):
+    ehr.omit_patient = True
+    browser = Browser(gateway)
+    page = launch_to_app(browser, ehr, result_id)
+    assert page.status == 400
+    assert "did not give this app a patient context" in page.text
+    assert "Launch" not in page.text and "213" not in page.text and "12.3" not in page.text
+    assert rendered == [] and ehr.fhir_requests == []  # no result page, no banner, no live values
+    assert ehr.token_count("authorization_code") == 1
+    assert session_rows(gateway) == 0 and browser.cookie() is None
+    assert browser.get("/smart/app").status == 401
+
+
+def test_a_session_without_a_patient_shows_no_result(gateway, ehr, result_id, rendered):
+    """A session kept from before the callback checked for a patient still shows no patient data."""
+    browser = Browser(gateway)
+    assert launch_to_app(browser, ehr, result_id).status == 200
+    store = gateway.extensions["smart_app"].store
+    session = store.load(browser.cookie())
+    token = {k: v for k, v in session.state["token"].items() if k != "patient"}
+    store.save(session, {**session.state, "token": token})
+    page = browser.get("/smart/app")
+    assert page.status == 400 and "did not give this app a patient context" in page.text
+    assert len(rendered) == 1
+
+
+def test_a_result_that_names_no_patient_is_not_shown(gateway, ehr):
+    from app import results
+
+    result = results.save(
+        gateway.extensions["db"],
+        "cardiovascular-risk",
+        RISK_DATA,
+        client_iss="x",
+        fhir_server=None,
+        patient_id=None,
+        ttl_seconds=600,
+    )
+    assert launch_to_app(Browser(gateway), ehr, result).status == 403

@@ -7,10 +7,16 @@ EHR's side of a launch (``/ehr/launch``), all on a real loopback port.
     ...
     ehr.stop()
 
+The FHIR base is ``fhir_path`` on the double's origin (the root by default, like ``https://r4.smarthealthit.org``,
+so that a development allowlist entry ``http://127.0.0.1:*`` names it exactly).
+
 Switches (attributes, change them any time): ``consent`` ("ask" shows the page, "allow"/"deny" decide at
 once), ``advertise_s256``, ``token_lifetime_s``, ``withhold_scopes`` (granted scope is narrower),
-``refuse_refresh``, ``forge_id_token`` (sign the id_token with an unpublished key). Records: ``received``
-(method, path) of every request, ``token_requests`` (grant_type, status), ``fhir_requests`` (path, status).
+``refuse_refresh``, ``forge_id_token`` (sign the id_token with an unpublished key), ``omit_patient`` (no
+``patient`` in the token response), ``discovery_status``, ``discovery_body`` (raw bytes, or a document to send
+as JSON instead of the real one), ``hold_discovery`` (discovery answers only once ``release_discovery()`` is
+called, or the double stops). Records: ``received`` (method, path) of every request, ``token_requests``
+(grant_type, status), ``fhir_requests`` (path, status); ``discovery_count()``.
 """
 
 from __future__ import annotations
@@ -34,9 +40,17 @@ from authlib.oauth2.rfc7636 import CodeChallenge
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, abort, redirect, request
 from jwt.algorithms import RSAAlgorithm
+from werkzeug.routing import PathConverter
 from werkzeug.serving import make_server
 
-FHIR_PATH = "/fhir/R4"
+WELL_KNOWN = "/.well-known/smart-configuration"
+
+
+class _FhirPathConverter(PathConverter):
+    """A FHIR REST path: it starts with a resource type, so a root FHIR base leaves /authorize, /token and
+    /favicon.ico alone."""
+
+    regex = "[A-Z][^/]*(?:/.*)?"
 
 
 @dataclass
@@ -155,8 +169,10 @@ class SmartEhr:
         client_secret: str | None = None,
         redirect_uris: tuple[str, ...] | None = None,
         fhir_user: str = "Practitioner/smart-ehr-clinician",
+        fhir_path: str = "",
     ):
         self.fhir_upstream = fhir_upstream.rstrip("/")
+        self.fhir_path = fhir_path.rstrip("/")
         self.client = _Client(client_id, client_secret, redirect_uris)
         self.user = _User(fhir_user)
         self.consent = "ask"
@@ -165,6 +181,11 @@ class SmartEhr:
         self.withhold_scopes: set[str] = set()
         self.refuse_refresh = False
         self.forge_id_token = False
+        self.omit_patient = False
+        self.discovery_status = 200
+        self.discovery_body: Any = None
+        self.hold_discovery = False
+        self._discovery_released = threading.Event()
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.received: list[tuple[str, str]] = []
         self.token_requests: list[tuple[str, int]] = []
@@ -185,6 +206,7 @@ class SmartEhr:
         return self
 
     def stop(self) -> None:
+        self._discovery_released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -206,7 +228,15 @@ class SmartEhr:
     @property
     def fhir_base(self) -> str:
         """The FHIR base the EHR launches with (``iss``) and that tokens are for (``aud``)."""
-        return self.base_url + FHIR_PATH
+        return self.base_url + self.fhir_path
+
+    def release_discovery(self) -> None:
+        """Let held discovery requests answer."""
+        self._discovery_released.set()
+
+    def discovery_count(self) -> int:
+        """How many requests reached the SMART configuration."""
+        return sum(1 for _, path in self.received if path.split("?", 1)[0] == self.fhir_path + WELL_KNOWN)
 
     # -- the EHR side of a launch -----------------------------------------------------------
 
@@ -257,6 +287,7 @@ class SmartEhr:
 
     def _build_app(self) -> Flask:
         app = Flask("smart_ehr")
+        app.url_map.converters["fhir"] = _FhirPathConverter
         app.config["OAUTH2_REFRESH_TOKEN_GENERATOR"] = True
         server = AuthorizationServer(app, query_client=self._query_client, save_token=self._save_token)
         server.register_token_generator(
@@ -275,11 +306,11 @@ class SmartEhr:
         def record():
             self.received.append((request.method, request.full_path.rstrip("?")))
 
-        app.add_url_rule(f"{FHIR_PATH}/.well-known/smart-configuration", "discovery", self._discovery)
+        app.add_url_rule(self.fhir_path + WELL_KNOWN, "discovery", self._discovery)
         app.add_url_rule("/authorize", "authorize", self._authorize, methods=["GET", "POST"])
         app.add_url_rule("/token", "token", self._token, methods=["POST"])
         app.add_url_rule("/jwks", "jwks", self._jwks)
-        app.add_url_rule(f"{FHIR_PATH}/<path:path>", "fhir", self._fhir)
+        app.add_url_rule(f"{self.fhir_path}/<fhir:path>", "fhir", self._fhir)
         app.add_url_rule("/ehr/launch", "ehr_launch", self._ehr_launch)
         return app
 
@@ -303,6 +334,8 @@ class SmartEhr:
             self._store.tokens[record.access_token] = record
         if getattr(oauth_request, "authorization_code", None) is not None:
             token.update(context)
+            if self.omit_patient:
+                token.pop("patient", None)
             if "openid" in record.scope.split():
                 token["id_token"] = self._id_token(oauth_request.user)
 
@@ -387,7 +420,15 @@ class SmartEhr:
     # -- routes ------------------------------------------------------------------------------
 
     def _discovery(self):
-        return self.smart_configuration()
+        if self.hold_discovery:
+            self._discovery_released.wait(30)
+        body = self.smart_configuration() if self.discovery_body is None else self.discovery_body
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        response = Response(body, self.discovery_status, content_type="application/json")
+        if 300 <= self.discovery_status < 400:
+            response.headers["Location"] = "https://elsewhere.example/.well-known/smart-configuration"
+        return response
 
     def _ehr_launch(self):
         target = request.args.get("target", "")

@@ -87,6 +87,102 @@ def test_urls_outside_the_allowlist_are_refused(url):
     assert not client.allows_fhir_server(url)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/fhir/..%2fevil",
+        "/fhir/..%2Fevil",
+        "/fhir/%2e%2e%2fevil",
+        "/fhir/%2E%2E/evil",
+        "/fhir/.%2e/evil",
+        "/fhir/%2e/../evil",
+        "/fhir/..%5cevil",
+        "/fhir/%252e%252e/evil",
+        "/fhir/%252fevil",
+        "/fhir/..;/evil",
+        "/fhir/..%3b/evil",
+        "/fhir;x/../evil",
+        "/fhir/.../evil",
+        "/fhir/...%2fevil",
+        "/fhir/..%20/evil",
+        "/fhir/..%09/evil",
+        "/fhir/..%00/evil",
+        "/fhir/%c0%ae%c0%ae/evil",
+        "/fhir/%ef%bc%8e%ef%bc%8e/evil",
+        "/fhir/Patient%3F_id=1",
+        "/fhir/Patient%23x",
+    ],
+)
+def test_escaped_dots_separators_and_parameters_are_not_under_the_base(path):
+    """The allowlist compares decoded paths: whatever a server decodes must still be under /fhir."""
+    client = TrustedClient("iss", fhir_servers=("https://ehr.example.org/fhir",))
+    assert not client.allows_fhir_server("https://ehr.example.org" + path)
+
+
+@pytest.mark.parametrize("path", ["/%66hir/Patient/1", "/fhir/Patient/a.b", "/fhir/Patient/x.", "/fhir//Patient"])
+def test_escaped_letters_and_dots_inside_names_are_compared_decoded(path):
+    client = TrustedClient("iss", fhir_servers=("https://ehr.example.org/fhir",))
+    assert client.allows_fhir_server("https://ehr.example.org" + path)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://ehr.example.org./fhir", "https://ehr.example.org:0/fhir", "https://ehr.ex\u00e4mple.org/fhir"]
+)
+def test_other_spellings_of_the_host_are_refused(url):
+    client = TrustedClient("iss", fhir_servers=("https://ehr.example.org/fhir",))
+    assert not client.allows_fhir_server(url)
+
+
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "https://ehr.example.org/fhir",
+        "https://ehr.example.org/fhir/",
+        "HTTPS://EHR.Example.ORG/fhir",
+        "https://ehr.example.org:443/fhir",
+        "https://ehr.example.org/%66hir",
+    ],
+)
+def test_a_fhir_base_is_named_by_its_normalised_spelling(iss):
+    client = TrustedClient("iss", fhir_servers=("https://ehr.example.org/fhir",))
+    assert client.fhir_base(iss) == ("https://ehr.example.org/fhir", "https://ehr.example.org/fhir")
+
+
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "https://ehr.example.org/fhir/R4",
+        "https://ehr.example.org/fhir/Patient",
+        "https://ehr.example.org/fhir/..%2fevil",
+        "https://ehr.example.org",
+        "https://ehr.example.org/fhir?x=1",
+        "https://ehr.example.org/fhir?",
+        "https://ehr.example.org/fhir#",
+        "https://ehr.example.org/FHIR",
+        "https://ehr.example.org:8443/fhir",
+        "http://ehr.example.org/fhir",
+        "https://ehr.example.org./fhir",
+        "",
+    ],
+)
+def test_a_path_under_a_base_or_another_spelling_is_not_a_fhir_base(iss):
+    client = TrustedClient("iss", fhir_servers=("https://ehr.example.org/fhir",))
+    assert client.fhir_base(iss) is None
+
+
+def test_a_wildcard_port_entry_names_that_host_and_path_on_any_port():
+    client = TrustedClient("iss", fhir_servers=("http://localhost:*", "http://127.0.0.1:*/fhir/R4"))
+    assert client.fhir_base("http://localhost:8103/") == ("http://localhost:8103", "http://localhost:*")
+    assert client.fhir_base("http://localhost") == ("http://localhost", "http://localhost:*")
+    assert client.fhir_base("http://127.0.0.1:4000/fhir/R4") == (
+        "http://127.0.0.1:4000/fhir/R4",
+        "http://127.0.0.1:*/fhir/R4",
+    )
+    assert client.fhir_base("http://localhost:8103/fhir/R4") is None
+    assert client.fhir_base("http://127.0.0.1:4000") is None
+    assert client.fhir_base("https://localhost:8103") is None
+
+
 def test_wildcard_port_allows_any_port_on_that_host_and_scheme_only():
     client = TrustedClient("iss", fhir_servers=("http://localhost:*", "http://127.0.0.1:*"))
     assert client.allows_fhir_server("http://localhost:8103/fhir/R4")
@@ -240,3 +336,13 @@ def test_missing_file_is_an_error_naming_the_file(tmp_path):
 
 def test_document_without_clients_array_is_an_error(tmp_path):
     assert "clients" in load_error(tmp_path, {"client": []})
+
+
+@pytest.mark.parametrize(("member", "value"), [("iss", "https://x.example/" + "a" * 500), ("tenant", "t" * 201)])
+def test_issuers_and_tenants_fit_the_columns_that_store_them(member, value):
+    from tests.support.tokens import SigningKey, clients_document
+
+    document = clients_document(SigningKey.generate(), [])
+    document["clients"][0][member] = value
+    with pytest.raises(ValueError, match=f"clients\\[0\\].{member}: must be printable and at most"):
+        ClientRegistry.from_mapping(document)
