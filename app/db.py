@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import stat
 from pathlib import Path
 
 import click
@@ -9,6 +13,10 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
+
+from app.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -34,9 +42,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 def make_engine(url: str) -> sa.Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout so that several processes can share it."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_file(url)
         engine = sa.create_engine(url, connect_args={"timeout": 15})
 
         @event.listens_for(engine, "connect")
@@ -50,6 +56,64 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args={"connect_timeout": 5})
 
 
+def private_instance_directory(path: str | Path) -> None:
+    """Create the instance folder 0700, or tighten an existing one of ours: it holds PHI (database, audit log).
+
+    A folder that is shared (sticky, like /tmp), another user's, or cannot be changed stops the start instead.
+    """
+    path = Path(path)
+    _create_private_directory(path)
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077:
+        return
+    problem = None
+    if info.st_mode & stat.S_ISVTX:
+        problem = "is a shared folder (sticky bit)"
+    elif info.st_uid != os.geteuid():
+        problem = "belongs to another user"
+    else:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            problem = f"cannot be made private ({exc.strerror})"
+    if problem:
+        raise ConfigError(
+            f"INSTANCE_PATH {path} is mode {mode:04o} and {problem}: give the service a folder of its own (0700)"
+        )
+    log.warning("INSTANCE_PATH %s was mode %04o; made it 0700 (it holds patient data)", path, mode)
+
+
+def _create_private_directory(path: Path) -> None:
+    """``path`` 0700 if it does not exist yet (missing parents as the umask makes them); an existing one as is."""
+    if not path.is_dir():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would make it 0644; its -wal and -shm files
+    take the database file's mode), and tighten an existing one and its -wal and -shm files."""
+    database = sa.engine.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    _create_private_directory(path.parent)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(name.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            try:
+                os.chmod(name, mode & 0o700)
+            except OSError as exc:
+                raise ConfigError(f"DATABASE_URL: {name} is mode {mode:04o}, unchangeable ({exc.strerror})") from None
+            log.warning("%s was mode %04o; took away other users' access (it holds patient data)", name, mode)
+
+
 def alembic_config(url: str) -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -59,11 +123,14 @@ def alembic_config(url: str) -> AlembicConfig:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema at ``url`` up to ``revision``."""
+    if url.startswith("sqlite"):
+        _private_sqlite_file(url)  # before Alembic's own engine creates the file
     command.upgrade(alembic_config(url), revision)
 
 
 def init_app(app) -> None:
-    """Create the engine once and register ``flask db upgrade``."""
+    """Make the instance folder private, create the engine once and register ``flask db upgrade``."""
+    private_instance_directory(app.config["INSTANCE_PATH"])
     app.extensions["db"] = make_engine(app.config["DATABASE_URL"])
 
     @app.cli.group("db")

@@ -15,6 +15,7 @@ from flask import Flask, Response, request
 from flask.cli import AppGroup
 from werkzeug.exceptions import HTTPException
 
+from app import limits
 from app.ai import InvalidModelInput, Model
 from app.ai.kserve import decode_tensors, encode_tensors
 from app.logs import describe
@@ -69,6 +70,7 @@ def create_model_server(models: list[Model] | None = None) -> Flask:
     registry = {m.name: m for m in models}
     server = Flask(__name__)
     server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    limits.init_app(server)  # the limit holds for chunked bodies too
 
     def lookup(name: str, version: str | None) -> Model:
         model = registry.get(name)
