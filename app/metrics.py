@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -37,6 +38,13 @@ HOOK_SECONDS = Histogram(
     ["service", "outcome"],
     buckets=LATENCY_BUCKETS,
 )
+RESULTS_NOT_STORED = Counter(
+    "gateway_results_not_stored_total",
+    "Explanation results not stored, by reason. The card went out without its link for unstorable, queue-full "
+    "and database-unreachable; its link points at nothing for rejected and lost-at-exit (and says 'expired' for "
+    "expired)",
+    ["reason"],
+)
 
 bp = Blueprint("metrics", __name__)
 
@@ -45,6 +53,10 @@ bp = Blueprint("metrics", __name__)
 def metrics():
     """The Prometheus text format; with several workers, the sum over all of them; job gauges from the ledger."""
     from app.jobs.monitor import LedgerCollector
+
+    token = current_app.config["METRICS_TOKEN"]
+    if token and not _bearer_matches(request.headers.get("Authorization"), token):
+        return Response("metrics need Authorization: Bearer $METRICS_TOKEN\n", 401, {"WWW-Authenticate": "Bearer"})
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
@@ -55,6 +67,11 @@ def metrics():
     ledger_registry = CollectorRegistry()
     ledger_registry.register(LedgerCollector(current_app.extensions["db"]))
     return Response(body + generate_latest(ledger_registry), content_type=CONTENT_TYPE_LATEST)
+
+
+def _bearer_matches(header: str | None, token: str) -> bool:
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def init_app(app) -> None:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from app.cds.errors import BadHookRequest
-from app.cds.request import parse_json_object
+from app.cds.request import CONTROL, MAX_URL, parse_json_object
 from app.db import feedback as feedback_table
 
 OUTCOMES = ("accepted", "overridden")
+# RFC 3339 section 5.6 date-time: no week dates, ordinal dates or basic format (which fromisoformat accepts).
+RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+MAX_ID = 200  # card_uuid's column; ids of suggestions and reason codes are held to the same
+# Free text may have tabs and line breaks, never other control characters (NUL included).
+TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -26,27 +33,42 @@ class FeedbackEntry:
 
 
 def _rfc3339(value: Any, field: str) -> datetime:
+    """An RFC 3339 date-time with its offset, in UTC; a leap second (:60) is read as :59."""
     if not isinstance(value, str):
         raise BadHookRequest(f"{field} must be an RFC 3339 date-time string", field)
+    match = RFC3339.fullmatch(value)
+    if match is None:
+        if RFC3339.fullmatch(value + "Z") or re.fullmatch(r"\d{4}-\d{2}-\d{2}", value, re.ASCII):
+            raise BadHookRequest(f"{field} must be a date-time with a time zone (UTC)", field)
+        raise BadHookRequest(f"{field} is not an RFC 3339 date-time such as 2021-12-11T10:05:31Z", field)
+    day, minutes, seconds, fraction, offset = match.groups()
+    fraction = (fraction or "")[:7]  # datetime keeps microseconds
+    offset = "+00:00" if offset.upper() == "Z" else offset
+    seconds = "59" if seconds == "60" else seconds
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadHookRequest(f"{field} is not an RFC 3339 date-time: {value[:40]!r}", field) from None
-    if parsed.tzinfo is None or "T" not in value.upper():
-        raise BadHookRequest(f"{field} must be a date-time with a time zone (UTC)", field)
-    return parsed.astimezone(UTC)
+        parsed = datetime.fromisoformat(f"{day}T{minutes}:{seconds}{fraction}{offset}")
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # 2020-13-45, +24:00, or year 1 east of UTC (before the first instant)
+        raise BadHookRequest(f"{field} is not a valid date-time between years 1 and 9999 (UTC)", field) from None
 
 
-def _string(entry: dict[str, Any], name: str, field: str) -> str:
+def _string(entry: dict[str, Any], name: str, field: str, max_length: int = MAX_ID) -> str:
+    """A non-empty identifier: at most ``max_length`` characters, no control characters (they cannot be stored)."""
     value = entry.get(name)
     if not isinstance(value, str) or not value.strip():
         raise BadHookRequest(f"{field} is required and must be a non-empty string", field)
+    if len(value) > max_length or CONTROL.search(value):
+        raise BadHookRequest(f"{field} must be at most {max_length} characters, without control characters", field)
     return value
 
 
 def _parse_entry(entry: Any, where: str) -> FeedbackEntry:
     if not isinstance(entry, dict):
         raise BadHookRequest(f"{where} must be an object", where)
+    try:
+        orjson.dumps(entry)  # the entry is stored whole; orjson stops at 255 levels, well before the database
+    except orjson.JSONEncodeError:
+        raise BadHookRequest(f"{where} is nested too deeply to be stored", where) from None
     card = _string(entry, "card", f"{where}.card")
     outcome = _string(entry, "outcome", f"{where}.outcome")
     if outcome not in OUTCOMES:
@@ -73,9 +95,13 @@ def _parse_entry(entry: Any, where: str) -> FeedbackEntry:
             if not isinstance(coding, dict):
                 raise BadHookRequest(f"{field}.reason must be a Coding", f"{field}.reason")
             _string(coding, "code", f"{field}.reason.code")
-            _string(coding, "system", f"{field}.reason.system")
-        if reason.get("userComment") is not None and not isinstance(reason["userComment"], str):
-            raise BadHookRequest(f"{field}.userComment must be a string", f"{field}.userComment")
+            _string(coding, "system", f"{field}.reason.system", max_length=MAX_URL)
+        comment = reason.get("userComment")
+        if comment is not None and (not isinstance(comment, str) or TEXT_CONTROL.search(comment)):
+            raise BadHookRequest(
+                f"{field}.userComment must be text (line breaks and tabs allowed, no other control characters)",
+                f"{field}.userComment",
+            )
     return FeedbackEntry(
         card=card,
         outcome=outcome,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -38,6 +40,12 @@ HOOK_CONTEXT: dict[str, tuple[dict[str, type], dict[str, type]]] = {
 }
 _JSON_TYPE = {str: "a string", list: "an array", dict: "an object"}
 _USER_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
+# FHIR's id grammar: what patientId, encounterId and the id in userId are (and all that may reach the database).
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# C0 and C1 control characters (NUL included): never part of an identifier or a URL.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_HOOK_INSTANCE = 200
+MAX_URL = 2048
 
 
 @dataclass
@@ -111,10 +119,44 @@ def _check_context(hook: str, context: dict[str, Any]) -> None:
         _require(context, name, kind, "context.")
     for name, kind in optional.items():
         _optional(context, name, kind, "context.")
+    for name in ("patientId", "encounterId"):
+        value = context.get(name)
+        if value is not None and not (isinstance(value, str) and FHIR_ID.fullmatch(value)):
+            raise BadHookRequest(
+                f"context.{name} must be a FHIR id: 1 to 64 letters, digits, '-' or '.'", f"context.{name}"
+            )
     user_id = context.get("userId")
     kind, _, ident = user_id.partition("/") if isinstance(user_id, str) else ("", "", "x")
-    if isinstance(user_id, str) and (kind not in _USER_TYPES or not ident.strip()):
-        raise BadHookRequest("context.userId must be a relative reference such as Practitioner/123", "context.userId")
+    if isinstance(user_id, str) and (kind not in _USER_TYPES or not FHIR_ID.fullmatch(ident)):
+        raise BadHookRequest(
+            "context.userId must be a relative reference to a user with a FHIR id, such as Practitioner/123",
+            "context.userId",
+        )
+
+
+def _check_text(value: str, path: str, max_length: int) -> str:
+    """An identifier such as hookInstance: bounded, and nothing a log line or a database could choke on."""
+    if len(value) > max_length or CONTROL.search(value):
+        raise BadHookRequest(f"{path} must be at most {max_length} characters, without control characters", path)
+    return value
+
+
+def _check_fhir_server(value: str) -> str:
+    """An absolute http(s) URL, nothing else: it names the server we may fetch from and is stored with results."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    if (
+        parts is None
+        or parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or len(value) > MAX_URL
+        or CONTROL.search(value)
+        or any(c.isspace() for c in value)
+    ):
+        raise BadHookRequest("fhirServer must be an absolute http(s) URL", "fhirServer")
+    return value.rstrip("/")
 
 
 def _parse_authorization(data: dict[str, Any]) -> FhirAuthorization | None:
@@ -138,13 +180,54 @@ def _parse_authorization(data: dict[str, Any]) -> FhirAuthorization | None:
     )
 
 
+def _is_resource(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("resourceType"), str) and bool(value["resourceType"])
+
+
+def _not_a_resource(value: Any, path: str) -> BadHookRequest:
+    if not isinstance(value, dict):
+        return BadHookRequest(f"{path} must be a FHIR resource (an object)", path)
+    return BadHookRequest(f"{path}.resourceType must be a non-empty string", f"{path}.resourceType")
+
+
+def _array_of_objects(bundle: dict[str, Any], name: str, path: str) -> list[dict[str, Any]]:
+    items = bundle.get(name)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise BadHookRequest(f"{path}.{name} must be an array", f"{path}.{name}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadHookRequest(f"{path}.{name}[{i}] must be an object", f"{path}.{name}[{i}]")
+    return items
+
+
+def _check_prefetch_value(value: Any, path: str) -> None:
+    """A prefetch value is null or a FHIR resource; a Bundle's skeleton (entry, resource, link) is checked so that
+    no later step meets an entry that is not an object (R-6). Paths are built only for the error (hook path)."""
+    if value is None:
+        return
+    if not _is_resource(value):
+        raise _not_a_resource(value, path)
+    if value["resourceType"] != "Bundle":
+        return
+    for i, entry in enumerate(_array_of_objects(value, "entry", path)):
+        resource = entry.get("resource")
+        if resource is not None and not _is_resource(resource):
+            raise _not_a_resource(resource, f"{path}.entry[{i}].resource")
+    for i, link in enumerate(_array_of_objects(value, "link", path)):
+        for member in ("relation", "url"):
+            if link.get(member) is not None and not isinstance(link[member], str):
+                raise BadHookRequest(f"{path}.link[{i}].{member} must be a string", f"{path}.link[{i}].{member}")
+
+
 def parse_hook_request(body: bytes, expected_hook: str | None = None) -> HookRequest:
     """Validate a service call body; raise BadHookRequest naming the first offending field."""
     data = parse_json_object(body)
     hook = _require(data, "hook", str)
     if expected_hook is not None and hook != expected_hook:
         raise BadHookRequest(f"hook is {hook!r} but this service answers {expected_hook!r}", "hook")
-    hook_instance = _require(data, "hookInstance", str)
+    hook_instance = _check_text(_require(data, "hookInstance", str), "hookInstance", MAX_HOOK_INSTANCE)
     context = _require(data, "context", dict)
     _check_context(hook, context)
     fhir_server = _optional(data, "fhirServer", str)
@@ -153,13 +236,12 @@ def parse_hook_request(body: bytes, expected_hook: str | None = None) -> HookReq
         raise BadHookRequest("fhirServer is required when fhirAuthorization is present", "fhirServer")
     prefetch = _optional(data, "prefetch", dict) or {}
     for key, value in prefetch.items():
-        if value is not None and not isinstance(value, dict):
-            raise BadHookRequest(f"prefetch.{key} must be a FHIR resource or null", f"prefetch.{key}")
+        _check_prefetch_value(value, f"prefetch.{key}")
     return HookRequest(
         hook=hook,
         hook_instance=hook_instance,
         context=context,
-        fhir_server=fhir_server.rstrip("/") if fhir_server else None,
+        fhir_server=_check_fhir_server(fhir_server) if fhir_server is not None else None,
         fhir_authorization=authorization,
         prefetch=prefetch,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 
 from flask import Blueprint, abort, current_app, request
 
@@ -14,9 +15,17 @@ from app.jobs.views import job_summary
 
 bp = Blueprint("jobs", __name__)
 
+# What a job id or kind can be: no control characters (PostgreSQL cannot even compare a NUL), bounded.
+_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")
+
 
 def _engine():
     return current_app.extensions["db"]
+
+
+def _get(job_id: str) -> ledger.Job | None:
+    """The job, or None, also for an id no job can have (without asking the database)."""
+    return ledger.get(_engine(), job_id) if _NAME.fullmatch(job_id) else None
 
 
 @bp.get("/jobs/<job_id>")
@@ -24,7 +33,7 @@ def job_status(job_id: str):
     """Status and, once done, the result, for the trusted client whose hook call created the job (client JWT,
     as for CDS Hooks calls). Jobs of other clients, and internal jobs, are 404: their existence is not told."""
     principal = current_app.extensions["cds"].authenticate(request.headers.get("Authorization"), request.path)
-    job = ledger.get(_engine(), job_id)
+    job = _get(job_id)
     declared = job_kind(job.kind) if job else None
     caller = principal.iss if principal else None
     owner = job.payload.get("client_iss") if job and isinstance(job.payload, dict) else None
@@ -67,16 +76,18 @@ def stats():
 @admin.get("/dead")
 def dead_letters():
     """The dead letter queue, most recent first (``kind``, ``limit`` up to 1000)."""
-    limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        abort(400, description="limit must be a whole number from 1 to 1000")
-    dead = ledger.find(_engine(), ledger.DEAD, kind=request.args.get("kind"), limit=int(limit))
+    limit, kind = request.args.get("limit", "100"), request.args.get("kind")
+    if not re.fullmatch(r"[0-9]{1,4}", limit) or not 1 <= int(limit) <= 1000:
+        return operation_outcome(400, "invalid", "limit must be a whole number from 1 to 1000", "limit")
+    if kind is not None and not _NAME.fullmatch(kind):
+        return operation_outcome(400, "invalid", "kind must be a job kind (no control characters)", "kind")
+    dead = ledger.find(_engine(), ledger.DEAD, kind=kind, limit=int(limit))
     return json_response({"jobs": [job_summary(job) for job in dead]})
 
 
 @admin.get("/<job_id>")
 def show(job_id: str):
-    job = ledger.get(_engine(), job_id)
+    job = _get(job_id)
     if job is None:
         abort(404, description=f"No job with id {job_id!r}")
     return json_response(job_summary(job, full=True))
@@ -85,7 +96,7 @@ def show(job_id: str):
 @admin.post("/<job_id>/requeue")
 def requeue(job_id: str):
     """Send a dead job back to the queue (attempts reset); 409 when it is not dead."""
-    job = ledger.get(_engine(), job_id)
+    job = _get(job_id)
     if job is None:
         abort(404, description=f"No job with id {job_id!r}")
     if not ledger.requeue(_engine(), job_id):

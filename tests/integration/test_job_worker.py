@@ -16,6 +16,7 @@ from app.jobs import ledger
 from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, job_handler, submit
 from app.jobs.worker import Worker
 from tests.conftest import PUBLIC_BASE_URL
+from tests.support.assertions import wait_for
 
 CALLS: Counter[str] = Counter()
 BEHAVIOUR: dict[str, str] = {}  # job id -> "ok" | "transient" | "permanent" | "retry-later" | "slow"
@@ -69,13 +70,6 @@ def drain(app, rounds: int = 50) -> list:
             break
         time.sleep(0.03)
     return outcomes
-
-
-def wait_for(condition, seconds: float = 5) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def _waiting(app) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -16,3 +18,11 @@ def assert_no_empty_members(value: Any, path: str = "$") -> None:
     for where, item in items:
         assert item not in (None, "", [], {}), f"empty member at {where}"
         assert_no_empty_members(item, where)
+
+
+def wait_for(condition: Callable[[], bool], message: str = "condition not met", timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail with ``message`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.01)

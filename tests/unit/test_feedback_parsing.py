@@ -285,3 +285,78 @@ def test_entries_are_stored_all_or_nothing(engine):
         store_feedback(engine, "svc", [good, unstorable], None, None)
 
     assert stored(engine) == []
+
+
+# --- RFC 3339 only, and nothing a database cannot store (issue 9, item 4) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "2021-W49-6T10:05:31Z",  # an ISO week date: fromisoformat takes it, RFC 3339 does not
+        "20211211T100531Z",  # ISO basic format
+        "2021-345T10:05:31Z",  # ordinal date
+        "2021-12-11 10:05:31Z",  # a space instead of T
+        "2021-12-11T10:05Z",  # no seconds
+        "2021-12-11T10:05:31+0100",  # offset without colon
+        "2021-12-11T10:05:61Z",
+        "2021-12-11T10:05:31+24:00",
+        "２０２１-12-11T10:05:31Z",
+    ],
+    ids=repr,
+)
+def test_outcome_timestamp_that_is_not_rfc_3339_is_rejected_naming_it(timestamp):
+    assert rejected(body(entry(OVERRIDDEN, outcomeTimestamp=timestamp))).expression == "feedback[0].outcomeTimestamp"
+
+
+@pytest.mark.parametrize("timestamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"], ids=repr)
+def test_outcome_timestamp_outside_the_years_1_to_9999_in_utc_is_rejected_naming_it(timestamp):
+    assert rejected(body(entry(OVERRIDDEN, outcomeTimestamp=timestamp))).expression == "feedback[0].outcomeTimestamp"
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, tzinfo=UTC)),  # a leap second
+        ("2021-12-11t10:05:31z", datetime(2021, 12, 11, 10, 5, 31, tzinfo=UTC)),
+        ("2021-12-11T10:05:31.123456789-00:00", datetime(2021, 12, 11, 10, 5, 31, 123456, tzinfo=UTC)),
+        ("0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
+    ],
+    ids=repr,
+)
+def test_rfc_3339_timestamps_are_accepted(timestamp, expected):
+    assert parse_feedback(body(entry(OVERRIDDEN, outcomeTimestamp=timestamp)))[0].outcome_timestamp == expected
+
+
+@pytest.mark.parametrize("card", ["4e0a\x00", "4e0a\x1b", "c" * 201], ids=["nul", "escape", "201-chars"])
+def test_a_card_id_with_control_characters_or_too_long_is_rejected_naming_it(card):
+    assert rejected(body(entry(OVERRIDDEN, card=card))).expression == "feedback[0].card"
+
+
+def test_a_card_id_of_200_characters_is_accepted():
+    assert parse_feedback(body(entry(OVERRIDDEN, card="c" * 200)))[0].card == "c" * 200
+
+
+def test_a_suggestion_id_or_reason_code_with_a_nul_is_rejected_naming_it():
+    suggestions = [{"id": "s1"}, {"id": "s\x00"}]
+    assert rejected(body(entry(ACCEPTED, acceptedSuggestions=suggestions))).expression == (
+        "feedback[0].acceptedSuggestions[1].id"
+    )
+    reason = {"reason": {"code": "d7ecf885", "system": "urn:x\x00"}}
+    assert rejected(body(entry(OVERRIDDEN, overrideReason=reason))).expression == (
+        "feedback[0].overrideReason.reason.system"
+    )
+
+
+@pytest.mark.parametrize("comment", ["no\x00", "bell\x07", "esc\x1b[2J", "c1\x85"], ids=repr)
+def test_a_user_comment_with_control_characters_is_rejected_naming_it(comment):
+    reason = {"userComment": comment}
+    assert rejected(body(entry(OVERRIDDEN, overrideReason=reason))).expression == (
+        "feedback[0].overrideReason.userComment"
+    )
+
+
+def test_a_user_comment_keeps_its_line_breaks_and_tabs():
+    comment = "Declined.\r\n\tDiscuss at next visit."
+    parsed = parse_feedback(body(entry(OVERRIDDEN, overrideReason={"userComment": comment})))
+    assert parsed[0].override_reason == {"userComment": comment}

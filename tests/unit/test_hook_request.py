@@ -394,3 +394,106 @@ def test_unknown_members_at_every_level_are_ignored():
 
     assert request.patient_id == "1288992"
     assert not hasattr(request, "extension")
+
+
+# --- ids that reach the database, and the prefetch Bundle's skeleton (issue 9, item 4) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["gw-test\x00patient", "a b", "Patient/1", "x" * 65, "ü", "1;2", "\t1", "１２"],
+    ids=["nul", "space", "slash", "65-chars", "non-ascii", "semicolon", "tab", "fullwidth-digits"],
+)
+@pytest.mark.parametrize("name", ["patientId", "encounterId"])
+def test_a_patient_or_encounter_id_that_is_not_a_fhir_id_is_rejected_naming_it(name, value):
+    body = call()
+    body["context"][name] = value
+    assert rejected(body).expression == f"context.{name}"
+
+
+@pytest.mark.parametrize("value", ["a", "x" * 64, "A-z.0-9", "smart-1288992", "0f9d7c2e-1c4b-4e3a-9a55-8a9c3b7d2f10"])
+def test_fhir_ids_of_one_to_64_letters_digits_dashes_and_dots_are_accepted(value):
+    body = call()
+    body["context"]["patientId"] = value
+    body["context"]["encounterId"] = value
+    assert (parse(body).patient_id, parse(body).encounter_id) == (value, value)
+
+
+@pytest.mark.parametrize("user_id", ["Practitioner/a\x00", "Practitioner/a b", "Practitioner/" + "x" * 65])
+def test_a_user_id_whose_id_is_not_a_fhir_id_is_rejected_naming_it(user_id):
+    body = call()
+    body["context"]["userId"] = user_id
+    assert rejected(body).expression == "context.userId"
+
+
+@pytest.mark.parametrize("instance", ["d1577c69\x00", "line\nbreak", "\x1b[2J", "x" * 201])
+def test_a_hook_instance_with_control_characters_or_too_long_is_rejected_naming_it(instance):
+    assert rejected(call(hookInstance=instance)).expression == "hookInstance"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        "ftp://fhir.example.org",
+        "fhir.example.org/r4",
+        "http://",
+        "http:///r4",
+        "http://[::1/r4",
+        "https://fhir.example.org/r4\x00",
+        "http://a b/fhir",
+    ],
+    ids=repr,
+)
+def test_a_fhir_server_that_is_not_an_absolute_http_url_is_rejected_naming_it(server):
+    assert rejected(call(fhirServer=server)).expression == "fhirServer"
+
+
+def bundle_prefetch(**bundle: Any) -> dict[str, Any]:
+    entries = [{"resource": {"resourceType": "Condition", "id": str(i)}} for i in range(3)]
+    return {"conditions": {"resourceType": "Bundle", "type": "searchset", "entry": entries, **bundle}}
+
+
+@pytest.mark.parametrize("entry", [{"resource": {}}, "entries", 42, True], ids=repr)
+def test_a_bundle_entry_that_is_not_an_array_is_rejected_naming_it(entry):
+    assert rejected(call(prefetch=bundle_prefetch(entry=entry))).expression == "prefetch.conditions.entry"
+
+
+@pytest.mark.parametrize("item", ["Condition/2", 42, None, []], ids=repr)
+def test_a_bundle_entry_that_is_not_an_object_is_rejected_naming_its_index(item):
+    prefetch = bundle_prefetch()
+    prefetch["conditions"]["entry"][2] = item
+    assert rejected(call(prefetch=prefetch)).expression == "prefetch.conditions.entry[2]"
+
+
+@pytest.mark.parametrize("resource", ["Condition/2", 42, [], {"id": "2"}, {"resourceType": 7}], ids=repr)
+def test_an_entry_resource_that_is_not_a_resource_is_rejected_naming_it(resource):
+    prefetch = bundle_prefetch()
+    prefetch["conditions"]["entry"][2]["resource"] = resource
+    assert rejected(call(prefetch=prefetch)).expression.startswith("prefetch.conditions.entry[2].resource")
+
+
+@pytest.mark.parametrize(
+    ("link", "expression"),
+    [
+        ({"relation": "next"}, "prefetch.conditions.link"),
+        ("next", "prefetch.conditions.link"),
+        (["https://fhir.example.org/r4/Condition?page=2"], "prefetch.conditions.link[0]"),
+        ([{"relation": "next", "url": 42}], "prefetch.conditions.link[0].url"),
+        ([{"relation": ["next"], "url": "https://x"}], "prefetch.conditions.link[0].relation"),
+    ],
+    ids=repr,
+)
+def test_a_bundle_link_of_the_wrong_shape_is_rejected_naming_it(link, expression):
+    assert rejected(call(prefetch=bundle_prefetch(link=link))).expression == expression
+
+
+def test_a_prefetch_value_without_a_resource_type_is_rejected_naming_it():
+    assert rejected(call(prefetch={"patient": {"id": "1288992"}})).expression == "prefetch.patient.resourceType"
+
+
+def test_a_bundle_with_null_or_absent_entries_links_and_resources_is_accepted():
+    prefetch = bundle_prefetch(link=None)
+    prefetch["conditions"]["entry"][1] = {"fullUrl": "urn:uuid:1", "resource": None}
+    prefetch["empty"] = {"resourceType": "Bundle", "type": "searchset", "entry": None}
+    prefetch["paged"] = bundle_prefetch(link=[{"relation": "next", "url": "https://x/p2"}])["conditions"]
+    assert set(parse(call(prefetch=prefetch)).prefetch) == {"conditions", "empty", "paged"}

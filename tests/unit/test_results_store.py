@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from app import results
 from app.db import make_engine, upgrade
@@ -126,3 +127,98 @@ def test_a_full_writer_queue_costs_the_link_not_the_card(engine, monkeypatch):
     first = writer.submit("job", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
     second = writer.submit("job", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
     assert first is not None and second is None
+
+
+# --- storable by construction (issue 9, item 5) ----------------------------------------------------------------
+
+
+def not_stored(reason: str) -> float:
+    return REGISTRY.get_sample_value("gateway_results_not_stored_total", {"reason": reason}) or 0.0
+
+
+def submit(writer, *, patient_id="p", fhir_server="https://ehr.example/fhir", data=None):
+    return writer.submit(
+        results.RISK,
+        {"risk": 0.05} if data is None else data,
+        client_iss="https://ehr.example/cds",
+        fhir_server=fhir_server,
+        patient_id=patient_id,
+        ttl_seconds=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        {"patient_id": "gw-test\x00patient"},
+        {"patient_id": "x\ud800y"},
+        {"fhir_server": "https://ehr.example/fhir\x00"},
+        {"fhir_server": "https://ehr.example/" + "f" * 5000},
+        {"data": {"risk": object()}},
+        {"data": {"inputs": {1, 2}}},
+        {"data": {"note": "\udfff"}},
+    ],
+    ids=["nul-patient", "surrogate-patient", "nul-server", "long-server", "object", "set", "surrogate-in-data"],
+)
+def test_a_result_that_cannot_be_stored_gets_no_link_and_is_reported(engine, member, caplog):
+    writer = results.ResultWriter(engine)
+    before = not_stored("unstorable")
+
+    assert submit(writer, **member) is None
+
+    assert not_stored("unstorable") == before + 1
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "app.results"]
+    assert "without the explanation link" in record.getMessage()
+    assert "gw-test" not in record.getMessage() and "ehr.example" not in record.getMessage()
+
+
+def test_result_data_is_stored_as_plain_json(engine):
+    writer = results.ResultWriter(engine)
+    data = {"risk": float("nan"), "upper": float("inf"), "made_at": NOW, "inputs": ("hdl", 40), "note": "a\x00b"}
+
+    result_id = submit(writer, data=data)
+    assert writer.flush()
+
+    assert results.load(engine, result_id).data == {
+        "risk": None,
+        "upper": None,
+        "made_at": "2026-12-01T09:30:00+00:00",
+        "inputs": ["hdl", 40],
+        "note": "a\x00b",
+    }
+
+
+@pytest.mark.parametrize("result_id", ["a\x00" * 11, "%00" + "a" * 19, "a" * 21, "a" * 23, "a/" * 11, None, 42])
+def test_only_ids_the_store_can_make_are_looked_up(engine, result_id):
+    assert results.load(engine, result_id) is None
+
+
+def lost_at_exit() -> float:
+    return REGISTRY.get_sample_value("gateway_results_not_stored_total", {"reason": "lost-at-exit"}) or 0.0
+
+
+def queue_one(writer) -> str:
+    return writer.submit(results.RISK, {"x": 1}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)
+
+
+def test_closing_at_exit_writes_what_is_queued(engine):
+    writer = results.ResultWriter(engine)
+    ids = [queue_one(writer) for _ in range(20)]
+    writer.close(timeout=5)
+    assert all(results.load(engine, result_id) is not None for result_id in ids)
+
+
+def test_what_cannot_be_written_before_exit_is_counted_as_lost(engine, tmp_path, caplog):
+    import sqlite3
+
+    writer = results.ResultWriter(engine)
+    holder = sqlite3.connect(tmp_path / "results.db", timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # the database is locked past the process's last moments
+    try:
+        before = lost_at_exit()
+        queue_one(writer)
+        writer.close(timeout=0.3)
+        assert lost_at_exit() - before == 1
+        assert "not written before the process exited" in caplog.text
+    finally:
+        holder.rollback()
