@@ -59,16 +59,29 @@ def _observation_search(*codes: str) -> str:
     return f"Observation?patient={{{{context.patientId}}}}&code={tokens}&_sort=-date&_count=5"
 
 
+# The observation searches sort newest first, so their first page holds the values used: no next page is read.
+# Conditions and medications need every page (diabetes, ASCVD or a statin may be on any of them).
 PREFETCH = {
     "patient": PrefetchKey("Patient/{{context.patientId}}", required=True),
-    "totalCholesterol": PrefetchKey(_observation_search(*TOTAL_CHOLESTEROL_CODES), required=False),
-    "hdl": PrefetchKey(_observation_search(*HDL_CODES), required=False),
-    "bloodPressure": PrefetchKey(_observation_search(*BP_PANEL_CODES, SYSTOLIC_CODE), required=False),
-    "smoking": PrefetchKey(_observation_search(SMOKING_CODE), required=False),
+    "totalCholesterol": PrefetchKey(_observation_search(*TOTAL_CHOLESTEROL_CODES), required=False, pages="first"),
+    "hdl": PrefetchKey(_observation_search(*HDL_CODES), required=False, pages="first"),
+    "bloodPressure": PrefetchKey(_observation_search(*BP_PANEL_CODES, SYSTOLIC_CODE), required=False, pages="first"),
+    "smoking": PrefetchKey(_observation_search(SMOKING_CODE), required=False, pages="first"),
     "conditions": PrefetchKey("Condition?patient={{context.patientId}}", required=False),
     "medications": PrefetchKey("MedicationRequest?patient={{context.patientId}}&status=active", required=False),
 }
 OBSERVATION_KEYS = ("totalCholesterol", "hdl", "bloodPressure", "smoking")
+# How the card names a prefetch key that may be incomplete (not every page of it could be read).
+KEY_WORDS = {
+    "patient": "the patient record",
+    "totalCholesterol": "total cholesterol results",
+    "hdl": "HDL results",
+    "bloodPressure": "blood-pressure results",
+    "smoking": "smoking status results",
+    "conditions": "conditions",
+    "medications": "medications",
+}
+INCOMPLETE = "incomplete"
 LABELS = {
     "age": "Age",
     "sex": "Sex",
@@ -462,7 +475,9 @@ def _latest_first(observations: list[tuple[dict[str, Any], set[str]]], reading: 
     latest effective time first. ``observations`` pairs each Observation with its LOINC codes."""
     found = []
     for observation, codes in observations:
-        if observation.get("status") in {"entered-in-error", "cancelled"} or not reading.may_carry(codes):
+        status = observation.get("status")
+        unusable = not isinstance(status, (str, type(None))) or status in {"entered-in-error", "cancelled"}
+        if unusable or not reading.may_carry(codes):
             continue
         raw = reading.pick(observation)
         if raw is not None:
@@ -729,12 +744,14 @@ def extract_inputs(
     medications: Iterable[dict[str, Any]],
     today: date,
     unavailable: Iterable[str] = (),
+    incomplete: Iterable[str] = (),
 ) -> PceInputs:
     """Read every input of the equations from FHIR resources, in any order, as of ``today``.
 
     ``observations`` may mix cholesterol, HDL, blood-pressure and smoking-status Observations; ``medications``
     holds MedicationRequests and any Medications they refer to. ``unavailable`` names prefetch keys that could
-    not be fetched, so that a gap is reported as unseen rather than as absent.
+    not be fetched, so that a gap is reported as unseen rather than as absent; ``incomplete`` names keys of which
+    only some pages could be read: what they hold is used, and the card says they may be incomplete.
     """
     unavailable = set(unavailable)
     inputs = PceInputs()
@@ -755,7 +772,21 @@ def extract_inputs(
     for name in ("age", "total_cholesterol", "hdl", "systolic_bp"):
         if name in inputs.findings:
             inputs.problems += [Problem(name, reason) for reason in out_of_range({name: inputs.findings[name].value})]
+    _note_incomplete(inputs, [key for key in KEY_WORDS if key in set(incomplete) - unavailable])
     return inputs
+
+
+def _note_incomplete(inputs: PceInputs, keys: list[str]) -> None:
+    """One line naming the inputs that may be incomplete; a statin on an unread page is possible, so none is
+    proposed when medications are among them."""
+    if not keys:
+        return
+    if "medications" in keys:
+        inputs.statin_status_known = False
+    words = [KEY_WORDS[key] for key in keys]
+    names = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+    message = f"{names[0].upper()}{names[1:]} may be incomplete: not every page could be read from the EHR"
+    inputs.problems.append(Problem(INCOMPLETE, message, blocking=False))
 
 
 def inputs_from_call(call: ServiceCall, today: date) -> PceInputs:
@@ -769,8 +800,9 @@ def inputs_from_call(call: ServiceCall, today: date) -> PceInputs:
         call.resources("medications"),
         today,
         call.unavailable,
+        call.incomplete,
     )
-    inputs.patient_id = inputs.patient_id or call.request.patient_id
+    inputs.patient_id = call.request.patient_id  # suggestions name the patient in context, whatever a resource says
     return inputs
 
 
@@ -992,6 +1024,7 @@ def fallback(call: ServiceCall, reason: str) -> list[Card]:
             lines += ["", "**Values found in the record:**"] + _findings_section(inputs)
         if inputs.blocking:
             lines += ["", "**Missing or not usable:**"] + [f"- {escape_markdown(p.message)}" for p in inputs.blocking]
+        lines += [f"\nNote: {escape_markdown(p.message)}" for p in inputs.notes if p.input == INCOMPLETE]
     except Exception:  # the fallback must answer even when the record cannot be read
         inputs = None
         lines.append("\nThe record's values could not be listed.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -25,8 +26,11 @@ from app.cds.cards import Card, Source
 from app.cds.clients import TrustedClient
 from app.cds.service import ServiceCall, cds_service
 from app.fhir.client import Client, FhirError, FhirNotFound
+from app.fhir.compartment import Compartment, bundle_aliases
 from app.jobs import ledger
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, job_handler, submit
+
+log = logging.getLogger(__name__)
 
 SERVICE_ID = "discharge-summary"
 JOB_KIND = "discharge-summary.draft"
@@ -164,29 +168,42 @@ def _fhir_client(app: Flask, payload: dict[str, Any]) -> Client:
 
 
 def gather(fhir: Client, patient_id: str, encounter_id: str) -> tuple[dict, dict]:
-    """The encounter and what was recorded in it: conditions, procedures, medications, results, the patient."""
+    """The encounter and what was recorded in it: conditions, procedures, medications, results, the patient.
+
+    Only the context patient's records of this encounter are kept (``app.fhir.compartment``): a server that answers
+    ``encounter=`` with another patient's resource does not put it in the draft.
+    """
     try:
         encounter = fhir.get(f"Encounter/{encounter_id}")
     except FhirNotFound:
         raise PermanentFailure("the encounter does not exist on the FHIR server") from None
+    patient = Compartment(patient_id, fhir.base)
+    # An encounter without a subject is taken as the context's (its id came with the hook); one naming another
+    # patient is not drafted at all.
+    if encounter.get("id") != encounter_id or ("subject" in encounter and not patient.holds(encounter)):
+        raise PermanentFailure("the encounter on the FHIR server is not the context patient's")
     resources: dict[str, list[dict]] = {}
     try:
-        resources["patient"] = [fhir.get(f"Patient/{patient_id}")]
+        resources["patient"] = [r for r in [fhir.get(f"Patient/{patient_id}")] if patient.holds(r)]
     except FhirNotFound:
         resources["patient"] = []
     query = urlencode({"encounter": f"Encounter/{encounter_id}", "_count": 200})
+    dropped = 0
     for key, resource_type in GATHERED.items():
         # Paging links are followed only on this server: our token for it must not travel anywhere else.
-        bundle = fhir.search_all(
-            f"{resource_type}?{query}", max_pages=MAX_PAGES, allow_url=lambda url: url.startswith(fhir.base)
-        )
-        resources[key] = [
+        bundle = fhir.search_all(f"{resource_type}?{query}", max_pages=MAX_PAGES, allow_url=fhir.holds)
+        in_encounter = Compartment(patient_id, fhir.base, bundle_aliases([bundle])).of_encounter(encounter_id)
+        found = [
             e["resource"]
             for e in bundle.get("entry") or ()
             if isinstance(e, dict)
             and isinstance(e.get("resource"), dict)
             and e["resource"].get("resourceType") == resource_type
         ]
+        resources[key] = [r for r in found if in_encounter.holds(r)]
+        dropped += len(found) - len(resources[key])
+    if dropped:
+        log.warning("discharge summary: %d resources of another patient or encounter were left out", dropped)
     return encounter, resources
 
 

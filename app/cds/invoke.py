@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from app.ai import InferenceError, ModelUnavailable, reason_text
@@ -46,6 +47,18 @@ def fallback_cards(service: CdsService, call: ServiceCall, reason: str) -> list[
         return generic_fallback(service, why)
 
 
+@dataclass(frozen=True)
+class ServiceRun:
+    """The cards of one hook call, how they came about (``cards`` or ``fallback:<reason>``), and for the audit
+    record: resources left out per prefetch key (another patient's or encounter's) and keys that may be
+    incomplete."""
+
+    cards: list[Card]
+    outcome: str
+    dropped: dict[str, int]
+    incomplete: frozenset[str]
+
+
 def run_service(
     service: CdsService,
     request: HookRequest,
@@ -56,8 +69,8 @@ def run_service(
     on_fetch: Callable[[dict[str, Any]], None],
     reserve_ms: int = 20,
     client: TrustedClient | None = None,
-) -> tuple[list[Card], str]:
-    """The cards for this call and how they came about (``cards`` or ``fallback:<reason>``).
+) -> ServiceRun:
+    """The cards for this call, from prefetch screened against the patient (and encounter) in context.
 
     One deadline for the whole call: prefetch fill-in may use FETCH_SHARE of the budget, model calls must
     answer ``reserve_ms`` before its end, which leaves time to build and send the answer.
@@ -66,11 +79,17 @@ def run_service(
     deadline = started + budget
     prefetch = resolver.resolve(service.prefetch, request, access, started + budget * FETCH_SHARE, on_fetch)
     call = ServiceCall(
-        request=request, prefetch=prefetch.values, unavailable=prefetch.unavailable, deadline=deadline, client=client
+        request=request,
+        prefetch=prefetch.values,
+        unavailable=prefetch.unavailable,
+        deadline=deadline,
+        client=client,
+        incomplete=prefetch.incomplete,
+        encounter_keys=service.encounter_keys,
     )
     try:
         with model_deadline(deadline - reserve_ms / 1000):
-            return service.cards(call), "cards"
+            return ServiceRun(service.cards(call), "cards", call.dropped, call.incomplete)
     except ModelUnavailable as exc:
         reason = exc.reason
     except InferenceError:
@@ -80,4 +99,4 @@ def run_service(
         reason = "error"
         log.error("service %s failed: %s", service.id, describe(exc))
     FALLBACKS.labels(service.id, reason).inc()
-    return fallback_cards(service, call, reason), f"fallback:{reason}"
+    return ServiceRun(fallback_cards(service, call, reason), f"fallback:{reason}", call.dropped, call.incomplete)

@@ -1,4 +1,5 @@
-"""Prefetch (R-11..R-15): render templates, keep what the client sent, fetch what it did not, in parallel."""
+"""Prefetch (R-11..R-15): render templates, keep what the client sent, fetch what it did not, in parallel; then
+keep only what belongs to the patient (and encounter) in context."""
 
 from __future__ import annotations
 
@@ -6,18 +7,22 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 from app.cds.errors import PrefetchUnavailable
 from app.cds.request import HookRequest
 from app.fhir.client import Client, FhirError, FhirNotFound, next_link
+from app.fhir.compartment import BundleAliases, Compartment
 from app.logs import describe
 
 log = logging.getLogger(__name__)
 
+# How much of a search a prefetch key needs: every page, or the first (its template sorts what matters first).
+ALL_PAGES, FIRST_PAGE = "all", "first"
+MAX_PAGES = 50
 _TOKEN = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 USER_TOKENS = {
     "userPractitionerId": "Practitioner",
@@ -39,6 +44,11 @@ def check_template(template: str) -> None:
     rest = _TOKEN.sub("", template)
     if "{{" in rest or "}}" in rest:
         raise ValueError(f"prefetch template {template!r} has an unterminated token")
+
+
+def tokens(template: str) -> set[str]:
+    """The tokens a template uses, e.g. ``{"context.patientId"}``."""
+    return set(_TOKEN.findall(template))
 
 
 def _token_value(token: str, context: dict[str, Any]) -> str:
@@ -73,8 +83,80 @@ def is_failure(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class PrefetchResult:
+    """What each key resolved to; keys that could not be had at all, and keys that hold fewer pages than exist."""
+
     values: dict[str, Any]
     unavailable: frozenset[str]
+    incomplete: frozenset[str] = frozenset()
+
+
+def screen(
+    values: dict[str, Any], request: HookRequest, encounter_keys: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The prefetch without resources of another patient (or, for ``encounter_keys``, another encounter), and how
+    many were left out per key. A lone resource that does not belong becomes None."""
+    patient = Compartment(request.patient_id, request.fhir_server, BundleAliases(values.values()))
+    encounter = patient.of_encounter(request.encounter_id) if encounter_keys else patient
+    screened: dict[str, Any] = {}
+    dropped: dict[str, int] = {}
+    for key, value in values.items():
+        screened[key], count = (encounter if key in encounter_keys else patient).screen(value)
+        if count:
+            dropped[key] = count
+    return screened, dropped
+
+
+class _Pages:
+    """The pages of one search read so far, kept so that a paging failure or the deadline loses none of them."""
+
+    def __init__(self, first: dict[str, Any] | None = None):
+        self._pages: list[dict[str, Any]] = [first] if first is not None else []
+
+    def add(self, page: dict[str, Any]) -> None:
+        self._pages.append(page)  # one append: atomic, so the resolver may read while the pager adds
+
+    def last(self) -> dict[str, Any]:
+        return self._pages[-1]
+
+    def merged(self) -> dict[str, Any] | None:
+        """One Bundle with every page's entries and no paging links; None before the first page."""
+        pages = list(self._pages)
+        if not pages:
+            return None
+        entries = [e for page in pages for e in (page.get("entry") if isinstance(page.get("entry"), list) else ())]
+        merged = {k: v for k, v in pages[0].items() if k not in ("link", "entry")}
+        if entries:
+            merged["entry"] = entries
+        return merged
+
+
+@dataclass
+class _Plan:
+    """One call's prefetch while it is resolved: values known, fetches to run (with the pages each has read so
+    far), keys that cannot be had and why, keys that hold fewer pages than the server has."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    jobs: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    pages: dict[str, _Pages] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    incomplete: set[str] = field(default_factory=set)
+
+    def settle(self, key: str, future: Future) -> None:
+        """Take a fetch's outcome; after a failure or the deadline, the pages read so far are used as incomplete."""
+        if not future.done():
+            future.cancel()
+            why = "the FHIR server did not answer within the deadline"
+        elif future.exception() is not None:
+            why = str(future.exception())
+        else:
+            self.values[key] = future.result()
+            return
+        partial = self.pages[key].merged()
+        if partial is None:
+            self.unavailable[key] = why
+        else:  # what was sent, or the pages read before the failure
+            self.values[key] = partial
+            self.incomplete.add(key)
 
 
 @dataclass(frozen=True)
@@ -118,44 +200,46 @@ class PrefetchResolver:
     ) -> PrefetchResult:
         """Keep sent values (``null`` included), fetch absent or failed keys, raise 412 for required gaps.
 
+        A sent first page is enough for a key declared ``pages="first"``; for the others the rest is fetched, and
+        when that fails or runs out of time, the pages read so far are used and the key is marked incomplete.
         ``on_fetch`` receives one record per FHIR fetch (key, outcome, latency) for the audit log.
         """
-        values: dict[str, Any] = {}
-        jobs: dict[str, Callable[[], Any]] = {}
-        unavailable: dict[str, str] = {}
+        plan = _Plan()
         for key, spec in templates.items():
-            sent = request.prefetch.get(key, ...)
-            if sent is None:
-                values[key] = None  # the client knows there is nothing: never refetch (R-13)
-            elif sent is not ... and not is_failure(sent):
-                if next_link(sent) is None:
-                    values[key] = sent
-                elif access.client is not None:
-                    jobs[key] = self._pager(access, sent, deadline)
-                else:
-                    unavailable[key] = "sent incomplete (paged) and " + access.why_not
-            elif access.client is None:
-                unavailable[key] = access.why_not
-            else:
-                try:
-                    query = render(spec.template, request.context)
-                except TemplateUnresolvable as exc:
-                    unavailable[key] = f"template token {exc} has no value in this context"
-                    continue
-                jobs[key] = self._fetcher(access, query, deadline)
-        self._fail_if_required(templates, unavailable)
-        futures = {key: self._executor.submit(self._timed, key, job, on_fetch) for key, job in jobs.items()}
+            self._plan_key(plan, key, spec, request, access, deadline)
+        self._fail_if_required(templates, plan.unavailable)
+        futures = {key: self._executor.submit(self._timed, key, job, on_fetch) for key, job in plan.jobs.items()}
         wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
         for key, future in futures.items():
-            if not future.done():
-                future.cancel()
-                unavailable[key] = "the FHIR server did not answer within the deadline"
-            elif future.exception() is not None:
-                unavailable[key] = str(future.exception())
+            plan.settle(key, future)
+        self._fail_if_required(templates, plan.unavailable)
+        return PrefetchResult(plan.values, frozenset(plan.unavailable), frozenset(plan.incomplete))
+
+    def _plan_key(self, plan: _Plan, key: str, spec, request: HookRequest, access: FhirAccess, deadline: float) -> None:
+        """Decide for one key: the value as sent, the rest of its pages, a fetch, or why it is unavailable."""
+        sent = request.prefetch.get(key, ...)
+        if sent is None:
+            plan.values[key] = None  # the client knows there is nothing: never refetch (R-13)
+        elif sent is not ... and not is_failure(sent):
+            if next_link(sent) is None or spec.pages == FIRST_PAGE:
+                plan.values[key] = sent
+                return
+            plan.pages[key] = _Pages(sent)
+            if access.client is None:
+                plan.values[key] = plan.pages[key].merged()
+                plan.incomplete.add(key)
             else:
-                values[key] = future.result()
-        self._fail_if_required(templates, unavailable)
-        return PrefetchResult(values, frozenset(unavailable))
+                plan.jobs[key] = self._pager(access, plan.pages[key], deadline)
+        elif access.client is None:
+            plan.unavailable[key] = access.why_not
+        else:
+            try:
+                query = render(spec.template, request.context)
+            except TemplateUnresolvable as exc:
+                plan.unavailable[key] = f"template token {exc} has no value in this context"
+                return
+            plan.pages[key] = _Pages()
+            plan.jobs[key] = self._fetcher(access, query, spec.pages, plan.pages[key], deadline)
 
     @staticmethod
     def _fail_if_required(templates: dict, unavailable: dict[str, str]) -> None:
@@ -168,10 +252,16 @@ class PrefetchResolver:
             )
 
     @staticmethod
-    def _fetcher(access: FhirAccess, query: str, deadline: float) -> Callable[[], Any]:
+    def _fetcher(
+        access: FhirAccess, query: str, pages_needed: str, pages: _Pages, deadline: float
+    ) -> Callable[[], Any]:
         def fetch():
             if "?" in query or "/" not in query.strip("/"):
-                return access.client.search_all(query, deadline, allow_url=access.allows)
+                first = access.client.get(query, deadline)
+                if pages_needed == FIRST_PAGE or first.get("resourceType") != "Bundle" or is_failure(first):
+                    return first
+                pages.add(first)
+                return _follow(access, pages, deadline)
             try:
                 return access.client.get(query, deadline)
             except FhirNotFound:
@@ -180,8 +270,8 @@ class PrefetchResolver:
         return fetch
 
     @staticmethod
-    def _pager(access: FhirAccess, bundle: dict[str, Any], deadline: float) -> Callable[[], Any]:
-        return lambda: access.client.complete_bundle(bundle, deadline, allow_url=access.allows)
+    def _pager(access: FhirAccess, pages: _Pages, deadline: float) -> Callable[[], Any]:
+        return lambda: _follow(access, pages, deadline)
 
     @staticmethod
     def _timed(key: str, job: Callable[[], Any], on_fetch: Callable[[dict[str, Any]], None]) -> Any:
@@ -202,3 +292,19 @@ class PrefetchResolver:
         finally:
             latency_ms = round((time.perf_counter() - started) * 1000, 1)
             on_fetch({"key": key, "outcome": outcome, "latency_ms": latency_ms})
+
+
+def _follow(access: FhirAccess, pages: _Pages, deadline: float) -> dict[str, Any]:
+    """Read the ``next`` pages (only from URLs the client's allowlist accepts) into ``pages``; all of them merged."""
+    count = 1
+    while (url := next_link(pages.last())) is not None:
+        if count >= MAX_PAGES:
+            raise FhirError(f"search has more than {MAX_PAGES} pages")
+        if not access.allows(url):
+            raise FhirError("next link points outside the allowed FHIR server")
+        page = access.client.get(url, deadline)
+        if page.get("resourceType") != "Bundle":
+            raise FhirError("a next page was not a Bundle")
+        pages.add(page)
+        count += 1
+    return pages.merged()

@@ -75,7 +75,7 @@ def call_service(service_id: str):
         patient=f"Patient/{hook_request.patient_id}" if hook_request.patient_id else None,
     )
     state = _state()
-    cards, outcome = run_service(
+    run = run_service(
         service,
         hook_request,
         state.resolver,
@@ -86,9 +86,15 @@ def call_service(service_id: str):
         current_app.config["AI_RESERVE_MS"],
         principal.client if principal else None,
     )
-    g.audit["outcome"] = outcome
-    g.audit["cards"] = len(cards)
-    return json_response(state.cards_body(cards))
+    g.audit.update(
+        outcome=run.outcome,
+        cards=len(run.cards),
+        # counts only: which resources were left out, and what they held, never reaches the audit trail
+        prefetch_dropped=sum(run.dropped.values()),
+        prefetch_dropped_by_key=run.dropped or None,
+        prefetch_incomplete=sorted(run.incomplete) or None,
+    )
+    return json_response(state.cards_body(run.cards))
 
 
 @bp.post("/cds-services/<service_id>/feedback")

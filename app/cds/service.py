@@ -7,12 +7,12 @@ import pkgutil
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from app.cds.cards import Card
 from app.cds.clients import TrustedClient
-from app.cds.prefetch import check_template
+from app.cds.prefetch import ALL_PAGES, FIRST_PAGE, check_template, screen, tokens
 from app.cds.request import HookRequest
 
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -20,21 +20,45 @@ _SERVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass(frozen=True)
 class PrefetchKey:
-    """A prefetch template and whether its absence fails the call (412) or is left to the service."""
+    """A prefetch template; whether its absence fails the call (412) or is left to the service; and whether the
+    service needs every page of a search (``"all"``) or the first is enough (``"first"``: the template sorts what
+    matters first, so further pages are never fetched)."""
 
     template: str
     required: bool = True
+    pages: Literal["all", "first"] = ALL_PAGES
+
+    def __post_init__(self) -> None:
+        if self.pages not in (ALL_PAGES, FIRST_PAGE):
+            raise ValueError(f"prefetch pages must be {ALL_PAGES!r} or {FIRST_PAGE!r}, not {self.pages!r}")
+
+    @property
+    def encounter_scoped(self) -> bool:
+        """Whether the template reads one encounter's data, so that what it gives must belong to that encounter."""
+        return "context.encounterId" in tokens(self.template)
 
 
 @dataclass
 class ServiceCall:
-    """What a service's card function receives: the validated request and the resolved prefetch."""
+    """What a service's card function receives: the validated request and the resolved prefetch.
+
+    The prefetch is screened when the call is made: resources of another patient (or, under ``encounter_keys``,
+    another encounter) are left out of ``prefetch``, ``resources()`` and ``request.prefetch`` alike, and
+    ``dropped`` counts them per key. ``incomplete`` names keys that hold fewer pages than the server has.
+    """
 
     request: HookRequest
     prefetch: dict[str, Any]
     unavailable: frozenset[str] = frozenset()
     deadline: float = field(default_factory=lambda: time.monotonic() + 0.5)
     client: TrustedClient | None = None  # the authenticated caller; None when CDS_AUTH is off
+    incomplete: frozenset[str] = frozenset()
+    encounter_keys: frozenset[str] = frozenset()
+    dropped: dict[str, int] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prefetch, self.dropped = screen(self.prefetch, self.request, self.encounter_keys)
+        self.request = replace(self.request, prefetch=self.prefetch)
 
     @property
     def context(self) -> dict[str, Any]:
@@ -77,6 +101,11 @@ class CdsService:
     fallback: FallbackFunction | None = None
     budget_ms: int | None = None
     usage_requirements: str | None = None
+
+    @property
+    def encounter_keys(self) -> frozenset[str]:
+        """The prefetch keys whose templates read one encounter's data."""
+        return frozenset(key for key, spec in self.prefetch.items() if spec.encounter_scoped)
 
     def discovery_entry(self) -> dict[str, Any]:
         """This service's entry in ``GET /cds-services`` (R-4), without empty members (R-2)."""

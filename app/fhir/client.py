@@ -63,6 +63,10 @@ class Client:
     def __repr__(self) -> str:  # never show the token
         return f"Client({self.base!r})"
 
+    def holds(self, url: str) -> bool:
+        """Whether an absolute URL (a search's next page, say) is under this client's base, compared decoded."""
+        return url.startswith(self.base) and _stays_under_base(url[len(self.base) :], url, self.base)
+
     def _request(self, method: str, url: str, timeout: float, headers: dict[str, str] | None = None, **kwargs):
         headers = {"Accept": FHIR_JSON, **(headers or {})}
         if self._send is not None:
@@ -154,13 +158,14 @@ class Client:
 
 
 def _stays_under_base(relative: str, url: str, base: str) -> bool:
-    """Whether a relative reference stays under ``base``: no "..", ".", "/x" or "\\", escaped or not, in its path
-    ("Encounter/../../admin" would take our token elsewhere on the server)."""
+    """Whether a relative reference stays under ``base``: no "..", ".", "/x" or "\\" in its path, and no segment
+    that decodes to one or holds a "/" ("Encounter/../../admin" or "..%2fadmin" would take our token elsewhere
+    on the server)."""
     path = urlsplit(relative).path
-    segments = {unquote(segment) for segment in path.split("/")}
-    return (
-        url.startswith(base) and not path.startswith("/") and "\\" not in unquote(path) and not segments & {".", ".."}
-    )
+    if not url.startswith(base) or path.startswith("/") or "\\" in unquote(path):
+        return False
+    decoded = [unquote(segment) for segment in path.split("/")]
+    return not any(segment in (".", "..") or "/" in segment for segment in decoded)
 
 
 def _json_or_empty(response: requests.Response) -> dict[str, Any]:

@@ -283,6 +283,13 @@ class FhirTestServer:
         """Same as ``post_bundle(bundle, keep_ids=True)``."""
         return self.post_bundle(bundle, keep_ids=True)
 
+    def put(self, resources: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Store ``resources`` with their own ids, in one transaction."""
+        entries = [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources
+        ]
+        return self.post_bundle({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+
     def post_bundle_file(self, path: str | os.PathLike[str], *, keep_ids: bool = True) -> dict[str, Any]:
         """Like :meth:`post_bundle` for a Bundle JSON file, sent as is (no parsing in Python)."""
         return self._post_bundle_bytes(Path(path).read_bytes(), keep_ids=keep_ids, what=str(path))

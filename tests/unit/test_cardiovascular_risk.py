@@ -23,6 +23,7 @@ SYNTHEA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "synt
 RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+SUBJECT = {"reference": "Patient/p1"}
 
 
 # ---- FHIR resources authored for these tests ------------------------------------------------------------------
@@ -52,6 +53,7 @@ def lab(code, value, unit, when, oid=None):
         "resourceType": "Observation",
         "id": oid or f"{code}-{when}",
         "status": "final",
+        "subject": SUBJECT,
         "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
         "effectiveDateTime": when,
         "valueQuantity": quantity(value, unit),
@@ -73,6 +75,7 @@ def bp_panel(systolic, when, panel="55284-4", oid=None):
         "resourceType": "Observation",
         "id": oid or f"bp-{when}",
         "status": "final",
+        "subject": SUBJECT,
         "code": {"coding": [{"system": "http://loinc.org", "code": panel}]},
         "effectiveDateTime": when,
         "component": component,
@@ -84,6 +87,7 @@ def smoking(code, when="2021-01-10", display="Never smoker"):
         "resourceType": "Observation",
         "id": f"smoking-{when}",
         "status": "final",
+        "subject": SUBJECT,
         "code": {"coding": [{"system": "http://loinc.org", "code": "72166-2"}]},
         "effectiveDateTime": when,
         "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]},
@@ -94,6 +98,7 @@ def condition(code, display, status="active", system="http://snomed.info/sct", o
     resource = {
         "resourceType": "Condition",
         "id": oid or f"c-{code}",
+        "subject": SUBJECT,
         "code": {"coding": [{"system": system, "code": code, "display": display}], "text": display},
         "onsetDateTime": "2015-06-01",
     }
@@ -109,6 +114,7 @@ def med(text, code=None, status="active", oid=None):
     return {
         "resourceType": "MedicationRequest",
         "id": oid or f"m-{text[:10]}",
+        "subject": SUBJECT,
         "status": status,
         "intent": "order",
         "authoredOn": "2019-05-01",
@@ -628,14 +634,14 @@ def _bundle(resources):
     return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in resources]}
 
 
-def _call(prefetch, unavailable=frozenset()):
+def _call(prefetch, unavailable=frozenset(), incomplete=frozenset()):
     request = HookRequest(
         hook="patient-view",
         hook_instance="0b8f9a3e-2b5c-4a53-9d3c-3c0c6a3a6f10",
         context={"userId": "Practitioner/d1", "patientId": "p1"},
         prefetch=prefetch,
     )
-    return ServiceCall(request=request, prefetch=prefetch, unavailable=unavailable)
+    return ServiceCall(request=request, prefetch=prefetch, unavailable=unavailable, incomplete=incomplete)
 
 
 def _prefetch():
@@ -714,6 +720,53 @@ def test_the_fallback_answers_even_without_usable_prefetch(monkeypatch):
     [card] = fallback(_call({}), "overloaded")
     assert "overloaded" in card.summary
     assert card.to_json()["uuid"]
+
+
+def test_the_statin_proposal_always_names_the_context_patient(app_context):
+    call = _call(_prefetch())
+    call.prefetch["patient"] = {**call.prefetch["patient"], "id": "someone-else"}  # whatever a resource says
+    [card] = service.cardiovascular_risk(call)
+    [action] = card.suggestions[0].actions
+    assert action.resource["subject"] == {"reference": "Patient/p1"}
+
+
+def test_the_observation_searches_need_only_their_first_page_and_the_lists_every_page():
+    pages = {key: spec.pages for key, spec in PREFETCH.items() if key != "patient"}
+    assert pages == {
+        "totalCholesterol": "first",
+        "hdl": "first",
+        "bloodPressure": "first",
+        "smoking": "first",
+        "conditions": "all",
+        "medications": "all",
+    }
+    for key in ("totalCholesterol", "hdl", "bloodPressure", "smoking"):
+        assert "_sort=-date" in PREFETCH[key].template  # why the first page is enough
+    discovered = get_service("cardiovascular-risk").discovery_entry()["prefetch"]
+    assert discovered == {key: spec.template for key, spec in PREFETCH.items()}  # discovery keeps its shape
+
+
+def test_incomplete_inputs_are_named_in_one_line_and_the_risk_is_still_given(app_context):
+    prefetch = {**_prefetch(), "medications": _bundle([])}
+    [card] = service.cardiovascular_risk(_call(prefetch, incomplete=frozenset({"conditions", "medications"})))
+    assert card.summary.startswith("10-year ASCVD risk ") and "not calculated" not in card.summary
+    lines = [line for line in card.detail.splitlines() if "may be incomplete" in line]
+    assert lines == ["Note: Conditions and medications may be incomplete: not every page could be read from the EHR"]
+
+
+def test_no_statin_is_proposed_when_the_medications_may_be_incomplete(app_context):
+    prefetch = {**_prefetch(), "medications": _bundle([])}
+    [complete] = service.cardiovascular_risk(_call(prefetch))
+    [partial] = service.cardiovascular_risk(_call(prefetch, incomplete=frozenset({"medications"})))
+    assert len(complete.suggestions) == 1
+    assert partial.suggestions == []
+    assert "**Statin:** unknown (some medications could not be seen)" in partial.detail
+
+
+def test_the_fallback_also_says_which_inputs_may_be_incomplete(monkeypatch):
+    monkeypatch.setattr(service, "today", lambda: TODAY)
+    [card] = fallback(_call(_prefetch(), incomplete=frozenset({"conditions"})), "timed out")
+    assert "Conditions may be incomplete: not every page could be read from the EHR" in card.detail
 
 
 def test_a_prediction_from_another_backend_is_shown_with_its_name_and_version():

@@ -330,8 +330,27 @@ def test_an_existing_match_without_a_body_is_read_back_not_assumed(mocked, clien
     assert (resource, created) == (first, False)
 
 
-@pytest.mark.parametrize("path", ["Encounter/%2e%2e/%2e%2e/admin", "/admin", "Encounter/..%5C..%5Cadmin"])
+@pytest.mark.parametrize(
+    "path",
+    ["Encounter/%2e%2e/%2e%2e/admin", "/admin", "Encounter/..%5C..%5Cadmin", "..%2fadmin", "Encounter/..%2F..%2Fx"],
+)
 def test_escaped_and_rooted_paths_cannot_leave_the_base_either(mocked, client, path):
     with pytest.raises(FhirError, match="under the server's base"):
         client.get(path)
     assert len(mocked.calls) == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "held"),
+    [
+        (f"{BASE}/Condition?page=2", True),
+        (f"{BASE}/Condition/_search?_getpages=abc&_page=3", True),
+        (f"{BASE}/..%2fadmin", False),
+        (f"{BASE}/Condition/%2e%2e/%2e%2e/admin", False),
+        (f"{BASE}/..", False),
+        ("https://fhir.example.org/r4-other/Condition", False),
+        ("https://elsewhere.example.org/r4/Condition", False),
+    ],
+)
+def test_next_pages_are_followed_only_under_the_base_compared_decoded(client, url, held):
+    assert client.holds(url) is held

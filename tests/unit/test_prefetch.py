@@ -280,8 +280,8 @@ def resolve(resolver, session, fhir):
     return run
 
 
-def keys(required: bool = True, **templates: str) -> dict[str, PrefetchKey]:
-    return {key: PrefetchKey(template, required=required) for key, template in templates.items()}
+def keys(required: bool = True, pages: str = "all", **templates: str) -> dict[str, PrefetchKey]:
+    return {key: PrefetchKey(template, required=required, pages=pages) for key, template in templates.items()}
 
 
 def searchset(*resources: dict[str, Any], next_url: str | None = None) -> dict[str, Any]:
@@ -446,7 +446,7 @@ def test_paged_bundle_sent_by_the_client_is_completed(fhir, resolve):
     assert [r.path for r in fhir.requests()] == ["/fhir/page-2"]
 
 
-def test_next_link_to_a_server_that_is_not_allowlisted_is_not_followed(fhir, other, resolve):
+def test_next_link_to_a_server_that_is_not_allowlisted_is_not_followed_and_the_first_page_is_kept(fhir, other, resolve):
     other.answer("page-2", searchset(obs(2)))
     fhir.answer("Observation", searchset(obs(1), next_url=f"{other.base}/page-2"), query_string="patient=123")
 
@@ -454,8 +454,9 @@ def test_next_link_to_a_server_that_is_not_allowlisted_is_not_followed(fhir, oth
         keys(required=False, observations="Observation?patient={{context.patientId}}"), hook_request(fhir.base)
     )
 
-    assert result.unavailable == {"observations"}
-    assert "observations" not in result.values
+    assert [e["resource"]["id"] for e in result.values["observations"]["entry"]] == ["o1"]
+    assert result.incomplete == {"observations"}
+    assert result.unavailable == frozenset()
     assert other.requests() == []
 
 
@@ -505,6 +506,113 @@ def test_unresolvable_template_makes_an_optional_key_unavailable_without_a_reque
 
     assert result.unavailable == {"me"}
     assert fhir.requests() == []
+
+
+# --- how many pages a key needs (first page enough, or every page) -------------------------------------------------
+
+OBSERVATIONS = "Observation?patient={{context.patientId}}&_sort=-date&_count=2"
+
+
+def ids(value: dict[str, Any]) -> list[str]:
+    return [e["resource"]["id"] for e in value.get("entry") or ()]
+
+
+def test_a_sent_first_page_is_enough_for_a_first_page_key_and_no_more_is_fetched(fhir, resolve):
+    fhir.answer("page-2", searchset(obs(3)))
+    sent = searchset(obs(1), obs(2), next_url=f"{fhir.base}/page-2")
+    request = hook_request(fhir.base, prefetch={"observations": sent})
+
+    result = resolve(keys(required=False, pages="first", observations=OBSERVATIONS), request)
+
+    assert ids(result.values["observations"]) == ["o1", "o2"]
+    assert result.incomplete == frozenset() and result.unavailable == frozenset()
+    assert fhir.requests() == []
+
+
+def test_a_first_page_key_that_is_fetched_reads_only_the_first_page(fhir, resolve):
+    fhir.answer("Observation", searchset(obs(1), obs(2), next_url=f"{fhir.base}/page-2"))
+    fhir.answer("page-2", searchset(obs(3)))
+
+    result = resolve(keys(pages="first", observations=OBSERVATIONS), hook_request(fhir.base))
+
+    assert ids(result.values["observations"]) == ["o1", "o2"]
+    assert result.incomplete == frozenset()
+    assert [r.path for r in fhir.requests()] == ["/fhir/Observation"]
+
+
+def test_when_the_next_page_fails_the_sent_page_is_used_and_the_key_is_incomplete(fhir, resolve):
+    fhir.answer("page-2", {"resourceType": "OperationOutcome", "issue": []}, status=500)
+    sent = searchset(obs(1), next_url=f"{fhir.base}/page-2")
+
+    result = resolve(
+        keys(conditions="Condition?patient={{context.patientId}}"),
+        hook_request(fhir.base, prefetch={"conditions": sent}),
+    )
+
+    assert ids(result.values["conditions"]) == ["o1"]
+    assert next_link(result.values["conditions"]) is None
+    assert result.incomplete == {"conditions"} and result.unavailable == frozenset()
+
+
+def test_when_the_next_page_misses_the_deadline_the_sent_page_is_used_and_the_key_is_incomplete(fhir, resolve):
+    fhir.answer("page-2", searchset(obs(2)), delay=2.0)
+    sent = searchset(obs(1), next_url=f"{fhir.base}/page-2")
+
+    started = time.monotonic()
+    result = resolve(
+        keys(conditions="Condition?patient={{context.patientId}}"),
+        hook_request(fhir.base, prefetch={"conditions": sent}),
+        budget=0.3,
+    )
+
+    assert time.monotonic() - started < 0.8
+    assert ids(result.values["conditions"]) == ["o1"]
+    assert result.incomplete == {"conditions"}
+
+
+def test_when_the_server_may_not_be_called_the_sent_page_is_used_and_the_key_is_incomplete(fhir, resolve):
+    sent = searchset(obs(1), next_url=f"{fhir.base}/page-2")
+
+    result = resolve(
+        keys(conditions="Condition?patient={{context.patientId}}"),
+        hook_request(fhir.base, token=None, prefetch={"conditions": sent}),
+    )
+
+    assert ids(result.values["conditions"]) == ["o1"]
+    assert result.incomplete == {"conditions"}
+    assert fhir.requests() == []
+
+
+def test_pages_read_before_a_paging_failure_are_kept(fhir, resolve):
+    fhir.answer("Condition", searchset(obs(1), next_url=f"{fhir.base}/page-2"), query_string="patient=123")
+    fhir.answer("page-2", searchset(obs(2), next_url=f"{fhir.base}/page-3"))
+    fhir.answer("page-3", {"resourceType": "OperationOutcome", "issue": []}, status=503)
+    records: list[dict[str, Any]] = []
+
+    result = resolve(
+        keys(conditions="Condition?patient={{context.patientId}}"), hook_request(fhir.base), on_fetch=records.append
+    )
+
+    assert ids(result.values["conditions"]) == ["o1", "o2"]
+    assert result.incomplete == {"conditions"}
+    assert [(r["key"], r["outcome"]) for r in records] == [("conditions", "FhirError")]
+
+
+def test_a_failed_first_page_is_unavailable_not_incomplete(fhir, resolve):
+    fhir.answer("Condition", {"resourceType": "OperationOutcome", "issue": []}, status=500, query_string="patient=123")
+
+    result = resolve(
+        keys(required=False, conditions="Condition?patient={{context.patientId}}"), hook_request(fhir.base)
+    )
+
+    assert result.unavailable == {"conditions"} and result.incomplete == frozenset()
+    assert "conditions" not in result.values
+
+
+def test_a_prefetch_key_names_its_paging_need_as_all_or_first():
+    assert PrefetchKey("Condition?patient={{context.patientId}}").pages == "all"
+    with pytest.raises(ValueError, match="pages"):
+        PrefetchKey("Condition?patient={{context.patientId}}", pages="some")
 
 
 # --- the deadline (R-10, R-14) -----------------------------------------------------------------------------------
