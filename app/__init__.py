@@ -12,14 +12,30 @@ from app.config import load_config
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application: settings from the environment (overridden by ``test_config``), then each area."""
-    from app import ai, audit, cds, db, health, jobs, logs, metrics, results, smart, webhooks
+    from app import (
+        ai,
+        audit,
+        cds,
+        db,
+        health,
+        host_state,
+        jobs,
+        limits,
+        logs,
+        metrics,
+        results,
+        smart,
+        webhooks,
+    )
 
     settings = load_config(overrides=test_config)
     app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
     app.config.update(settings)
     logs.configure(settings["LOG_LEVEL"])
 
+    limits.init_app(app)
     db.init_app(app)
+    host_state.init_app(app)
     audit.init_app(app)
     results.init_app(app)
     ai.init_app(app)

@@ -6,6 +6,10 @@ carries its own freshly signed client JWT (the replay cache rejects a reused jti
 measured too.
 
     make bench            # or: .venv/bin/python -m bench.hook_throughput --rounds 3 --seconds 10
+
+``--replay host,memory,redis`` runs one gateway per jti replay store, each against the same echo baseline:
+``host`` (the default without Redis: the host state file shared by the workers), ``memory`` (per process, as
+before the host file: the cost baseline, not a safe setting), ``redis`` (REDIS_URL on 127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ from tests.support.tokens import SigningKey, clients_document
 ROOT = Path(__file__).resolve().parent.parent
 WRK_THREADS = 2
 FIXTURE = ROOT / "fixtures" / "hooks" / "patient-view-cardiovascular-risk.json"
+# jti replay store -> (app spec, extra environment)
+REPLAY_VARIANTS = {
+    "host": ("app:create_app()", {}),
+    "memory": ("bench.replay_variants:per_process_app()", {}),
+    "redis": ("app:create_app()", {"REDIS_URL": "redis://127.0.0.1:6379/0"}),
+}
 
 
 def start(app_spec: str, port: int, env: dict[str, str]) -> subprocess.Popen:
@@ -56,6 +66,18 @@ def start(app_spec: str, port: int, env: dict[str, str]) -> subprocess.Popen:
 def stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
+
+
+def probe(url: str, key: SigningKey, body_file: Path) -> None:
+    """One call before measuring: the gateway answers cards (and the first validations are warm)."""
+    answer = requests.post(
+        url,
+        data=body_file.read_bytes(),
+        timeout=10,
+        headers={"Authorization": f"Bearer {key.token(url)}", "Content-Type": "application/json"},
+    )
+    answer.raise_for_status()
+    print(f"{url} answers: {answer.json()['cards'][0]['summary']}")
 
 
 def tokens(key: SigningKey, n: int, aud: str) -> list[str]:
@@ -120,7 +142,16 @@ def main() -> int:
         choices=("ES384", "RS384", "off"),
         help="client JWT algorithm (ES384 is the Sandbox's), or off: CDS_AUTH=off, no token",
     )
+    parser.add_argument(
+        "--replay",
+        default="host",
+        help="comma-separated jti replay stores to measure, one gateway each: host, memory, redis",
+    )
     args = parser.parse_args()
+    variants = [v.strip() for v in args.replay.split(",") if v.strip()]
+    unknown = set(variants) - set(REPLAY_VARIANTS)
+    if unknown or not variants:
+        parser.error(f"--replay takes host, memory and redis (got {args.replay!r})")
 
     key = SigningKey.generate("RS384" if args.auth == "RS384" else "ES384")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -131,12 +162,11 @@ def main() -> int:
     no_tokens = work / "none.txt"
     no_tokens.write_text("")
 
-    echo_port, gw_port = free_port(), free_port()
+    echo_port = free_port()
+    ports = {name: free_port() for name in variants}
     service_path = "/cds-services/cardiovascular-risk"
-    base = f"http://127.0.0.1:{gw_port}"
     env = {
         "INSTANCE_PATH": str(work),
-        "PUBLIC_BASE_URL": base,
         "CDS_CLIENTS_FILE": str(clients),
         "AUDIT_LOG": str(work / "audit.jsonl"),
         "LOG_LEVEL": "WARNING",
@@ -149,47 +179,53 @@ def main() -> int:
         check=True,
         capture_output=True,
     )
-    echo = start("bench.echo_app:app", echo_port, env)
-    gateway = start("app:create_app()", gw_port, env)
+    servers = {"echo": start("bench.echo_app:app", echo_port, env)}
+    names = ["echo"] + [f"gateway ({name})" for name in variants]
+    results: dict[str, list[dict]] = {name: [] for name in names}
     try:
-        probe = key.token(base + service_path)
-        answer = requests.post(
-            base + service_path,
-            data=body_file.read_bytes(),
-            timeout=10,
-            headers={"Authorization": f"Bearer {probe}", "Content-Type": "application/json"},
-        )
-        answer.raise_for_status()
-        print(f"gateway answers: {answer.json()['cards'][0]['summary']}")
+        for name in variants:
+            spec, extra = REPLAY_VARIANTS[name]
+            base = f"http://127.0.0.1:{ports[name]}"
+            servers[name] = start(spec, ports[name], {**env, **extra, "PUBLIC_BASE_URL": base})
+            probe(base + service_path, key, body_file)
         # One token per request, with headroom: rps is well under 5,000 on this machine.
         per_round = 5000 * args.seconds
-        results: dict[str, list[dict]] = {"echo": [], "gateway": []}
         for r in range(args.rounds):
-            results["echo"].append(
-                wrk(f"http://127.0.0.1:{echo_port}", "/echo", body_file, no_tokens, args.seconds, args.connections)
-            )
-            token_file = work / f"tokens-{r}.txt"
-            token_file.write_text("" if args.auth == "off" else "\n".join(tokens(key, per_round, base + service_path)))
-            results["gateway"].append(wrk(base, service_path, body_file, token_file, args.seconds, args.connections))
-            print(f"round {r + 1}: echo {results['echo'][-1]}, gateway {results['gateway'][-1]}", flush=True)
+            echo = wrk(f"http://127.0.0.1:{echo_port}", "/echo", body_file, no_tokens, args.seconds, args.connections)
+            results["echo"].append(echo)
+            line = [f"round {r + 1}: echo {echo}"]
+            for name in variants:
+                base = f"http://127.0.0.1:{ports[name]}"
+                token_file = work / f"tokens-{name}-{r}.txt"
+                signed = [] if args.auth == "off" else tokens(key, per_round, base + service_path)
+                token_file.write_text("\n".join(signed))
+                got = wrk(base, service_path, body_file, token_file, args.seconds, args.connections)
+                results[f"gateway ({name})"].append(got)
+                line.append(f"{name} {got}")
+            print(", ".join(line), flush=True)
     finally:
-        stop(gateway)
-        stop(echo)
+        for proc in servers.values():
+            stop(proc)
 
     def median(name: str, field: str) -> float:
         return statistics.median(x[field] for x in results[name])
 
     print(
-        f"\npatient-view with full prefetch ({body_file.stat().st_size // 1024} KB body), "
+        f"\npatient-view with full prefetch ({body_file.stat().st_size // 1024} KB body), auth {args.auth}, "
         f"{args.connections} connections, {args.rounds} x {args.seconds} s, medians:"
     )
-    print(f"{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
-    for name in ("echo", "gateway"):
+    print(f"{'':20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}{'/echo':>8}")
+    for name in names:
+        ratio = median(name, "rps") / median("echo", "rps")
         print(
-            f"{name:10}{median(name, 'rps'):>10.0f}{median(name, 'p50'):>10.2f}{median(name, 'p99'):>10.2f}"
-            f"{sum(x['errors'] for x in results[name]):>10}"
+            f"{name:20}{median(name, 'rps'):>10.0f}{median(name, 'p50'):>10.2f}{median(name, 'p99'):>10.2f}"
+            f"{sum(x['errors'] for x in results[name]):>10}{ratio:>8.2f}"
         )
-    print(f"ratio gateway/echo (req/s): {median('gateway', 'rps') / median('echo', 'rps'):.2f}")
+    if "memory" in variants:
+        for name in variants:
+            if name != "memory":
+                ratio = median(f"gateway ({name})", "rps") / median("gateway (memory)", "rps")
+                print(f"replay store {name} vs per-process memory (req/s): {ratio:.2f}")
     return 0
 
 

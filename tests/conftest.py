@@ -106,3 +106,13 @@ def make_httpserver():
     server.clear()
     if server.is_running():
         server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own on a spare port, which the test may kill and start again."""
+    from tests.support.redis_server import own_redis_server, redis_server_missing
+
+    require(redis_server_missing())
+    with own_redis_server(tmp_path) as server:
+        yield server

@@ -91,7 +91,7 @@ def summary_model_version(app) -> str:
     return f"{SUMMARY_MODEL}@{backend.model(SUMMARY_MODEL).version}"
 
 
-def _breaker(name: str, config, slow_call_seconds: float):
+def _breaker(name: str, config, slow_call_seconds: float, host_state=None):
     from app.ai.breaker import CircuitBreaker
     from app.ai.guard import Guard
 
@@ -105,11 +105,12 @@ def _breaker(name: str, config, slow_call_seconds: float):
         open_seconds=config["BREAKER_OPEN_SECONDS"],
         half_open_max_calls=config["BREAKER_HALF_OPEN_CALLS"],
         redis_url=config["REDIS_URL"],
+        host_state=host_state,
         listeners=[Guard.breaker_listener()],
     )
 
 
-def _summary_guard(config):
+def _summary_guard(config, host_state):
     """The guard in front of the summariser: a generative endpoint is slow by nature, so its deadline and
     slow-call threshold come from LLM_TIMEOUT_S, not from the hook budget."""
     from app.ai.guard import Guard, LateResults
@@ -129,7 +130,7 @@ def _summary_guard(config):
         backend, name = LocalBackend([DischargeSummary()]), "summary:in-process"
     return Guard(
         backend,
-        _breaker(name, config, slow_call_seconds=timeout * 0.8),
+        _breaker(name, config, slow_call_seconds=timeout * 0.8, host_state=host_state),
         max_in_flight=config["AI_MAX_IN_FLIGHT"],
         late_results=LateResults(ttl_seconds=0),
         default_timeout=timeout,
@@ -155,9 +156,13 @@ def init_app(app) -> None:
 
     config = app.config
     backend = make_backend(config)
-    # One breaker per model endpoint; with Redis, every process calling the same endpoint shares it.
+    # One breaker per model endpoint, shared by every process calling it (through Redis, or this host's file).
+    host_state = app.extensions.get("host_state")  # absent in apps built for a unit test: per process
     breaker = _breaker(
-        f"ai:{config['AI_BACKEND']}:{config['AI_URL'] or 'in-process'}", config, config["BREAKER_SLOW_CALL_MS"] / 1000
+        f"ai:{config['AI_BACKEND']}:{config['AI_URL'] or 'in-process'}",
+        config,
+        config["BREAKER_SLOW_CALL_MS"] / 1000,
+        host_state,
     )
     app.extensions["ai_guard"] = Guard(
         backend,
@@ -167,5 +172,5 @@ def init_app(app) -> None:
         default_timeout=config["HOOK_BUDGET_MS"] / 1000,
         call_timeout=config["AI_CALL_TIMEOUT_MS"] / 1000,
     )
-    app.extensions["summary_guard"] = _summary_guard(config)
+    app.extensions["summary_guard"] = _summary_guard(config, host_state)
     init_cli(app)

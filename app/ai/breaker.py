@@ -4,7 +4,9 @@ pybreaker supplies the states, the listeners and the Redis key layout, but its `
 protected call runs, which would serialise every thread; so it is never used. ``allow()`` hands out a Permit
 before the call and ``record()`` takes the outcome afterwards. Added here: failure-rate and slow-call windows
 with a minimum number of calls, a bounded number of half-open trial calls, outcomes that count as neither
-success nor failure (bad input), and state shared through Redis when it answers and kept per process when not.
+success nor failure (bad input), and state shared by the processes calling the same model (app.ai.breaker_state:
+through Redis across hosts, through this host's state file without Redis) and kept per process when neither
+answers.
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import pybreaker
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from app.ai.breaker_state import View, shared_state
+from app.host_state import HostState
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -32,94 +32,21 @@ CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreake
 SUCCESS, FAILURE, IGNORED = "success", "failure", "ignored"
 OUTCOMES = frozenset({SUCCESS, FAILURE, IGNORED})
 
-REDIS_TIMEOUT_S = 0.2  # connect and read; a dead Redis costs the call that finds out at most this, once
-RETRY_FIRST_S = 1.0  # after losing Redis, first try again after this, doubling up to RETRY_MAX_S
-RETRY_MAX_S = 30.0
-# While closed, allow() and `state` trust a Redis answer this recent instead of asking again: a change made by
-# another process is seen within this time, and a busy process asks Redis about 20 times a second, not per call.
+# While closed, allow() and `state` trust a shared answer this recent instead of asking again: a change made by
+# another process is seen within this time, and a busy process asks about 20 times a second, not per call.
 SHARED_STATE_MAX_AGE_S = 0.05
 
 # Within one epoch (one opening) the shared state only moves open -> half-open -> closed, and each opening
-# starts a larger epoch, so (epoch, rank) orders the answers Redis gives.
+# starts a larger epoch, so (epoch, rank) orders the answers a store gives.
 _RANK = {OPEN: 0, HALF_OPEN: 1, CLOSED: 2}
-
-# KEYS: state, opened_at (pybreaker's keys and formats), period (hash: epoch, opened_ms, successes),
-# trials (sorted set: trial token -> expiry). ARGV: op, open_ms, trial_ttl_ms, max_trials, successes_to_close,
-# token, epoch, verdict. Time is Redis's clock, so the hosts' clocks need not agree.
-_SCRIPT = """
-local state_key, opened_at_key, period_key, trials_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local op, open_ms, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local max_trials, to_close = tonumber(ARGV[4]), tonumber(ARGV[5])
-local token, permit_epoch, verdict = ARGV[6], tonumber(ARGV[7]), ARGV[8]
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
-local state = redis.call('GET', state_key)
-if state ~= 'open' and state ~= 'half-open' then state = 'closed' end
-local epoch = tonumber(redis.call('HGET', period_key, 'epoch'))
-if not epoch then
-  -- a Redis that lost its data starts above every epoch it handed out before
-  epoch = now
-  redis.call('HSET', period_key, 'epoch', string.format('%d', epoch))
-end
-
-local function open_left()
-  local opened = tonumber(redis.call('HGET', period_key, 'opened_ms'))
-  if not opened then opened = (tonumber(redis.call('GET', opened_at_key)) or 0) * 1000 end
-  return math.max(opened + open_ms - now, 0)
-end
-
-local function enter(new_state)
-  state = new_state
-  redis.call('SET', state_key, new_state)
-  redis.call('DEL', trials_key)
-  redis.call('HSET', period_key, 'successes', 0)
-end
-
-local function trip()
-  epoch = epoch + 1
-  enter('open')
-  redis.call('SET', opened_at_key, string.format('%d', math.floor(now / 1000)))
-  redis.call('HSET', period_key, 'epoch', string.format('%d', epoch), 'opened_ms', string.format('%d', now))
-end
-
-local granted = 0
-if op == 'allow' then
-  if state == 'open' and open_left() == 0 then enter('half-open') end
-  if state == 'half-open' then
-    redis.call('ZREMRANGEBYSCORE', trials_key, '-inf', now)
-    if redis.call('ZCARD', trials_key) < max_trials then
-      redis.call('ZADD', trials_key, now + ttl_ms, token)
-      redis.call('PEXPIRE', trials_key, ttl_ms)
-      granted = 1
-    end
-  end
-elseif op == 'trip' then
-  if state == 'closed' then trip() end
-elseif op == 'trial' then
-  redis.call('ZREM', trials_key, token)
-  if state == 'half-open' and permit_epoch == epoch then
-    if verdict == 'failure' then
-      trip()
-    elseif verdict == 'success' and redis.call('HINCRBY', period_key, 'successes', 1) >= to_close then
-      enter('closed')
-    end
-  end
-end
-
-local left = 0
-if state == 'open' then left = open_left() end
-return {state, epoch, left, granted}
-"""
 
 
 @dataclass(frozen=True, slots=True)
 class Permit:
     """Leave for one model call from `CircuitBreaker.allow`; hand it back to `CircuitBreaker.record`.
 
-    ``state`` is the state it was granted in. A half-open permit carries a trial ``token`` and, when Redis
-    granted it, the ``epoch`` (opening) it belongs to. ``generation`` ties it to this process's view, so an
+    ``state`` is the state it was granted in. A half-open permit carries a trial ``token`` and, when a shared
+    store granted it, the ``epoch`` (opening) it belongs to. ``generation`` ties it to this process's view, so an
     outcome that arrives after the breaker has moved on is not counted in the new state.
     """
 
@@ -127,16 +54,6 @@ class Permit:
     generation: int
     token: str | None = None
     epoch: int | None = None
-
-
-class _View(NamedTuple):
-    """One answer of the shared state: its state, epoch, open time left, whether a trial was granted."""
-
-    state: str
-    epoch: int
-    open_left_s: float
-    granted: bool
-    link: int
 
 
 class _QuietListener(pybreaker.CircuitBreakerListener):
@@ -152,98 +69,6 @@ class _QuietListener(pybreaker.CircuitBreakerListener):
             log.error("circuit breaker %s: a state_change listener failed: %s", cb.name, describe(exc))
 
 
-class _SharedState:
-    """The breaker's state in Redis, in pybreaker's CircuitRedisStorage layout (``<name>:pybreaker:<key>``).
-
-    Each operation is one Lua script run: atomic, one round trip. ``run`` answers None while Redis is
-    unreachable (one WARNING per outage); a background thread then tries again with back-off, so no caller
-    waits on a dead Redis except the one whose call finds it dead.
-    """
-
-    def __init__(self, url: str, name: str, limits: list[int]):
-        self.name = name
-        self.link = 0  # counts connections: answers from different links cannot be ordered by epoch
-        self.up = False
-        self._client = redis.Redis.from_url(
-            url,
-            decode_responses=False,  # CircuitRedisStorage decodes the bytes itself
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),  # no retries: a dead Redis must cost one short timeout, not several
-        )
-        prefix = f"{name}:{pybreaker.CircuitRedisStorage.BASE_NAMESPACE}:"
-        self.keys = [prefix + key for key in ("state", "opened_at", "period", "trials")]
-        self._script = self._client.register_script(_SCRIPT)
-        self._limits = limits
-        self._lock = threading.Lock()
-        self._warned = False
-        self._probing = False
-        self._retry_at = 0.0
-        self._retry_after = RETRY_FIRST_S
-        self._connect()
-
-    def run(self, op: str, token: str = "", epoch: int = 0, verdict: str = "") -> _View | None:
-        if not self.up:
-            self._probe_later()
-            return None
-        link = self.link
-        try:
-            state, epoch, left_ms, granted = self._script(
-                keys=self.keys, args=[op, *self._limits, token, epoch, verdict]
-            )
-        except redis.RedisError as exc:
-            self._down(exc, probe_failed=False)
-            return None
-        return _View(state.decode(), int(epoch), left_ms / 1000, bool(granted), link)
-
-    def _connect(self) -> None:
-        try:
-            # pybreaker's storage creates its keys if missing (and raises if Redis does not answer); its
-            # getters are not used: they log every Redis error with a traceback and then report "closed".
-            pybreaker.CircuitRedisStorage(CLOSED, self._client, namespace=self.name)
-            self._script(keys=self.keys, args=["peek", *self._limits, "", 0, ""])
-        except redis.RedisError as exc:
-            self._down(exc, probe_failed=True)
-            return
-        with self._lock:
-            self.link += 1
-            self.up = True
-            self._retry_after = RETRY_FIRST_S
-            recovered, self._warned = self._warned, False
-        if recovered:
-            log.info("circuit breaker %s: Redis reachable again, breaker state is shared again", self.name)
-
-    def _down(self, exc: Exception, probe_failed: bool) -> None:
-        with self._lock:
-            if not (self.up or probe_failed):
-                return  # another call already noticed
-            self.up = False
-            self._retry_at = time.monotonic() + self._retry_after
-            if probe_failed:
-                self._retry_after = min(self._retry_after * 2, RETRY_MAX_S)
-            warn, self._warned = not self._warned, True
-        if warn:
-            log.warning(
-                "circuit breaker %s: Redis unreachable (%s); breaker state is kept per process until it is back",
-                self.name,
-                type(exc).__name__,
-            )
-
-    def _probe_later(self) -> None:
-        with self._lock:
-            if self._probing or time.monotonic() < self._retry_at:
-                return
-            self._probing = True
-        threading.Thread(target=self._probe, name=f"breaker-{self.name}-redis", daemon=True).start()
-
-    def _probe(self) -> None:
-        try:
-            self._connect()
-        finally:
-            with self._lock:
-                self._probing = False
-
-
 class CircuitBreaker:
     """A circuit breaker that decides before a call (`allow`) and learns its outcome after it (`record`).
 
@@ -255,11 +80,12 @@ class CircuitBreaker:
     successful trials close it, one failed or slow trial opens it again. A trial permit that is never handed
     back is reclaimed after ``open_seconds`` (or ``slow_call_seconds`` if longer).
 
-    With ``redis_url`` the state, its timing, the trial permits and the half-open successes are shared by
-    every process using the same ``name`` (a closed process notices a change within SHARED_STATE_MAX_AGE_S);
-    the closed-state window stays per process. Without Redis, or while it is unreachable, everything is per
-    process. Transitions go through a pybreaker.CircuitBreaker, so ``listeners`` hear ``state_change`` in
-    every process that makes or notices one.
+    With ``redis_url`` (across hosts) or ``host_state`` (across this host's processes; with both, the host file
+    takes over while Redis is down) the state, its timing, the trial permits and the half-open successes are
+    shared by every process using the same ``name`` (a closed process notices a change within
+    SHARED_STATE_MAX_AGE_S); the closed-state window stays per process. With neither, or while neither
+    answers, everything is per process. Transitions go through a pybreaker.CircuitBreaker, so ``listeners``
+    hear ``state_change`` in every process that makes or notices one.
     """
 
     def __init__(
@@ -275,6 +101,7 @@ class CircuitBreaker:
         half_open_max_calls: int = 3,
         half_open_successes_to_close: int = 3,
         redis_url: str | None = None,
+        host_state: HostState | None = None,
         listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -320,20 +147,18 @@ class CircuitBreaker:
         self._tokens = itertools.count()
         self._seen: tuple[int, int] | None = None  # (epoch, rank) of the newest shared state adopted
         self._link = 0
-        self._checked_at = float("-inf")  # time.monotonic() of the last Redis answer
-        self._shared = None
-        if redis_url:
-            limits = [
-                max(1, round(open_seconds * 1000)),
-                max(1, round(self._trial_ttl_s * 1000)),
-                half_open_max_calls,
-                half_open_successes_to_close,
-            ]
-            self._shared = _SharedState(redis_url, name, limits)
+        self._checked_at = float("-inf")  # time.monotonic() of the last shared answer
+        limits = [
+            max(1, round(open_seconds * 1000)),
+            max(1, round(self._trial_ttl_s * 1000)),
+            half_open_max_calls,
+            half_open_successes_to_close,
+        ]
+        self._shared = shared_state(name, limits, redis_url, host_state)
 
     @property
     def state(self) -> str:
-        """``closed``, ``open`` or ``half-open`` (with Redis: at most SHARED_STATE_MAX_AGE_S old)."""
+        """``closed``, ``open`` or ``half-open`` (when shared: at most SHARED_STATE_MAX_AGE_S old)."""
         with self._lock:
             if self._shared is None or self._open_still() or self._recently_checked():
                 return self._local.state
@@ -404,7 +229,7 @@ class CircuitBreaker:
                 with self._lock:
                     self._adopt(view)
                 return
-            # Redis is gone: its token expires there; the outcome still counts for this process's state.
+            # The store is gone: its token expires there; the outcome still counts for this process's state.
         with self._lock:
             self._trials.pop(permit.token or "", None)
             if verdict == IGNORED or permit.generation != self._generation or self._local.state != HALF_OPEN:
@@ -444,8 +269,8 @@ class CircuitBreaker:
             and time.monotonic() - self._checked_at < SHARED_STATE_MAX_AGE_S
         )
 
-    def _adopt(self, view: _View) -> None:
-        """Take the shared state from a Redis answer (lock held), unless a newer answer was taken already."""
+    def _adopt(self, view: View) -> None:
+        """Take the shared state from a store's answer (lock held), unless a newer answer was taken already."""
         self._checked_at = time.monotonic()
         if view.link != self._link:
             self._link, self._seen = view.link, None

@@ -22,8 +22,8 @@ from app.cds.clients import (
     has_private_material,
     verification_algorithms,
 )
-from app.cds.errors import ClientNotTrusted
-from app.cds.replay import ReplayCache
+from app.cds.errors import ClientNotTrusted, ReplayCheckUnavailable
+from app.cds.replay import ReplayCache, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ _MAX_TOKEN_CHARS = 16_384
 _JWKS_MAX_BYTES = 256 * 1024
 _JWKS_MAX_AGE_SECONDS = 3600.0
 _MAX_LIFETIME_SECONDS = 3600  # bounds the replay cache; clients sign tokens that live minutes
+_NUMERIC_DATE_CLAIMS = ("exp", "iat", "nbf")
+_LATEST_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z; also keeps float() of a huge integer from failing
+_MAX_TENANT_CHARS = 200  # the feedback table's tenant column
 # PyJWT's exceptions, most specific first, and the reason code each becomes.
 _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "expired"),
@@ -83,6 +86,7 @@ class ClientAuthenticator:
             client = self._clients.get(iss) if isinstance(iss, str) else None
             if client is None:
                 raise ClientNotTrusted("unknown_issuer")
+            _check_claim_types(unverified)
             claims = _verify(token, self._key(client, header), self._base + path, iss, self._leeway)
             return self._principal(client, claims)
         except ClientNotTrusted as exc:
@@ -111,9 +115,20 @@ class ClientAuthenticator:
         if remaining > _MAX_LIFETIME_SECONDS:
             raise ClientNotTrusted("lifetime_too_long")
         ttl = max(math.ceil(remaining + self._leeway), 1)
-        if not self._replay.first_use(json.dumps([client.iss, jti]), ttl):
+        try:
+            first_use = self._replay.first_use(json.dumps([client.iss, jti]), ttl)
+        except StoreUnavailable as exc:
+            log.error("client JWT replay check unavailable: %s", exc)
+            raise ReplayCheckUnavailable("replay_check_unavailable") from None
+        if not first_use:
             raise ClientNotTrusted("replayed_jti")
-        tenant = client.tenant or (claimed_tenant if isinstance(claimed_tenant, str) else None)
+        since = self._replay.remembers_since
+        if claims["iat"] < (math.floor(since) if math.isfinite(since) else since):
+            # The replay store lost or never had what came before (a restarted Redis, a switch to a fallback):
+            # a token issued then may have been used already. No leeway here: it would be a replay window. The
+            # whole second, because iat usually has no fraction: a token made just after the switch is not lost.
+            raise ClientNotTrusted("issued_before_replay_memory")
+        tenant = client.tenant or claimed_tenant
         return Principal(iss=client.iss, tenant=tenant, client=client, jti=jti)
 
 
@@ -144,6 +159,25 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(typ, str) or typ.upper() != "JWT":
         raise ClientNotTrusted("bad_typ")
     return header, decoded["payload"]
+
+
+def _check_claim_types(claims: Mapping[str, Any]) -> None:
+    """exp, iat and nbf are JSON numbers (RFC 7519 NumericDate), tenant a short printable string or null: PyJWT
+    alone would int() a string such as "9999999999" or a boolean, and a tenant of another type was ignored."""
+    for name in _NUMERIC_DATE_CLAIMS:
+        if name in claims and not _is_numeric_date(claims[name]):
+            raise ClientNotTrusted(f"invalid_{name}")
+    tenant = claims.get("tenant")
+    if tenant is not None and not (
+        isinstance(tenant, str) and 0 < len(tenant) <= _MAX_TENANT_CHARS and tenant.isprintable()
+    ):
+        raise ClientNotTrusted("invalid_tenant")
+
+
+def _is_numeric_date(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value <= _LATEST_NUMERIC_DATE  # False for NaN, which Python's JSON parser accepts
 
 
 def _verify(token: str, key: PyJWK, audience: str, iss: str, leeway: float) -> dict[str, Any]:

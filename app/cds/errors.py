@@ -44,3 +44,15 @@ class ClientNotTrusted(CdsError):
         # The reason is for our audit log only; the HTTP answer carries no detail.
         super().__init__("Client authentication failed")
         self.reason = reason
+
+
+class ReplayCheckUnavailable(CdsError):
+    """Whether a client JWT was used before cannot be told now (the host state file is unusable): the call is
+    refused rather than checked against one process's memory (503)."""
+
+    status = 503
+    code = "transient"
+
+    def __init__(self, reason: str):
+        super().__init__("The service cannot check client tokens for replay now; try again shortly")
+        self.reason = reason

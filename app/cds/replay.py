@@ -1,4 +1,15 @@
-"""The client JWT replay cache (R-34): each jti is accepted once; shared through Redis when it is there."""
+"""The client JWT replay cache (R-34): each jti is accepted once, by every process that may receive it.
+
+Every process of a host records each jti in the host state file (shared without Redis); with REDIS_URL it is
+recorded in Redis as well, which shares it across hosts. A jti is new only if every store that answered says
+so, so a process that lost Redis for a moment still shares everything with the other processes of its host.
+When the host file cannot be written, calls are refused (503), never checked against one process's memory.
+
+A store remembers jtis only from some moment on (``remembers_since``): a Redis that restarted (even from a
+snapshot, which lacks the last writes), or this process losing Redis (other hosts went on recording there). A
+token issued before that moment may have been used already, so the authenticator refuses it. Clients sign a
+fresh token per call, so only calls in flight at such a moment are refused, once.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +24,30 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.host_state import HostState, HostStateError
+
 log = logging.getLogger(__name__)
 
 
+class StoreUnavailable(Exception):
+    """The store did not answer."""
+
+
 class ReplayCache(Protocol):
-    """What the authenticator needs: remember a key for a while, atomically."""
+    """What the authenticator needs: remember a key for a while, atomically, and say since when it remembers."""
+
+    remembers_since: float  # seconds since the epoch; a token issued before this cannot be checked
 
     def first_use(self, key: str, ttl_seconds: int) -> bool:
-        """Atomically record ``key`` for ``ttl_seconds``: True the first time, False while remembered."""
+        """Atomically record ``key`` for ``ttl_seconds``: True the first time, False while remembered; raises
+        StoreUnavailable when it cannot tell."""
         ...
 
 
 class MemoryReplayCache:
     """A per-process replay cache: thread-safe, and expired keys are purged so memory follows live tokens."""
+
+    remembers_since = float("-inf")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -61,74 +83,149 @@ class MemoryReplayCache:
             del self._expiry[key]
 
 
-class RedisReplayCache:
-    """A replay cache shared by all processes through Redis (SET NX EX); Redis being down never fails a call.
+class HostReplayCache:
+    """The replay cache of this host's processes, in the host state file (one short write per call)."""
 
-    While Redis is unreachable, keys go to an in-process cache (one WARNING per outage) and one caller
-    retries Redis every ``retry_after_seconds``; keys seen during an outage stay rejected after it.
+    PURGE_EVERY_S = 10.0
+
+    def __init__(self, state: HostState):
+        self._state = state
+        self.remembers_since = state.started_at
+        self._next_purge = 0.0
+
+    def first_use(self, key: str, ttl_seconds: int) -> bool:
+        now = time.time()
+        try:
+            with self._state.write() as conn:
+                # A key whose time is up may be recorded again, as a new key would be.
+                recorded = conn.execute(
+                    "INSERT INTO jti (key, expires) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET expires = excluded.expires WHERE jti.expires <= ?",
+                    (key, now + max(ttl_seconds, 1), now),
+                ).rowcount
+                if now >= self._next_purge:
+                    self._next_purge = now + self.PURGE_EVERY_S
+                    conn.execute("DELETE FROM jti WHERE expires <= ?", (now,))
+        except HostStateError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        return recorded == 1
+
+
+# KEYS: the jti's key; a hash saying since when this Redis remembers, and for which run of the server (its
+# run_id changes at every start, also one that loads a snapshot, which lacks the writes made after it).
+# ARGV: ttl in seconds. Returns {1 if recorded, since}. Time is Redis's clock.
+_REDIS_SCRIPT = """
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local since = redis.call('HGET', KEYS[2], 'since')
+if not since or redis.call('HGET', KEYS[2], 'run_id') ~= run then
+  local t = redis.call('TIME')
+  since = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
+  redis.call('HSET', KEYS[2], 'since', since, 'run_id', run)
+end
+local recorded = redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1]))
+if recorded then return {1, since} end
+return {0, since}
+"""
+
+
+class RedisReplayCache:
+    """A replay cache shared by every process and host through Redis (SET NX EX), in one script call.
+
+    Raises StoreUnavailable when Redis does not answer. A Redis that restarted remembers only from its restart
+    on, and says so in ``remembers_since``.
     """
 
     PREFIX = "cds:jti:"
+    SINCE_KEY = "cds:jti-memory"
 
-    def __init__(self, url: str, socket_timeout: float = 0.2, retry_after_seconds: float = 15.0):
+    def __init__(self, url: str, socket_timeout: float = 0.2):
         self._redis = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),  # no retries: a down Redis must cost one short timeout, not several
         )
-        self._fallback = MemoryReplayCache()
-        self._retry_after = retry_after_seconds
-        self._lock = threading.Lock()
-        self._down = False
-        self._next_try = 0.0
-        try:
-            self._redis.ping()
-        except redis.RedisError as exc:
-            self._went_down(exc)
+        self._script = self._redis.register_script(_REDIS_SCRIPT)
+        self.remembers_since = float("inf")  # nothing is known until Redis has answered once
 
     def first_use(self, key: str, ttl_seconds: int) -> bool:
-        if not self._may_try_redis():
-            return self._fallback.first_use(key, ttl_seconds)
         try:
-            recorded = self._redis.set(self.PREFIX + key, b"1", nx=True, ex=max(int(ttl_seconds), 1))
+            recorded, since = self._script(keys=[self.PREFIX + key, self.SINCE_KEY], args=[max(int(ttl_seconds), 1)])
         except redis.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        self.remembers_since = float(since)
+        return bool(recorded)
+
+
+class SharedReplayCache:
+    """The host file, always, and Redis too when configured: a key is new only if every store that answered
+    says so. Redis being down costs one short timeout per ``retry_after_seconds`` (one caller probes) and one
+    WARNING per outage; the host file being unusable raises StoreUnavailable (the call is refused)."""
+
+    def __init__(self, host: HostReplayCache, redis_cache: RedisReplayCache | None, retry_after_seconds: float = 15.0):
+        self._host = host
+        self._redis = redis_cache
+        self._retry_after = retry_after_seconds
+        self._lock = threading.Lock()
+        self._redis_down = False
+        self._next_try = 0.0
+        self._lost_redis_at = float("-inf")
+
+    @property
+    def remembers_since(self) -> float:
+        since = max(self._host.remembers_since, self._lost_redis_at)
+        if self._redis is not None and not self._redis_down:
+            since = max(since, self._redis.remembers_since)
+        return since
+
+    def first_use(self, key: str, ttl_seconds: int) -> bool:
+        new_here = self._host.first_use(key, ttl_seconds)
+        if not new_here or self._redis is None or not self._may_try_redis():
+            return new_here
+        try:
+            new_everywhere = self._redis.first_use(key, ttl_seconds)
+        except StoreUnavailable as exc:
             self._went_down(exc)
-            return self._fallback.first_use(key, ttl_seconds)
-        if self._down:
+            return new_here
+        if self._redis_down:
             self._came_back()
-        return bool(recorded) and key not in self._fallback
+        return new_here and new_everywhere
 
     def _may_try_redis(self) -> bool:
-        if not self._down:
+        if not self._redis_down:
             return True
         with self._lock:
             now = time.monotonic()
             if now < self._next_try:
                 return False
-            self._next_try = now + self._retry_after  # this caller probes; the others keep the fallback
+            self._next_try = now + self._retry_after  # this caller probes; the others keep to the host file
             return True
 
     def _went_down(self, exc: Exception) -> None:
         with self._lock:
             self._next_try = time.monotonic() + self._retry_after
-            if self._down:
+            if self._redis_down:
                 return
-            self._down = True
+            self._redis_down = True
+            # Other hosts go on recording in Redis: a token they saw may come here now, unseen by our file.
+            self._lost_redis_at = time.time()
         log.warning(
-            "Redis unreachable for the jti replay cache (%s); using a per-process cache, retry every %.0f s",
-            type(exc).__name__,
+            "Redis unreachable for the jti replay cache (%s); this host's file only, retry every %.0f s",
+            exc,
             self._retry_after,
         )
 
     def _came_back(self) -> None:
         with self._lock:
-            if not self._down:
+            if not self._redis_down:
                 return
-            self._down = False
-        log.info("Redis reachable again; the jti replay cache is shared again")
+            self._redis_down = False
+        log.info("Redis reachable again; the jti replay cache is shared across hosts again")
 
 
-def make_replay_cache(redis_url: str | None) -> ReplayCache:
-    """The shared Redis cache when REDIS_URL is set, else a per-process one."""
-    return RedisReplayCache(redis_url) if redis_url else MemoryReplayCache()
+def make_replay_cache(redis_url: str | None, host_state: HostState | None) -> ReplayCache:
+    """This host's state file, and Redis as well when REDIS_URL is set; without a host state (apps built for a
+    unit test) a per-process memory."""
+    if host_state is None:
+        return MemoryReplayCache()
+    return SharedReplayCache(HostReplayCache(host_state), RedisReplayCache(redis_url) if redis_url else None)

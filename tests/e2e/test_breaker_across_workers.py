@@ -1,5 +1,6 @@
-"""With Redis, gunicorn workers share one breaker: once open, no worker calls the model, and after the open
-period only the configured number of trial calls reach it, whichever workers the hooks land on."""
+"""gunicorn workers share one breaker and one JWT replay cache, through Redis or, without it, through the host
+state file: once open, no worker calls the model, after the open period only the configured number of trial
+calls reach it, and a client JWT is accepted once, whichever workers the hooks land on."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def model_server():
         yield server
 
 
-@pytest.fixture
-def gateway(tmp_path, signing_key, model_server):
-    require(redis_unavailable())
+@pytest.fixture(params=["redis", "no-redis"])
+def gateway(request, tmp_path, signing_key, model_server):
+    if request.param == "redis":
+        require(redis_unavailable())
     port = free_port()
     (tmp_path / "clients.json").write_text(json.dumps(clients_document(signing_key, [])))
     base = f"http://127.0.0.1:{port}"
@@ -50,7 +52,7 @@ def gateway(tmp_path, signing_key, model_server):
         "INSTANCE_PATH": str(tmp_path),
         "CDS_CLIENTS_FILE": str(tmp_path / "clients.json"),
         "AUDIT_LOG": str(tmp_path / "audit.jsonl"),
-        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "REDIS_URL": "redis://127.0.0.1:6379/0" if request.param == "redis" else "",
         "AI_BACKEND": "kserve",
         "AI_URL": model_server.url,  # a fresh port, so a fresh shared breaker
         "HOOK_BUDGET_MS": "1500",
@@ -95,3 +97,30 @@ def test_open_breaker_and_half_open_trials_are_shared_by_all_workers(gateway, mo
         labels = list(pool.map(hook, range(10)))
     assert model_server.calls - calls == HALF_OPEN_CALLS, labels
     assert sum("ascvd-pce" in label for label in labels) == HALF_OPEN_CALLS
+
+
+def test_a_client_jwt_is_accepted_once_whichever_worker_gets_it(gateway, signing_key, hook_body, tmp_path):
+    body = json.dumps(hook_body)
+    token = signing_key.token(gateway + SERVICE)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    audit = tmp_path / "audit.jsonl"
+
+    def hook(_=None) -> int:
+        # A new connection per call, so that calls land on either worker.
+        return requests.post(gateway + SERVICE, data=body, timeout=10, headers=headers).status_code
+
+    def hook_records() -> list[dict]:
+        return [r for r in map(json.loads, audit.read_text().splitlines()) if r["event"] == "hook"]
+
+    assert hook() == 200
+    accepted_by = hook_records()[-1]["pid"]
+    replays: list[int] = []
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(40):  # until a replay has reached the other worker
+            replays += pool.map(hook, range(8))
+            if any(r["pid"] != accepted_by for r in hook_records()):
+                break
+    assert set(replays) == {401}, replays
+    refused_elsewhere = [r for r in hook_records() if r["pid"] != accepted_by]
+    assert refused_elsewhere, "no replay reached the other worker"
+    assert all(r["status"] == 401 for r in refused_elsewhere)

@@ -1,4 +1,5 @@
-"""The breaker's state shared through a real Redis: across instances and processes, and harmless when Redis dies."""
+"""The breaker's state shared through a real Redis and through the host state file: across instances and
+processes, and harmless when Redis dies."""
 
 from __future__ import annotations
 
@@ -6,14 +7,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import pybreaker
@@ -21,20 +18,15 @@ import pytest
 import redis
 
 from app.ai import breaker as breaker_module
+from app.ai import breaker_state
 from app.ai.breaker import CircuitBreaker
+from app.host_state import HostState
+from tests.support.redis_server import redis_is_up
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
 OPEN_SECONDS = 0.5
 NOTICE_S = breaker_module.SHARED_STATE_MAX_AGE_S + 0.02  # time for a closed process to notice a shared change
-
-
-def redis_is_up(port: int = 6379) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # Skipped without Redis on a developer's machine; CI starts Redis, so there a missing server fails the run.
@@ -81,24 +73,49 @@ def name():
         pass
 
 
-@needs_redis
-def test_one_instance_opens_and_the_other_refuses(name):
-    first, second = make(name), make(name)
+class SharedStore(NamedTuple):
+    """Where breakers named ``name`` share their state: Redis, or a host state file at ``where``."""
+
+    kind: str
+    name: str
+    where: str
+
+    @property
+    def spec(self) -> tuple:
+        return tuple(self)
+
+    def make(self, **overrides) -> CircuitBreaker:
+        if self.kind == "redis":
+            return CircuitBreaker(self.name, redis_url=self.where, **settings(**overrides))
+        return CircuitBreaker(self.name, host_state=HostState(self.where), **settings(**overrides))
+
+
+@pytest.fixture(params=["redis", "host"])
+def store(request, name, tmp_path) -> SharedStore:
+    """Each sharing test runs against Redis (across hosts) and against the host state file (no Redis)."""
+    if request.param == "redis" and not redis_is_up() and not os.environ.get("CI"):
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    where = REDIS_URL if request.param == "redis" else str(tmp_path / "host-state.db")
+    return SharedStore(request.param, name, where)
+
+
+def test_one_instance_opens_and_the_other_refuses(store):
+    first, second = store.make(), store.make()
     assert second.allow() is not None
     trip(first)
     assert first.state == "open"
     time.sleep(NOTICE_S)
     assert second.allow() is None
     assert second.state == "open"
-    # Stored in pybreaker's own layout: pybreaker's Redis storage reads the same state and opening time.
-    storage = pybreaker.CircuitRedisStorage("closed", redis.Redis.from_url(REDIS_URL), namespace=name)
-    assert storage.state == "open"
-    assert storage.opened_at is not None
+    if store.kind == "redis":
+        # Stored in pybreaker's own layout: pybreaker's Redis storage reads the same state and opening time.
+        storage = pybreaker.CircuitRedisStorage("closed", redis.Redis.from_url(REDIS_URL), namespace=store.name)
+        assert storage.state == "open"
+        assert storage.opened_at is not None
 
 
-@needs_redis
-def test_half_open_trials_are_limited_across_instances(name):
-    instances = [make(name, half_open_max_calls=2) for _ in range(3)]
+def test_half_open_trials_are_limited_across_instances(store):
+    instances = [store.make(half_open_max_calls=2) for _ in range(3)]
     trip(instances[0])
     time.sleep(OPEN_SECONDS + 0.05)
     start = threading.Barrier(3)
@@ -122,9 +139,8 @@ def test_half_open_trials_are_limited_across_instances(name):
     assert [breaker.state for breaker in instances] == ["closed"] * 3
 
 
-@needs_redis
-def test_a_failed_trial_in_one_instance_opens_it_for_all(name):
-    first, second = make(name), make(name)
+def test_a_failed_trial_in_one_instance_opens_it_for_all(store):
+    first, second = store.make(), store.make()
     trip(first)
     time.sleep(OPEN_SECONDS + 0.05)
     failing, succeeding = first.allow(), second.allow()
@@ -135,9 +151,8 @@ def test_a_failed_trial_in_one_instance_opens_it_for_all(name):
     assert second.allow() is None
 
 
-@needs_redis
-def test_a_trial_from_an_earlier_half_open_period_does_not_count_in_the_next(name):
-    first, second = make(name, half_open_successes_to_close=1), make(name, half_open_successes_to_close=1)
+def test_a_trial_from_an_earlier_half_open_period_does_not_count_in_the_next(store):
+    first, second = store.make(half_open_successes_to_close=1), store.make(half_open_successes_to_close=1)
     trip(first)
     time.sleep(OPEN_SECONDS + 0.05)
     stale, failing = first.allow(), second.allow()
@@ -149,9 +164,8 @@ def test_a_trial_from_an_earlier_half_open_period_does_not_count_in_the_next(nam
     assert first.state == "half-open" and second.state == "half-open"
 
 
-@needs_redis
-def test_a_late_closed_outcome_does_not_close_a_shared_half_open_breaker(name):
-    first, second = make(name, half_open_successes_to_close=1), make(name, half_open_successes_to_close=1)
+def test_a_late_closed_outcome_does_not_close_a_shared_half_open_breaker(store):
+    first, second = store.make(half_open_successes_to_close=1), store.make(half_open_successes_to_close=1)
     late = second.allow()
     assert late is not None
     trip(first)
@@ -162,9 +176,8 @@ def test_a_late_closed_outcome_does_not_close_a_shared_half_open_breaker(name):
     assert first.state == "half-open" and second.state == "half-open"
 
 
-@needs_redis
-def test_a_trial_permit_never_handed_back_expires_in_redis(name):
-    first, second = make(name, half_open_max_calls=1), make(name, half_open_max_calls=1)
+def test_a_trial_permit_never_handed_back_expires_in_the_shared_store(store):
+    first, second = store.make(half_open_max_calls=1), store.make(half_open_max_calls=1)
     trip(first)
     time.sleep(OPEN_SECONDS + 0.05)
     assert first.allow() is not None  # and its worker dies
@@ -173,28 +186,27 @@ def test_a_trial_permit_never_handed_back_expires_in_redis(name):
     assert second.allow() is not None
 
 
-def _trip_in_child(name: str) -> None:
-    trip(make(name))
+def _trip_in_child(spec: tuple) -> None:
+    trip(SharedStore(*spec).make())
 
 
-def _allow_in_child(name: str, start, results) -> None:
-    breaker = make(name)
+def _allow_in_child(spec: tuple, start, results) -> None:
+    breaker = SharedStore(*spec).make()
     start.wait()
     results.put(breaker.allow() is not None)
 
 
-@needs_redis
-def test_separate_processes_share_the_state_and_the_trial_limit(name):
+def test_separate_processes_share_the_state_and_the_trial_limit(store):
     spawn = multiprocessing.get_context("spawn")
-    child = spawn.Process(target=_trip_in_child, args=(name,))
+    child = spawn.Process(target=_trip_in_child, args=(store.spec,))
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    assert make(name).allow() is None, "another process opened the breaker"
+    assert store.make().allow() is None, "another process opened the breaker"
 
     time.sleep(OPEN_SECONDS + 0.05)
     start, results = spawn.Barrier(3), spawn.Queue()
-    children = [spawn.Process(target=_allow_in_child, args=(name, start, results)) for _ in range(3)]
+    children = [spawn.Process(target=_allow_in_child, args=(store.spec, start, results)) for _ in range(3)]
     for child in children:
         child.start()
     granted = [results.get(timeout=60) for _ in children]
@@ -204,7 +216,7 @@ def test_separate_processes_share_the_state_and_the_trial_limit(name):
 
 
 def test_an_unreachable_redis_leaves_a_working_per_process_breaker(name, caplog):
-    caplog.set_level(logging.INFO, logger="app.ai.breaker")
+    caplog.set_level(logging.INFO, logger="app.ai")
     began = time.perf_counter()
     first, second = make(name, url=CLOSED_PORT_URL), make(name, url=CLOSED_PORT_URL)
     assert time.perf_counter() - began < 0.5, "start-up without Redis must not wait"
@@ -221,49 +233,6 @@ def test_an_unreachable_redis_leaves_a_working_per_process_breaker(name, caplog)
     assert second.allow() is not None and second.state == "closed", "without Redis each process has its own state"
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "Redis unreachable" in r.getMessage()]
     assert len(warnings) == 2, "one warning per breaker, not one per call"
-
-
-class RedisServer(NamedTuple):
-    port: int
-    start: Callable[[], None]
-    stop: Callable[[], None]
-    pause: Callable[[bool], None]
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of the test's own on a spare port, which the test may kill and start again."""
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run this test: redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    command += ["--dir", str(tmp_path)]
-    servers = []
-
-    def start() -> None:
-        servers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 10
-        while not redis_is_up(port):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def stop() -> None:
-        servers[-1].kill()
-        servers[-1].wait(10)
-
-    def pause(paused: bool) -> None:
-        servers[-1].send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
-
-    start()
-    yield RedisServer(port, start, stop, pause)
-    for server in servers:
-        if server.poll() is None:
-            server.kill()
-            server.wait(10)
 
 
 class Calls:
@@ -308,8 +277,8 @@ def calling_from_threads(breakers: list[CircuitBreaker]) -> Iterator[Calls]:
 
 
 def test_redis_dying_mid_run_never_reaches_callers_and_sharing_resumes(name, own_redis, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="app.ai.breaker")
-    monkeypatch.setattr(breaker_module, "RETRY_FIRST_S", 0.2)
+    caplog.set_level(logging.INFO, logger="app.ai")
+    monkeypatch.setattr(breaker_state, "RETRY_FIRST_S", 0.2)
     url = f"redis://127.0.0.1:{own_redis.port}/0"
     first, second = make(name, url=url), make(name, url=url)
     with calling_from_threads([first, second]) as calls:
@@ -317,7 +286,7 @@ def test_redis_dying_mid_run_never_reaches_callers_and_sharing_resumes(name, own
         own_redis.stop()
         time.sleep(0.5)
     assert not calls.errors
-    assert calls.slowest() < breaker_module.REDIS_TIMEOUT_S, "a call waited longer than one socket timeout"
+    assert calls.slowest() < breaker_state.REDIS_TIMEOUT_S, "a call waited longer than one socket timeout"
     assert calls.p99() < 0.02, f"p99 {calls.p99() * 1000:.1f} ms while Redis died"
 
     trip(first)  # Redis is down: the opening stays in this process
@@ -348,4 +317,16 @@ def test_a_hung_redis_costs_each_caller_at_most_one_socket_timeout_once(name, ow
     assert not calls.errors
     slow = [d for d in calls.durations if d > 0.02]
     assert len(slow) <= 4, "only the calls in flight when Redis hung may wait for it"
-    assert calls.slowest() < breaker_module.REDIS_TIMEOUT_S + 0.05
+    assert calls.slowest() < breaker_state.REDIS_TIMEOUT_S + 0.05
+
+
+def test_while_redis_is_down_the_host_file_keeps_this_hosts_processes_sharing(name, own_redis, tmp_path):
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    host_file = str(tmp_path / "host-state.db")
+    first = CircuitBreaker(name, redis_url=url, host_state=HostState(host_file), **settings())
+    second = CircuitBreaker(name, redis_url=url, host_state=HostState(host_file), **settings())
+    assert first.allow() is not None and second.allow() is not None
+    own_redis.stop()
+    trip(first)
+    time.sleep(NOTICE_S)
+    assert second.allow() is None, "the host file carried the opening to the other process"

@@ -60,6 +60,11 @@ def token(key=ES_KEY, alg: str = "ES384", kid: str | None = ES_KID, headers: dic
     return jwt.encode(claims(**claim_args), key, alg, headers=header)
 
 
+def token_keeping_nulls(key=ES_KEY, kid: str = ES_KID, iss: str = INLINE_ISS, **overrides) -> str:
+    """A signed token whose claims are ``claims()`` with ``overrides`` as given, JSON nulls included."""
+    return jwt.encode({**claims(iss=iss), **overrides}, key, "ES384", headers={"typ": "JWT", "kid": kid})
+
+
 def hand_made(header: dict, payload: dict, sign=lambda signing_input: b"") -> str:
     """A compact JWS built without PyJWT, for the algorithms PyJWT rightly refuses to produce."""
 
@@ -274,6 +279,35 @@ def test_iat_far_in_the_future_is_rejected(authenticator):
     assert rejection(authenticator, bearer(token(iat=now + 120, exp=now + 400))) == "issued_in_the_future"
 
 
+NOT_A_NUMERIC_DATE = [
+    pytest.param(str, id="numeric-string"),  # PyJWT int()s it: accepted before
+    pytest.param(lambda good: True, id="true"),
+    pytest.param(lambda good: False, id="false"),
+    pytest.param(lambda good: None, id="null"),
+    pytest.param(lambda good: {"value": good}, id="object"),
+    pytest.param(lambda good: [good], id="array"),
+    pytest.param(lambda good: float("nan"), id="NaN"),  # Python's JSON parser accepts NaN
+    pytest.param(lambda good: 10**400, id="huge-integer"),  # float() of it failed after verification: a 500
+]
+
+
+@pytest.mark.parametrize("value", NOT_A_NUMERIC_DATE)
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+def test_time_claim_that_is_not_a_json_number_is_rejected(authenticator, claim, value):
+    now = int(time.time())
+    good = {"exp": now + 300, "iat": now, "nbf": now - 10}[claim]
+    assert rejection(authenticator, bearer(token_keeping_nulls(**{claim: value(good)}))) == f"invalid_{claim}"
+
+
+def test_string_exp_far_in_the_future_is_rejected_as_not_a_number(authenticator):
+    assert rejection(authenticator, bearer(token_keeping_nulls(exp="9999999999"))) == "invalid_exp"
+
+
+def test_time_claims_with_fractions_of_a_second_are_accepted(authenticator):
+    now = time.time()
+    assert authenticator.authenticate(bearer(token_keeping_nulls(iat=now, nbf=now - 10.5, exp=now + 299.5)), DISCOVERY)
+
+
 @pytest.mark.parametrize("claim", ["aud", "exp", "iat", "jti"])
 def test_token_missing_a_required_claim_is_rejected(authenticator, claim):
     assert rejection(authenticator, bearer(token(**{claim: None}))) == f"missing_{claim}"
@@ -317,6 +351,8 @@ def test_replay_entry_lives_for_the_remaining_lifetime_plus_leeway(registry):
     recorded = []
 
     class Recording:
+        remembers_since = float("-inf")
+
         def first_use(self, key, ttl_seconds):
             recorded.append(ttl_seconds)
             return True
@@ -325,6 +361,19 @@ def test_replay_entry_lives_for_the_remaining_lifetime_plus_leeway(registry):
         bearer(token(lifetime=120)), DISCOVERY
     )
     assert 123 <= recorded[0] <= 125
+
+
+def test_a_token_issued_before_the_replay_store_remembers_is_refused(registry):
+    class Restarted(MemoryReplayCache):
+        """A store whose memory begins now, as a Redis restarted without its data."""
+
+        remembers_since = time.time() - 10
+
+    authenticator = ClientAuthenticator(registry, BASE, Restarted(), leeway_seconds=5)
+    now = int(time.time())
+    refused = bearer(token(iat=now - 12, exp=now + 240))
+    assert rejection(authenticator, refused) == "issued_before_replay_memory", "no leeway: it would be a window"
+    assert authenticator.authenticate(bearer(token(iat=now - 8, exp=now + 240)), DISCOVERY)
 
 
 # Tenant
@@ -342,6 +391,21 @@ def test_tenant_claim_contradicting_the_configured_tenant_is_rejected(authentica
 def test_tenant_claim_is_used_when_the_client_has_none_configured(authenticator):
     other = token(FOREIGN_KEY, "ES384", FOREIGN_KID, iss="https://other.example.org", tenant="east")
     assert authenticator.authenticate(bearer(other), DISCOVERY).tenant == "east"
+
+
+@pytest.mark.parametrize(
+    "tenant",
+    [5, True, {"id": "east"}, ["east"], "", "x" * 201, "east\u0000", "east\n"],
+    ids=["number", "true", "object", "array", "empty", "201-chars", "nul", "newline"],
+)
+def test_tenant_claim_that_is_not_a_short_printable_string_is_rejected(authenticator, tenant):
+    other = token_keeping_nulls(FOREIGN_KEY, FOREIGN_KID, iss="https://other.example.org", tenant=tenant)
+    assert rejection(authenticator, bearer(other)) == "invalid_tenant"
+
+
+def test_null_tenant_claim_counts_as_absent(authenticator):
+    other = token_keeping_nulls(FOREIGN_KEY, FOREIGN_KID, iss="https://other.example.org", tenant=None)
+    assert authenticator.authenticate(bearer(other), DISCOVERY).tenant is None
 
 
 # The Authorization header
