@@ -17,6 +17,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         audit,
         cds,
         db,
+        development,
         health,
         host_state,
         jobs,
@@ -34,6 +35,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     logs.configure(settings["LOG_LEVEL"])
 
     limits.init_app(app)
+    development.init_app(app)
     db.init_app(app)
     host_state.init_app(app)
     audit.init_app(app)

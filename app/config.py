@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.development import DEV_CLIENTS_FILE, off_host_refusal
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_DIR = PROJECT_ROOT / "instance"
-DEV_CLIENTS_FILE = Path(__file__).resolve().parent / "cds" / "dev_clients.json"
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
     instance = Path(get("INSTANCE_PATH") or INSTANCE_DIR)
     settings: dict[str, Any] = {
         "PORT": port,
+        "HOST": str(get("HOST") or "127.0.0.1").strip(),
         "INSTANCE_PATH": str(instance),
         "PUBLIC_BASE_URL": _url(
             "PUBLIC_BASE_URL", get("PUBLIC_BASE_URL") or f"http://localhost:{port}", ("http", "https")
@@ -116,6 +118,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "LLM_API_KEY": get("LLM_API_KEY") or None,
         "LLM_TIMEOUT_S": _int("LLM_TIMEOUT_S", get("LLM_TIMEOUT_S", 60), 1, 600),
         "ADMIN_TOKEN": get("ADMIN_TOKEN") or None,
+        "METRICS_TOKEN": get("METRICS_TOKEN") or None,
         "SMART_CLIENT_ID": str(get("SMART_CLIENT_ID") or "clinical-ai-gateway"),
         "SMART_CLIENT_SECRET": get("SMART_CLIENT_SECRET") or None,
         "SMART_SESSION_TTL_S": _int("SMART_SESSION_TTL_S", get("SMART_SESSION_TTL_S", 3600), 60, 86400),
@@ -156,4 +159,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         raise ConfigError("DATABASE_URL must be a sqlite:/// or postgresql:// SQLAlchemy URL")
     if not Path(settings["CDS_CLIENTS_FILE"]).is_file():
         raise ConfigError(f"CDS_CLIENTS_FILE {settings['CDS_CLIENTS_FILE']!r} does not exist")
+    refusal = off_host_refusal(settings)
+    if refusal:
+        raise ConfigError(refusal)
     return settings

@@ -11,6 +11,8 @@ import pytest
 from tests.support.tokens import SigningKey, clients_document
 
 PUBLIC_BASE_URL = "http://gateway.test"
+# Development switches (FHIR_ALLOW_ANONYMOUS, WEBHOOKS_ALLOW_PRIVATE, CDS_AUTH=off) work only on this host.
+LOCAL_BASE_URL = "http://localhost:8080"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-r4"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -25,7 +25,9 @@ from standardwebhooks.webhooks import Webhook
 
 from app import results
 from app.jobs import ledger
-from tests.conftest import PUBLIC_BASE_URL
+
+# WEBHOOKS_ALLOW_PRIVATE (loopback receivers) works only with the service on this host.
+from tests.conftest import LOCAL_BASE_URL as PUBLIC_BASE_URL
 from tests.support.http_servers import FhirProxy, WebhookReceiver
 from tests.support.processes import start_worker
 from tests.support.tokens import clients_document
@@ -86,16 +88,7 @@ def seed_encounter(fhir_server, patient_id: str, encounter_id: str) -> None:
             "effectiveDateTime": "2026-11-21T06:00:00Z",
         },
     ]
-    fhir_server.post_bundle(
-        {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [
-                {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                for r in resources
-            ],
-        }
-    )
+    fhir_server.put(resources)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from app.ai import ModelUnavailable
 from app.db import engine, feedback
-from tests.conftest import PUBLIC_BASE_URL
+from tests.conftest import LOCAL_BASE_URL, PUBLIC_BASE_URL
 from tests.support.assertions import assert_no_empty_members
 
 SERVICE = "/cds-services/cardiovascular-risk"
@@ -196,7 +196,7 @@ def test_crashing_model_gives_the_fallback_card_not_a_5xx(app, auth, hook_body):
 
 
 def test_auth_off_needs_no_token_and_says_so_on_every_card(make_app, hook_body):
-    client = make_app(CDS_AUTH="off").test_client()
+    client = make_app(CDS_AUTH="off", PUBLIC_BASE_URL=LOCAL_BASE_URL).test_client()
     response = post(client, SERVICE, hook_body, {})
     assert response.status_code == 200
     assert "CDS_AUTH=off" in response.get_json()["cards"][0]["source"]["label"]

@@ -16,7 +16,7 @@ from app.fhir.client import Client, pooled_session
 from app.jobs import ledger
 from app.jobs.monitor import DLQ_ALERT_EVENT, check_dead_letters
 from app.jobs.worker import Worker
-from tests.conftest import PUBLIC_BASE_URL
+from tests.conftest import LOCAL_BASE_URL
 from tests.support.http_servers import WebhookReceiver
 from tests.support.processes import free_port
 from tests.support.tokens import clients_document
@@ -32,7 +32,7 @@ def hook(app, signing_key, fhir_server: str | None, encounter: str = "enc-1") ->
     }
     if fhir_server:
         body["fhirServer"] = fhir_server
-    token = signing_key.token(PUBLIC_BASE_URL + SERVICE)
+    token = signing_key.token(app.config["PUBLIC_BASE_URL"] + SERVICE)
     response = app.test_client().post(SERVICE, json=body, headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.get_data(as_text=True)
     return response.get_json()["cards"][0]
@@ -47,7 +47,7 @@ def clients(tmp_path, signing_key, **entry) -> str:
 
 
 def test_no_fhir_server_means_no_job_and_a_card_that_says_why(make_app, signing_key):
-    app = make_app(FHIR_ALLOW_ANONYMOUS=True)
+    app = make_app(PUBLIC_BASE_URL=LOCAL_BASE_URL, FHIR_ALLOW_ANONYMOUS=True)
     card = hook(app, signing_key, None)
     assert card["summary"] == "No AI draft discharge summary for this encounter"
     assert "sent no FHIR server" in card["detail"]
@@ -61,7 +61,11 @@ def test_without_write_back_credentials_nothing_is_queued(make_app, signing_key)
 
 
 def test_a_fhir_server_off_the_allowlist_is_refused(make_app, signing_key):
-    card = hook(make_app(FHIR_ALLOW_ANONYMOUS=True), signing_key, "https://elsewhere.example/fhir")
+    card = hook(
+        make_app(PUBLIC_BASE_URL=LOCAL_BASE_URL, FHIR_ALLOW_ANONYMOUS=True),
+        signing_key,
+        "https://elsewhere.example/fhir",
+    )
     assert "not configured for the gateway" in card["detail"]
 
 
@@ -70,7 +74,12 @@ def test_the_ai_down_is_retried_then_dead_lettered_and_the_card_says_so(
 ):
     monkeypatch.setattr(ledger, "BACKOFF_BASE_SECONDS", 0.01)
     monkeypatch.setattr(ledger, "BACKOFF_CAP_SECONDS", 0.01)
-    app = make_app(FHIR_ALLOW_ANONYMOUS=True, LLM_URL=f"http://127.0.0.1:{free_port()}", JOB_MAX_ATTEMPTS=3)
+    app = make_app(
+        PUBLIC_BASE_URL=LOCAL_BASE_URL,
+        FHIR_ALLOW_ANONYMOUS=True,
+        LLM_URL=f"http://127.0.0.1:{free_port()}",
+        JOB_MAX_ATTEMPTS=3,
+    )
     encounter = f"e-{uuid.uuid4().hex[:8]}"
     fhir_server.post_bundle(
         {
@@ -113,7 +122,9 @@ def test_the_dead_letter_alert_logs_and_tells_subscribers_once(make_app, signing
             signing_key,
             webhooks=[{"url": receiver.url + "/ops", "secret": secret, "events": [DLQ_ALERT_EVENT]}],
         )
-        app = make_app(CDS_CLIENTS_FILE=path, DLQ_ALERT_THRESHOLD=2, WEBHOOKS_ALLOW_PRIVATE=True)
+        app = make_app(
+            CDS_CLIENTS_FILE=path, DLQ_ALERT_THRESHOLD=2, WEBHOOKS_ALLOW_PRIVATE=True, PUBLIC_BASE_URL=LOCAL_BASE_URL
+        )
         engine = app.extensions["db"]
         ledger.enqueue(engine, "doomed-1", "jobs.canary", {}, max_attempts=1)
         job = ledger.claim(engine, "w")
@@ -160,8 +171,16 @@ def test_a_refused_create_is_an_error_not_a_silent_success(make_httpserver, stat
     make_httpserver.clear()
 
 
-def test_ids_that_are_not_fhir_ids_make_no_job(make_app, signing_key):
-    app = make_app(FHIR_ALLOW_ANONYMOUS=True)
-    card = hook(app, signing_key, "http://127.0.0.1:9/fhir/R4", encounter="../../admin")
-    assert "not a FHIR id" in card["detail"]
+def test_ids_that_are_not_fhir_ids_are_refused_and_make_no_job(make_app, signing_key):
+    app = make_app(PUBLIC_BASE_URL=LOCAL_BASE_URL, FHIR_ALLOW_ANONYMOUS=True)
+    body = {
+        "hookInstance": str(uuid.uuid4()),
+        "hook": "encounter-discharge",
+        "fhirServer": "http://127.0.0.1:9/fhir/R4",
+        "context": {"userId": "Practitioner/dr-1", "patientId": "pat-1", "encounterId": "../../admin"},
+    }
+    token = signing_key.token(LOCAL_BASE_URL + SERVICE)
+    response = app.test_client().post(SERVICE, json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["expression"] == ["context.encounterId"]
     assert sum(ledger.counts(app.extensions["db"]).values()) == 0

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 
 import pytest
+from werkzeug import Response
 
-from tests.conftest import PUBLIC_BASE_URL
+from tests.conftest import LOCAL_BASE_URL
 from tests.support.tokens import clients_document
 
 SERVICE = "/cds-services/cardiovascular-risk"
@@ -41,8 +43,9 @@ def seeded(fhir_server):
 @pytest.fixture
 def call(make_app, signing_key):
     def invoke(body: dict, app=None):
-        client = (app or make_app()).test_client()
-        token = signing_key.token(PUBLIC_BASE_URL + SERVICE)
+        app = app or make_app()
+        client = app.test_client()
+        token = signing_key.token(app.config["PUBLIC_BASE_URL"] + SERVICE)
         started = time.monotonic()
         response = client.post(
             SERVICE,
@@ -123,7 +126,7 @@ def test_without_a_token_nothing_is_fetched_unless_anonymous_is_allowed(seeded, 
     del body["fhirAuthorization"]
     refused, _ = call(body)
     assert refused.status_code == 412
-    allowed, _ = call(body, app=make_app(FHIR_ALLOW_ANONYMOUS="1"))
+    allowed, _ = call(body, app=make_app(FHIR_ALLOW_ANONYMOUS="1", PUBLIC_BASE_URL=LOCAL_BASE_URL))
     assert allowed.status_code == 200
     assert allowed.get_json()["cards"][0]["summary"].startswith("10-year ASCVD risk")
 
@@ -169,3 +172,146 @@ def test_searchset_pages_are_followed(seeded, make_app, call, hook_body):
     response, _ = call(body)
     detail = response.get_json()["cards"][0]["detail"]
     assert "**Diabetes:** yes" in detail
+
+
+# ---- how many pages a key needs: a sent page is never thrown away ------------------------------------------------
+
+PAGED = "gw-pages"
+
+
+def for_patient(hook_body: dict, patient_id: str) -> dict:
+    """The fixture's request for another patient: context, Patient id and every subject changed."""
+    body = copy.deepcopy(hook_body)
+    body["context"]["patientId"] = patient_id
+    body["prefetch"]["patient"]["id"] = patient_id
+    for key, value in body["prefetch"].items():
+        for entry in value.get("entry", ()) if key != "patient" else ():
+            entry["resource"]["subject"] = {"reference": f"Patient/{patient_id}"}
+    return body
+
+
+@pytest.fixture(scope="module")
+def paged(fhir_server):
+    """A patient whose three conditions come one per page, oldest first: diabetes is only on the last page."""
+    conditions = [
+        {
+            "resourceType": "Condition",
+            "id": f"{PAGED}-{name}",
+            "clinicalStatus": {"coding": [{"code": "active"}]},
+            "recordedDate": recorded,
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}], "text": name},
+            "subject": {"reference": f"Patient/{PAGED}"},
+        }
+        for name, code, recorded in [
+            ("hypertension", "59621000", "2019-05-01"),
+            ("obesity", "162864005", "2020-03-01"),
+            ("diabetes", "44054006", "2021-01-10"),
+        ]
+    ]
+    resources = [{"resourceType": "Patient", "id": PAGED}, *conditions]
+    fhir_server.put(resources)
+    first = fhir_server.get_json("Condition", {"patient": PAGED, "_sort": "recorded-date", "_count": 1})
+    assert [e["resource"]["id"] for e in first["entry"]] == [f"{PAGED}-hypertension"]
+    return fhir_server, first
+
+
+def with_paged_conditions(hook_body: dict, first_page: dict, fhir_server: str, token: bool = True) -> dict:
+    body = for_patient(hook_body, PAGED)
+    body["prefetch"]["conditions"] = first_page
+    body["fhirServer"] = fhir_server
+    if token:
+        body["fhirAuthorization"] = without_prefetch(hook_body, fhir_server)["fhirAuthorization"]
+    return body
+
+
+def moved(first_page: dict, base: str) -> dict:
+    """The page with its next link moved to another server's base (the query kept)."""
+    page = copy.deepcopy(first_page)
+    for link in page["link"]:
+        link["url"] = base + "/Condition?" + link["url"].partition("?")[2]
+    return page
+
+
+def test_a_sent_first_page_with_a_next_link_is_enough_for_the_observation_keys(seeded, call, hook_body, audit_records):
+    from app.cds.prefetch import render
+    from cds_services.cardiovascular_risk import OBSERVATION_KEYS, PREFETCH
+
+    body = copy.deepcopy(hook_body)
+    body["fhirServer"] = seeded.base_url
+    body["fhirAuthorization"] = without_prefetch(hook_body, seeded.base_url)["fhirAuthorization"]
+    for key in OBSERVATION_KEYS:
+        query = render(PREFETCH[key].template, body["context"]).replace("_count=5", "_count=1")
+        body["prefetch"][key] = seeded.get_json(query)  # the server's own first page: the newest value
+        assert any(link["relation"] == "next" for link in body["prefetch"][key]["link"])
+
+    response, _ = call(body)
+
+    card = response.get_json()["cards"][0]
+    assert card["summary"].startswith("10-year ASCVD risk") and "not calculated" not in card["summary"]
+    assert "**Total cholesterol:** 213 mg/dL, measured 2026-06-02" in card["detail"]
+    assert "may be incomplete" not in card["detail"]
+    assert audit_records("fhir.fetch") == []  # no next page read
+
+
+def test_the_rest_of_a_sent_page_is_fetched_for_a_key_that_needs_every_page(paged, call, hook_body, audit_records):
+    server, first = paged
+
+    response, _ = call(with_paged_conditions(hook_body, first, server.base_url))
+
+    detail = response.get_json()["cards"][0]["detail"]
+    assert "**Diabetes:** yes (diabetes)" in detail
+    assert "may be incomplete" not in detail
+    assert [(r["key"], r["outcome"]) for r in audit_records("fhir.fetch")] == [("conditions", "ok")]
+
+
+def test_with_the_fhir_server_down_the_sent_page_is_used_and_the_card_says_it_may_be_incomplete(
+    paged, call, hook_body, audit_records
+):
+    _, first = paged
+    down = "http://127.0.0.1:9/fhir/R4"
+
+    response, elapsed = call(with_paged_conditions(hook_body, moved(first, down), down))
+
+    card = response.get_json()["cards"][0]
+    assert card["summary"].startswith("10-year ASCVD risk") and "not calculated" not in card["summary"]
+    assert "**Diabetes:** no" in card["detail"]
+    assert "Note: Conditions may be incomplete: not every page could be read from the EHR" in card["detail"]
+    assert elapsed < 1.0
+    (record,) = audit_records("hook")
+    assert record["prefetch_incomplete"] == ["conditions"]
+
+
+def test_with_the_fhir_server_too_slow_the_sent_page_is_used_and_the_card_says_it_may_be_incomplete(
+    paged, httpserver, call, hook_body
+):
+    _, first = paged
+    release = threading.Event()
+
+    def slow_page(_request):
+        release.wait(5)
+        return Response(json.dumps({"resourceType": "Bundle", "type": "searchset"}), content_type="application/json")
+
+    httpserver.expect_request("/fhir/Condition").respond_with_handler(slow_page)
+    slow = httpserver.url_for("/fhir")
+    try:
+        response, elapsed = call(with_paged_conditions(hook_body, moved(first, slow), slow))
+    finally:
+        release.set()
+
+    card = response.get_json()["cards"][0]
+    assert "not calculated" not in card["summary"]
+    assert "Conditions may be incomplete" in card["detail"]
+    assert elapsed < 0.5 + 0.15  # the hook's budget, not the server's pace
+
+
+def test_when_the_fhir_server_may_not_be_called_the_sent_page_is_used_and_the_card_says_so(
+    paged, call, hook_body, audit_records
+):
+    server, first = paged
+
+    response, _ = call(with_paged_conditions(hook_body, first, server.base_url, token=False))
+
+    card = response.get_json()["cards"][0]
+    assert "not calculated" not in card["summary"]
+    assert "Conditions may be incomplete" in card["detail"]
+    assert audit_records("fhir.fetch") == []

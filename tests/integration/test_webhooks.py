@@ -20,6 +20,7 @@ from app.jobs.worker import Worker
 from app.webhooks import emit, enable, endpoints, init_app, is_disabled
 from app.webhooks.delivery import KIND, deliver
 from app.webhooks.endpoints import endpoint_id
+from tests.conftest import LOCAL_BASE_URL
 from tests.support.tokens import TEST_ISSUER, clients_document
 
 EVENT = "discharge-summary.ready"
@@ -71,6 +72,7 @@ def build(make_app, tmp_path, signing_key):
         config = {
             "CDS_CLIENTS_FILE": str(path),
             "WEBHOOKS_ALLOW_PRIVATE": True,
+            "PUBLIC_BASE_URL": LOCAL_BASE_URL,  # the switch works only with the service on this host
             "WEBHOOK_RETRY_SCHEDULE": "0.05,0.05,0.05",  # config reads it as text, as from the environment
             "WEBHOOK_TIMEOUT_S": 0.5,
         }
