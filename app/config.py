@@ -127,6 +127,8 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "JOB_POLL_S": _float("JOB_POLL_S", get("JOB_POLL_S", 0.5), 0.01, 60),
         "JOB_MAX_ATTEMPTS": _int("JOB_MAX_ATTEMPTS", get("JOB_MAX_ATTEMPTS", 5), 1, 100),
         "DLQ_ALERT_THRESHOLD": _int("DLQ_ALERT_THRESHOLD", get("DLQ_ALERT_THRESHOLD", 10), 1, 1_000_000),
+        "JOB_RETENTION_S": _int("JOB_RETENTION_S", get("JOB_RETENTION_S", 7 * 86400), 60, 366 * 86400),
+        "DEAD_JOB_RETENTION_S": _int("DEAD_JOB_RETENTION_S", get("DEAD_JOB_RETENTION_S", 30 * 86400), 60, 366 * 86400),
         "DISCHARGE_SUMMARY_TTL_S": _int(
             "DISCHARGE_SUMMARY_TTL_S", get("DISCHARGE_SUMMARY_TTL_S", 86400), 60, 2_592_000
         ),

@@ -48,8 +48,11 @@ def make_engine(url: str) -> sa.Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=15000")
+            # Switching to WAL needs the database to itself; asking is free. A connection opened while a worker
+            # holds the write lock must not fail on a switch that was made when the file was created.
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
             cursor.close()
 
         return engine

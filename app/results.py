@@ -327,10 +327,15 @@ def load(engine: sa.Engine, result_id: str, *, now: datetime | None = None) -> S
     return StoredResult(**row._mapping) if row is not None else None
 
 
-def purge_expired(engine: sa.Engine, *, now: datetime | None = None) -> int:
-    """Delete expired results; returns how many went."""
+def purge_expired(engine: sa.Engine, *, now: datetime | None = None, limit: int | None = None) -> int:
+    """Delete expired results (at most ``limit``, oldest first, through the expiry index); returns how many went."""
+    expired = (
+        sa.select(ai_results.c.id).where(ai_results.c.expires_at <= utc_now(now)).order_by(ai_results.c.expires_at)
+    )
+    if limit is not None:
+        expired = expired.limit(limit)
     with engine.begin() as conn:
-        return conn.execute(ai_results.delete().where(ai_results.c.expires_at <= utc_now(now))).rowcount
+        return conn.execute(ai_results.delete().where(ai_results.c.id.in_(expired.scalar_subquery()))).rowcount
 
 
 def save_for_call(call, kind: str, data: Any) -> str | None:

@@ -5,11 +5,18 @@ One table is both queue and record. A job's id is its idempotency key. Workers c
 (id, lease_owner, attempts), so a worker whose lease was taken over cannot overwrite the newer attempt.
 PostgreSQL claims with ``FOR UPDATE SKIP LOCKED``; SQLite serialises claims with ``BEGIN IMMEDIATE``.
 All times are timezone-aware UTC; every function that reads the clock accepts ``now`` for tests.
+
+At any depth, every hot statement reads an index in order and touches a bounded number of rows: a claim
+takes the head of the queue (``ix_jobs_queue``, or one lookup per kind in ``ix_jobs_queue_by_kind``), the
+sweep returns lapsed leases to the queue so that claims read one branch, and the counts behind the metrics
+are kept by triggers (``job_counts`` plus the ``job_count_changes`` not yet folded in), never counted.
+Finished jobs are purged after their retention (they hold PHI).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,14 +35,23 @@ DEAD = "dead"
 EXPIRED = "expired"
 STATES = (QUEUED, RUNNING, SUCCEEDED, DEAD, EXPIRED)
 
-# The allowed transitions, written down once. RUNNING -> RUNNING is a takeover of an expired lease.
+# The allowed transitions, written down once. A lapsed lease goes back to QUEUED (or DEAD, EXPIRED) by the
+# sweep, and is claimed from there. Finished jobs leave the table after their retention.
 TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, EXPIRED}),
-    RUNNING: frozenset({RUNNING, SUCCEEDED, QUEUED, DEAD, EXPIRED}),
+    RUNNING: frozenset({SUCCEEDED, QUEUED, DEAD, EXPIRED}),
     DEAD: frozenset({QUEUED}),
     SUCCEEDED: frozenset(),
     EXPIRED: frozenset(),
 }
+FINISHED = (SUCCEEDED, EXPIRED)
+SWEEP_BATCH = 500  # rows one sweep statement moves: bounds how long it holds SQLite's write lock
+PURGE_BATCH = 1000
+FOLD_BATCH = 5_000
+SQLITE_LOCK_WAIT_S = 15.0  # as the engine's busy_timeout (app/db.py)
+# (first, longest) pause between tries for SQLite's write lock: hooks ask often, workers give way.
+HOOK_LOCK_PAUSES = (0.00005, 0.0005)
+WORKER_LOCK_PAUSES = (0.001, 0.005)
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_CAP_SECONDS = 300.0
@@ -78,7 +94,32 @@ jobs = sa.Table(
     sa.Column("result", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
-    sa.Index("ix_jobs_state_run_after", "state", "run_after"),
+    # Each hot query's index, read in order (migration 0006).
+    sa.Index("ix_jobs_queue", "state", "run_after", "id"),
+    sa.Index("ix_jobs_queue_by_kind", "state", "kind", "run_after", "id"),
+    sa.Index("ix_jobs_leases", "state", "lease_expires_at"),
+    sa.Index("ix_jobs_expiry", "state", "expires_at"),
+    sa.Index("ix_jobs_state_updated", "state", "updated_at", "id"),
+)
+
+# Jobs and attempts per (kind, state), kept by triggers on ``jobs``: every insert, change of kind, state or
+# attempts, and delete appends to ``job_count_changes``; ``fold_counts`` moves those into ``job_counts``.
+job_counts = sa.Table(
+    "job_counts",
+    metadata,
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, primary_key=True),
+    sa.Column("jobs", sa.BigInteger, nullable=False),
+    sa.Column("attempts", sa.BigInteger, nullable=False),
+)
+job_count_changes = sa.Table(
+    "job_count_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("jobs", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
 )
 
 
@@ -124,21 +165,43 @@ def utc_now(now: datetime | None = None) -> datetime:
 
 
 @contextmanager
-def _write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """One write transaction: ``BEGIN IMMEDIATE`` on SQLite (the write lock up front, waiting on busy_timeout),
-    an ordinary transaction elsewhere (PostgreSQL locks rows with FOR UPDATE SKIP LOCKED)."""
+def _write_transaction(engine: sa.Engine, *, hook: bool = False) -> Iterator[sa.Connection]:
+    """One write transaction: on SQLite ``BEGIN IMMEDIATE`` (the write lock up front, see ``_begin_immediate``),
+    elsewhere an ordinary transaction (PostgreSQL locks rows, with FOR UPDATE SKIP LOCKED where it claims).
+    ``hook``: a clinician waits on this one (an enqueue), so on SQLite it asks for the lock more often than the
+    workers do, and gets it first when a worker lets go."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as conn:
             yield conn
         return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        _begin_immediate(conn, *(HOOK_LOCK_PAUSES if hook else WORKER_LOCK_PAUSES))
         try:
             yield conn
         except BaseException:
             conn.exec_driver_sql("ROLLBACK")
             raise
         conn.exec_driver_sql("COMMIT")
+
+
+def _begin_immediate(conn: sa.Connection, first_pause: float, longest_pause: float) -> None:
+    """Take SQLite's write lock, trying again after ``first_pause``, growing to ``longest_pause``, for at most
+    SQLITE_LOCK_WAIT_S. SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to 100 ms a round: a hook's enqueue
+    that met a worker's claim (held a few milliseconds) waited far longer than the claim held the lock."""
+    conn.exec_driver_sql("PRAGMA busy_timeout = 0")
+    try:
+        give_up, pause = time.monotonic() + SQLITE_LOCK_WAIT_S, first_pause
+        while True:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > give_up:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 1.5, longest_pause)
+    finally:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(SQLITE_LOCK_WAIT_S * 1000)}")
 
 
 def _insert(engine: sa.Engine):
@@ -173,7 +236,7 @@ def enqueue(
         "updated_at": now,
     }
     statement = _insert(engine).values(**values).on_conflict_do_nothing(index_elements=["id"])
-    with engine.begin() as conn:
+    with _write_transaction(engine, hook=True) as conn:
         return _changed(conn, statement)
 
 
@@ -182,31 +245,57 @@ def _changed(conn: sa.Connection, statement) -> bool:
     return conn.execute(statement.returning(jobs.c.id)).first() is not None
 
 
-def _lease_lapsed(now: datetime):
-    return sa.and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at <= now)
+def _ids(conn: sa.Connection, *where, limit: int = SWEEP_BATCH, order: tuple = ()) -> list[str]:
+    """Ids of up to ``limit`` rows matching ``where``, skipping rows another transaction holds (PostgreSQL)."""
+    query = sa.select(jobs.c.id).where(*where).order_by(*order).limit(limit).with_for_update(skip_locked=True)
+    return list(conn.execute(query).scalars())
 
 
 def _sweep(conn: sa.Connection, now: datetime) -> None:
-    """Expire clinically stale jobs, and dead-letter jobs whose lease lapsed on their last allowed attempt
-    (they keep killing their worker). Rows another claimer holds are skipped, not waited for."""
-    stale = sa.and_(
-        jobs.c.expires_at.is_not(None),
-        jobs.c.expires_at <= now,
-        sa.or_(jobs.c.state == QUEUED, _lease_lapsed(now)),
+    """Expire clinically stale queued jobs, and end every lapsed lease: expired when stale, dead when it was the
+    last allowed attempt (the job keeps killing its worker), queued again otherwise, keeping its place (its
+    run_after). At most SWEEP_BATCH rows of each, each found through an index."""
+    cleared = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
+    stale = _ids(conn, jobs.c.state == QUEUED, jobs.c.expires_at <= now)
+    if stale:
+        conn.execute(jobs.update().where(jobs.c.id.in_(stale)).values(state=EXPIRED, **cleared))
+    lapsed = _ids(conn, jobs.c.state == RUNNING, jobs.c.lease_expires_at <= now)
+    if not lapsed:
+        return
+    still_running = sa.and_(jobs.c.id.in_(lapsed), jobs.c.state == RUNNING)
+    conn.execute(jobs.update().where(still_running, jobs.c.expires_at <= now).values(state=EXPIRED, **cleared))
+    conn.execute(
+        jobs.update()
+        .where(still_running, jobs.c.attempts >= jobs.c.max_attempts)
+        .values(state=DEAD, last_error="LeaseExpired: worker lost", **cleared)
     )
-    killers = sa.and_(_lease_lapsed(now), jobs.c.attempts >= jobs.c.max_attempts)
-    for condition, state, error in ((stale, EXPIRED, None), (killers, DEAD, "LeaseExpired: worker lost")):
-        ids = sa.select(jobs.c.id).where(condition).with_for_update(skip_locked=True)
-        values = {"state": state, "lease_owner": None, "lease_expires_at": None, "updated_at": now}
-        if error:
-            values["last_error"] = error
-        conn.execute(jobs.update().where(jobs.c.id.in_(ids)).values(**values))
+    conn.execute(jobs.update().where(still_running).values(state=QUEUED, **cleared))
 
 
 def sweep(engine: sa.Engine, now: datetime | None = None) -> None:
-    """Expire stale jobs and dead-letter the ones that keep killing their worker (see ``_sweep``)."""
+    """Expire stale jobs and end lapsed leases (see ``_sweep``)."""
     with _write_transaction(engine) as conn:
         _sweep(conn, utc_now(now))
+
+
+def _head(conn: sa.Connection, now: datetime, kind: str | None) -> tuple[datetime, str] | None:
+    """(run_after, id) of the first due job (of ``kind``), read from the head of its index."""
+    query = (
+        sa.select(jobs.c.run_after, jobs.c.id)
+        .where(
+            jobs.c.state == QUEUED,
+            jobs.c.run_after <= now,
+            sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now),
+            jobs.c.attempts < jobs.c.max_attempts,
+        )
+        .order_by(jobs.c.run_after, jobs.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if kind is not None:
+        query = query.where(jobs.c.kind == kind)
+    row = conn.execute(query).first()
+    return (row.run_after, row.id) if row else None
 
 
 def claim(
@@ -218,37 +307,31 @@ def claim(
     now: datetime | None = None,
     sweep_first: bool = True,
 ) -> Job | None:
-    """Take the oldest due job (queued, or running with a lapsed lease) for ``worker_id``; None when none is due.
+    """Take the oldest due job (of ``kinds``) for ``worker_id``; None when none is due.
 
-    Stale jobs and jobs at their last attempt are never claimed, swept or not; ``sweep_first=False`` leaves
-    moving them to expired/dead to a periodic :func:`sweep` (workers do that, to keep claims one statement)."""
+    One index lookup per kind (the head of that kind's queue), then one update: the cost does not grow with
+    the backlog. Stale jobs and jobs at their last attempt are never claimed. ``sweep_first`` ends lapsed
+    leases first (so that their jobs can be claimed now); workers sweep once a second instead."""
     now = utc_now(now)
-    not_stale = sa.or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now)
-    due = sa.or_(sa.and_(jobs.c.state == QUEUED, jobs.c.run_after <= now), _lease_lapsed(now))
-    candidate = (
-        sa.select(jobs.c.id)
-        .where(due, not_stale, jobs.c.attempts < jobs.c.max_attempts)
-        .order_by(jobs.c.run_after, jobs.c.created_at, jobs.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    if kinds is not None:
-        candidate = candidate.where(jobs.c.kind.in_(list(kinds)))
-    statement = (
-        jobs.update()
-        .where(jobs.c.id == candidate.scalar_subquery())
-        .values(
-            state=RUNNING,
-            attempts=jobs.c.attempts + 1,
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            updated_at=now,
-        )
-        .returning(*jobs.c)
-    )
     with _write_transaction(engine) as conn:
         if sweep_first:
             _sweep(conn, now)
+        heads = [head for kind in (list(kinds) if kinds is not None else [None]) if (head := _head(conn, now, kind))]
+        if not heads:
+            return None
+        _, job_id = min(heads)
+        statement = (
+            jobs.update()
+            .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+            .values(
+                state=RUNNING,
+                attempts=jobs.c.attempts + 1,
+                lease_owner=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        )
         row = conn.execute(statement).first()
     return Job.from_row(row) if row else None
 
@@ -268,7 +351,7 @@ def heartbeat(engine: sa.Engine, job: Job, *, lease_seconds: float = 30, now: da
     statement = (
         jobs.update().where(_fence(job)).values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
     )
-    with engine.begin() as conn:
+    with _write_transaction(engine) as conn:
         return _changed(conn, statement)
 
 
@@ -280,7 +363,7 @@ def complete(engine: sa.Engine, job: Job, result: Any, *, now: datetime | None =
         .where(_fence(job))
         .values(state=SUCCEEDED, result=result, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
-    with engine.begin() as conn:
+    with _write_transaction(engine) as conn:
         return _changed(conn, statement)
 
 
@@ -315,7 +398,7 @@ def fail(
             updated_at=now,
         )
     )
-    with engine.begin() as conn:
+    with _write_transaction(engine) as conn:
         return state if _changed(conn, statement) else FENCED
 
 
@@ -325,7 +408,7 @@ def expire(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
     statement = (
         jobs.update().where(_fence(job)).values(state=EXPIRED, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
-    with engine.begin() as conn:
+    with _write_transaction(engine) as conn:
         return _changed(conn, statement)
 
 
@@ -345,7 +428,7 @@ def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool
             updated_at=now,
         )
     )
-    with engine.begin() as conn:
+    with _write_transaction(engine) as conn:
         return _changed(conn, statement)
 
 
@@ -357,7 +440,7 @@ def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> b
         .where(jobs.c.id == job_id, jobs.c.state == DEAD)
         .values(state=QUEUED, attempts=0, run_after=now, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
-    with engine.begin() as conn:
+    with _write_transaction(engine) as conn:
         return _changed(conn, statement)
 
 
@@ -369,7 +452,9 @@ def get(engine: sa.Engine, job_id: str) -> Job | None:
 
 def find(engine: sa.Engine, state: str, *, kind: str | None = None, limit: int = 100) -> list[Job]:
     """Jobs in ``state`` (newest change first), e.g. the dead letter queue."""
-    query = sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.updated_at.desc(), jobs.c.id).limit(limit)
+    query = (
+        sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.updated_at.desc(), jobs.c.id.desc()).limit(limit)
+    )
     if kind is not None:
         query = query.where(jobs.c.kind == kind)
     with engine.connect() as conn:
@@ -377,29 +462,113 @@ def find(engine: sa.Engine, state: str, *, kind: str | None = None, limit: int =
 
 
 def attempts_by_state(engine: sa.Engine) -> dict[tuple[str, str], tuple[int, int]]:
-    """(kind, state) -> (jobs, attempts made): the difference is how many retries the ledger has seen."""
-    query = sa.select(jobs.c.kind, jobs.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(jobs.c.attempts), 0))
+    """(kind, state) -> (jobs, attempts made): the difference is how many retries the ledger has seen.
+
+    The folded counts plus the changes not folded yet, in one statement (one consistent snapshot): its cost
+    follows the number of kinds and the changes of the last second, not the table."""
+    parts = sa.union_all(
+        sa.select(job_counts.c.kind, job_counts.c.state, job_counts.c.jobs, job_counts.c.attempts),
+        sa.select(
+            job_count_changes.c.kind, job_count_changes.c.state, job_count_changes.c.jobs, job_count_changes.c.attempts
+        ),
+    ).subquery()
+    query = sa.select(parts.c.kind, parts.c.state, sa.func.sum(parts.c.jobs), sa.func.sum(parts.c.attempts))
     with engine.connect() as conn:
-        rows = conn.execute(query.group_by(jobs.c.kind, jobs.c.state)).all()
-    return {(kind, state): (int(n), int(attempts)) for kind, state, n, attempts in rows}
+        rows = conn.execute(query.group_by(parts.c.kind, parts.c.state)).all()
+    return {(kind, state): (int(n), int(attempts)) for kind, state, n, attempts in rows if n}
 
 
 def counts(engine: sa.Engine) -> dict[str, int]:
     """Jobs per state, every state present."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
-    return {state: 0 for state in STATES} | {state: n for state, n in rows}
+    totals = {state: 0 for state in STATES}
+    for (_, state), (n, _) in attempts_by_state(engine).items():
+        totals[state] = totals.get(state, 0) + n
+    return totals
+
+
+def fold_counts(engine: sa.Engine, limit: int = FOLD_BATCH) -> int:
+    """Move up to ``limit`` pending count changes into ``job_counts``; returns how many were folded.
+
+    The changes a folder locks are deleted and summed (DELETE ... RETURNING), so each is counted exactly once
+    however many workers fold at the same time; counts are updated in (kind, state) order, so that two folders
+    never wait for each other in a circle. On PostgreSQL the locked ids go in as one array
+    (``id = ANY(ARRAY(...))``): an IN subquery or list let the planner, which mostly sees this table nearly
+    empty, re-run the subquery per pending row or scan the whole table."""
+    locked = (
+        sa.select(job_count_changes.c.id)
+        .order_by(job_count_changes.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if engine.dialect.name == "postgresql":
+        taking = job_count_changes.c.id == sa.any_(sa.func.array(locked.scalar_subquery()))
+    else:
+        taking = job_count_changes.c.id.in_(locked.scalar_subquery())
+    with _write_transaction(engine) as conn:
+        taken = conn.execute(
+            job_count_changes.delete()
+            .where(taking)
+            .returning(
+                job_count_changes.c.kind,
+                job_count_changes.c.state,
+                job_count_changes.c.jobs,
+                job_count_changes.c.attempts,
+            )
+        ).all()
+        sums: dict[tuple[str, str], list[int]] = {}
+        for kind, state, n, attempts in taken:
+            total = sums.setdefault((kind, state), [0, 0])
+            total[0] += n
+            total[1] += attempts
+        for (kind, state), (n, attempts) in sorted(sums.items()):
+            statement = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(
+                job_counts
+            ).values(kind=kind, state=state, jobs=n, attempts=attempts)
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["kind", "state"],
+                    set_={
+                        "jobs": job_counts.c.jobs + statement.excluded.jobs,
+                        "attempts": job_counts.c.attempts + statement.excluded.attempts,
+                    },
+                )
+            )
+    return len(taken)
+
+
+def purge(
+    engine: sa.Engine,
+    *,
+    finished_before: datetime,
+    dead_before: datetime,
+    limit: int = PURGE_BATCH,
+) -> int:
+    """Delete up to ``limit`` finished jobs (succeeded, expired) last changed before ``finished_before``, and
+    dead ones before ``dead_before``: they hold PHI (payloads, results, errors). Returns how many went."""
+    removed = 0
+    with _write_transaction(engine) as conn:
+        for state, before in ((SUCCEEDED, finished_before), (EXPIRED, finished_before), (DEAD, dead_before)):
+            oldest_first = (jobs.c.updated_at, jobs.c.id)  # the index's order, whatever the planner estimates
+            ids = _ids(
+                conn, jobs.c.state == state, jobs.c.updated_at < before, limit=limit - removed, order=oldest_first
+            )
+            if ids:
+                removed += conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+            if removed >= limit:
+                break
+    return removed
 
 
 def oldest_queued_age(engine: sa.Engine, now: datetime | None = None) -> float | None:
     """Seconds the longest-waiting due job has waited since it became due (its run_after); None when no
     queued job is due. Jobs held back by retry backoff are not waiting yet."""
     now = utc_now(now)
-    query = sa.select(sa.func.min(jobs.c.run_after)).where(jobs.c.state == QUEUED, jobs.c.run_after <= now)
+    query = (
+        sa.select(jobs.c.run_after)
+        .where(jobs.c.state == QUEUED, jobs.c.run_after <= now)
+        .order_by(jobs.c.run_after, jobs.c.id)
+        .limit(1)
+    )
     with engine.connect() as conn:
         oldest = conn.execute(query).scalar()
-    if oldest is None:
-        return None
-    if oldest.tzinfo is None:  # aggregates bypass the column type on SQLite
-        oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=UTC)
-    return (now - oldest).total_seconds()
+    return None if oldest is None else (now - oldest).total_seconds()

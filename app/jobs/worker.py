@@ -19,13 +19,13 @@ import sqlalchemy as sa
 from flask import Flask
 
 from app.jobs import ledger, monitor
+from app.jobs.maintenance import Maintenance
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, RetryLater, job_kind, job_kinds
 from app.logs import describe
 
 log = logging.getLogger(__name__)
 
 DLQ_CHECK_SECONDS = 30.0
-SWEEP_SECONDS = 1.0  # expired and worker-killing jobs are moved out of the queue within this time
 
 
 def new_worker_id() -> str:
@@ -63,7 +63,7 @@ class Worker:
         self.poll_seconds = poll_seconds or app.config["JOB_POLL_S"]
         self.grace_seconds = grace_seconds
         self.stop = stop or threading.Event()
-        self._next_sweep = 0.0
+        self.maintenance = Maintenance(app)
 
     def run(self) -> None:
         """Work until ``stop`` is set; then finish the job in hand (or release it after the grace period)."""
@@ -100,9 +100,7 @@ class Worker:
 
     def run_once(self) -> Outcome | None:
         """Claim one due job and run it to its end; None when nothing is due."""
-        if time.monotonic() >= self._next_sweep:
-            ledger.sweep(self.engine)
-            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        self.maintenance.run_due()
         job = ledger.claim(
             self.engine,
             self.worker_id,

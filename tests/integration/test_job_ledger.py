@@ -14,32 +14,12 @@ import sqlalchemy as sa
 
 from app.db import make_engine
 from app.jobs import ledger
-from tests.conftest import require
-from tests.support.databases import postgres_database, postgres_unavailable, sqlite_database
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    """A fresh, migrated database of each kind for one test."""
-    if request.param == "sqlite":
-        yield sqlite_database(tmp_path)
-        return
-    require(postgres_unavailable())
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def engine(database_url):
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def test_transitions_are_written_down_for_every_state():

@@ -1,0 +1,68 @@
+"""What workers do between jobs, on a timer: end lapsed leases, fold the job counts, purge after retention.
+
+Every step is bounded (a batch per statement) and safe to run from any number of workers at once, so each
+worker runs it and no single process is needed for the ledger to stay small and its counts current.
+Retention: finished jobs (succeeded, expired) after JOB_RETENTION_S, dead ones after DEAD_JOB_RETENTION_S,
+explanation results once past their RESULT_TTL_S. All of them hold PHI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from flask import Flask
+
+from app import results
+from app.jobs import ledger
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 1.0  # expired and worker-killing jobs leave the queue, and counts are current, within this time
+PURGE_SECONDS = 60.0
+FOLD_ROUNDS = 5  # batches of pending count changes folded per sweep, at most
+
+
+class Maintenance:
+    """The housekeeping one worker does: ``run_due()`` between jobs does what is due and returns at once."""
+
+    def __init__(self, app: Flask):
+        self.engine = app.extensions["db"]
+        self.finished_retention = timedelta(seconds=app.config["JOB_RETENTION_S"])
+        self.dead_retention = timedelta(seconds=app.config["DEAD_JOB_RETENTION_S"])
+        self._next_sweep = 0.0
+        self._next_purge = 0.0
+
+    def run_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_SECONDS
+            self._step("sweep", self.sweep)
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_SECONDS
+            self._step("purge", self.purge)
+
+    def sweep(self) -> None:
+        ledger.sweep(self.engine)
+        for _ in range(FOLD_ROUNDS):
+            if ledger.fold_counts(self.engine) < ledger.FOLD_BATCH:
+                break
+
+    def purge(self) -> int:
+        """One batch of each kind of expired record; returns how many rows went."""
+        now = ledger.utc_now()
+        removed = ledger.purge(
+            self.engine, finished_before=now - self.finished_retention, dead_before=now - self.dead_retention
+        )
+        removed += results.purge_expired(self.engine, now=now, limit=ledger.PURGE_BATCH)
+        if removed:
+            log.info("purged %d job and result records past their retention", removed)
+        return removed
+
+    def _step(self, name: str, step) -> None:
+        try:
+            step()
+        except Exception as exc:  # the database went away: the next round tries again
+            log.error("ledger %s failed: %s", name, describe(exc))
