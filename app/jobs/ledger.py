@@ -49,6 +49,8 @@ SWEEP_BATCH = 500  # rows one sweep statement moves: bounds how long it holds SQ
 PURGE_BATCH = 1000
 FOLD_BATCH = 5_000
 SQLITE_LOCK_WAIT_S = 15.0  # as the engine's busy_timeout (app/db.py)
+# Who a write transaction is for (see _write_transaction).
+HOOK, WORKER, OPERATOR = "hook", "worker", "operator"
 # (first, longest) pause between tries for SQLite's write lock: hooks ask often, workers give way.
 HOOK_LOCK_PAUSES = (0.00005, 0.0005)
 WORKER_LOCK_PAUSES = (0.001, 0.005)
@@ -165,17 +167,23 @@ def utc_now(now: datetime | None = None) -> datetime:
 
 
 @contextmanager
-def _write_transaction(engine: sa.Engine, *, hook: bool = False) -> Iterator[sa.Connection]:
+def _write_transaction(engine: sa.Engine, writer: str = WORKER) -> Iterator[sa.Connection]:
     """One write transaction: on SQLite ``BEGIN IMMEDIATE`` (the write lock up front, see ``_begin_immediate``),
     elsewhere an ordinary transaction (PostgreSQL locks rows, with FOR UPDATE SKIP LOCKED where it claims).
-    ``hook``: a clinician waits on this one (an enqueue), so on SQLite it asks for the lock more often than the
-    workers do, and gets it first when a worker lets go."""
+
+    ``writer`` says who waits on it. A HOOK (an enqueue: a clinician waits) asks SQLite for the lock more often
+    than workers do, so it gets it first when a worker lets go. A WORKER's write on PostgreSQL commits without
+    waiting for the disk (``synchronous_commit = off``): a crash may lose its last fraction of a second, which
+    leaves a job queued or its lease to lapse, and it runs again (handlers are idempotent); the hooks' commits,
+    which must not be lost, then share the disk with far fewer flushes."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as conn:
+            if writer == WORKER:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
         return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        _begin_immediate(conn, *(HOOK_LOCK_PAUSES if hook else WORKER_LOCK_PAUSES))
+        _begin_immediate(conn, *(HOOK_LOCK_PAUSES if writer == HOOK else WORKER_LOCK_PAUSES))
         try:
             yield conn
         except BaseException:
@@ -236,7 +244,7 @@ def enqueue(
         "updated_at": now,
     }
     statement = _insert(engine).values(**values).on_conflict_do_nothing(index_elements=["id"])
-    with _write_transaction(engine, hook=True) as conn:
+    with _write_transaction(engine, HOOK) as conn:
         return _changed(conn, statement)
 
 
@@ -440,7 +448,7 @@ def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> b
         .where(jobs.c.id == job_id, jobs.c.state == DEAD)
         .values(state=QUEUED, attempts=0, run_after=now, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
-    with _write_transaction(engine) as conn:
+    with _write_transaction(engine, OPERATOR) as conn:
         return _changed(conn, statement)
 
 
