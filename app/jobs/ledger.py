@@ -2,7 +2,8 @@
 
 One table is both queue and record. A job's id is its idempotency key. Workers claim a job with a lease
 (``lease_owner`` + ``lease_expires_at``) and the attempt number; every later write by that worker is fenced on
-(id, lease_owner, attempts), so a worker whose lease was taken over cannot overwrite the newer attempt.
+(id, lease_owner, attempts), so a worker whose lease lapsed (the sweep put the job back in the queue, and
+another worker may hold it now) cannot overwrite the newer attempt.
 PostgreSQL claims with ``FOR UPDATE SKIP LOCKED``; SQLite serialises claims with ``BEGIN IMMEDIATE``.
 All times are timezone-aware UTC; every function that reads the clock accepts ``now`` for tests.
 
@@ -49,8 +50,6 @@ SWEEP_BATCH = 500  # rows one sweep statement moves: bounds how long it holds SQ
 PURGE_BATCH = 1000
 FOLD_BATCH = 5_000
 SQLITE_LOCK_WAIT_S = 15.0  # as the engine's busy_timeout (app/db.py)
-# Who a write transaction is for (see _write_transaction).
-HOOK, WORKER, OPERATOR = "hook", "worker", "operator"
 # (first, longest) pause between tries for SQLite's write lock: hooks ask often, workers give way.
 HOOK_LOCK_PAUSES = (0.00005, 0.0005)
 WORKER_LOCK_PAUSES = (0.001, 0.005)
@@ -167,23 +166,17 @@ def utc_now(now: datetime | None = None) -> datetime:
 
 
 @contextmanager
-def _write_transaction(engine: sa.Engine, writer: str = WORKER) -> Iterator[sa.Connection]:
+def _write_transaction(engine: sa.Engine, *, hook: bool = False) -> Iterator[sa.Connection]:
     """One write transaction: on SQLite ``BEGIN IMMEDIATE`` (the write lock up front, see ``_begin_immediate``),
     elsewhere an ordinary transaction (PostgreSQL locks rows, with FOR UPDATE SKIP LOCKED where it claims).
-
-    ``writer`` says who waits on it. A HOOK (an enqueue: a clinician waits) asks SQLite for the lock more often
-    than workers do, so it gets it first when a worker lets go. A WORKER's write on PostgreSQL commits without
-    waiting for the disk (``synchronous_commit = off``): a crash may lose its last fraction of a second, which
-    leaves a job queued or its lease to lapse, and it runs again (handlers are idempotent); the hooks' commits,
-    which must not be lost, then share the disk with far fewer flushes."""
+    ``hook``: a clinician waits on this one (an enqueue), so on SQLite it asks for the lock more often than the
+    workers do, and gets it first when a worker lets go."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as conn:
-            if writer == WORKER:
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
         return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        _begin_immediate(conn, *(HOOK_LOCK_PAUSES if writer == HOOK else WORKER_LOCK_PAUSES))
+        _begin_immediate(conn, *(HOOK_LOCK_PAUSES if hook else WORKER_LOCK_PAUSES))
         try:
             yield conn
         except BaseException:
@@ -193,21 +186,25 @@ def _write_transaction(engine: sa.Engine, writer: str = WORKER) -> Iterator[sa.C
 
 
 def _begin_immediate(conn: sa.Connection, first_pause: float, longest_pause: float) -> None:
-    """Take SQLite's write lock, trying again after ``first_pause``, growing to ``longest_pause``, for at most
-    SQLITE_LOCK_WAIT_S. SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to 100 ms a round: a hook's enqueue
-    that met a worker's claim (held a few milliseconds) waited far longer than the claim held the lock."""
+    """Take SQLite's write lock, trying again after ``first_pause``, growing to ``longest_pause`` (to 5 ms once
+    it has waited 20 ms), for at most SQLITE_LOCK_WAIT_S. SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to
+    100 ms a round: a hook's enqueue that met a worker's claim (held a few milliseconds) waited far longer than
+    the claim held the lock."""
     conn.exec_driver_sql("PRAGMA busy_timeout = 0")
     try:
-        give_up, pause = time.monotonic() + SQLITE_LOCK_WAIT_S, first_pause
+        started = time.monotonic()
+        pause = first_pause
         while True:
             try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 return
             except sa.exc.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > give_up:
+                waited = time.monotonic() - started
+                if "locked" not in str(exc) or waited > SQLITE_LOCK_WAIT_S:
                     raise
                 time.sleep(pause)
-                pause = min(pause * 1.5, longest_pause)
+                # A hold this long is not a worker's transaction: stop spinning on the CPU the holder needs.
+                pause = min(pause * 1.5, longest_pause if waited < 0.02 else 0.005)
     finally:
         conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(SQLITE_LOCK_WAIT_S * 1000)}")
 
@@ -244,7 +241,7 @@ def enqueue(
         "updated_at": now,
     }
     statement = _insert(engine).values(**values).on_conflict_do_nothing(index_elements=["id"])
-    with _write_transaction(engine, HOOK) as conn:
+    with _write_transaction(engine, hook=True) as conn:
         return _changed(conn, statement)
 
 
@@ -259,17 +256,17 @@ def _ids(conn: sa.Connection, *where, limit: int = SWEEP_BATCH, order: tuple = (
     return list(conn.execute(query).scalars())
 
 
-def _sweep(conn: sa.Connection, now: datetime) -> None:
+def _sweep(conn: sa.Connection, now: datetime) -> int:
     """Expire clinically stale queued jobs, and end every lapsed lease: expired when stale, dead when it was the
     last allowed attempt (the job keeps killing its worker), queued again otherwise, keeping its place (its
-    run_after). At most SWEEP_BATCH rows of each, each found through an index."""
+    run_after). At most SWEEP_BATCH rows of each, each found through an index; returns the larger count."""
     cleared = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
     stale = _ids(conn, jobs.c.state == QUEUED, jobs.c.expires_at <= now)
     if stale:
         conn.execute(jobs.update().where(jobs.c.id.in_(stale)).values(state=EXPIRED, **cleared))
     lapsed = _ids(conn, jobs.c.state == RUNNING, jobs.c.lease_expires_at <= now)
     if not lapsed:
-        return
+        return len(stale)
     still_running = sa.and_(jobs.c.id.in_(lapsed), jobs.c.state == RUNNING)
     conn.execute(jobs.update().where(still_running, jobs.c.expires_at <= now).values(state=EXPIRED, **cleared))
     conn.execute(
@@ -278,12 +275,19 @@ def _sweep(conn: sa.Connection, now: datetime) -> None:
         .values(state=DEAD, last_error="LeaseExpired: worker lost", **cleared)
     )
     conn.execute(jobs.update().where(still_running).values(state=QUEUED, **cleared))
+    return max(len(stale), len(lapsed))
 
 
-def sweep(engine: sa.Engine, now: datetime | None = None) -> None:
-    """Expire stale jobs and end lapsed leases (see ``_sweep``)."""
-    with _write_transaction(engine) as conn:
-        _sweep(conn, utc_now(now))
+def sweep(engine: sa.Engine, now: datetime | None = None, *, budget_s: float = 0.5) -> None:
+    """Expire stale jobs and end lapsed leases (see ``_sweep``), a batch per transaction, again while batches
+    come back full, for at most ``budget_s``: a mass expiry (workers down for a day) is cleared in seconds,
+    before claims have to step over it at the head of the queue, and no transaction holds a lock for long."""
+    give_up = time.monotonic() + budget_s
+    while True:
+        with _write_transaction(engine) as conn:
+            moved = _sweep(conn, utc_now(now))
+        if moved < SWEEP_BATCH or time.monotonic() > give_up:
+            return
 
 
 def _head(conn: sa.Connection, now: datetime, kind: str | None) -> tuple[datetime, str] | None:
@@ -448,7 +452,7 @@ def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> b
         .where(jobs.c.id == job_id, jobs.c.state == DEAD)
         .values(state=QUEUED, attempts=0, run_after=now, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
-    with _write_transaction(engine, OPERATOR) as conn:
+    with _write_transaction(engine) as conn:
         return _changed(conn, statement)
 
 
@@ -550,19 +554,22 @@ def purge(
     finished_before: datetime,
     dead_before: datetime,
     limit: int = PURGE_BATCH,
+    budget_s: float = 3.0,
 ) -> int:
-    """Delete up to ``limit`` finished jobs (succeeded, expired) last changed before ``finished_before``, and
-    dead ones before ``dead_before``: they hold PHI (payloads, results, errors). Returns how many went."""
+    """Delete finished jobs (succeeded, expired) last changed before ``finished_before`` and dead ones before
+    ``dead_before``: they hold PHI (payloads, results, errors). Oldest first, ``limit`` rows per transaction,
+    again while batches come back full, each state with its share of ``budget_s`` (so that a flood of one never
+    starves the others). Returns how many went."""
     removed = 0
-    with _write_transaction(engine) as conn:
-        for state, before in ((SUCCEEDED, finished_before), (EXPIRED, finished_before), (DEAD, dead_before)):
-            oldest_first = (jobs.c.updated_at, jobs.c.id)  # the index's order, whatever the planner estimates
-            ids = _ids(
-                conn, jobs.c.state == state, jobs.c.updated_at < before, limit=limit - removed, order=oldest_first
-            )
-            if ids:
-                removed += conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
-            if removed >= limit:
+    for state, before in ((SUCCEEDED, finished_before), (EXPIRED, finished_before), (DEAD, dead_before)):
+        give_up = time.monotonic() + budget_s / 3
+        while True:
+            with _write_transaction(engine) as conn:
+                oldest_first = (jobs.c.updated_at, jobs.c.id)  # the index's order, whatever the planner estimates
+                ids = _ids(conn, jobs.c.state == state, jobs.c.updated_at < before, limit=limit, order=oldest_first)
+                if ids:
+                    removed += conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+            if len(ids) < limit or time.monotonic() > give_up:
                 break
     return removed
 

@@ -1,4 +1,4 @@
-"""Watching the ledger: Prometheus gauges read from the table at scrape time, run counters, and the DLQ alert."""
+"""Watching the ledger: Prometheus gauges read from the database at scrape time, run counters, and the DLQ alert."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def record_run(kind: str, outcome: str, seconds: float) -> None:
 
 
 class LedgerCollector:
-    """Gauges computed from the jobs table when /metrics is scraped, so every process reports the same truth."""
+    """Gauges read when /metrics is scraped (the trigger-kept counts, the head of the queue), so every process
+    reports the same truth at a cost that does not grow with the backlog or the history."""
 
     def __init__(self, engine: sa.Engine):
         self.engine = engine

@@ -117,16 +117,75 @@ def test_purge_removes_finished_and_dead_jobs_after_their_retention_only(engine)
     removed = ledger.purge(engine, finished_before=at(2), dead_before=at(1))
     assert removed == 2
     assert {job.id for state in ledger.STATES for job in ledger.find(engine, state)} == {"j2", "j3", "j4"}
-    assert ledger.purge(engine, finished_before=at(100), dead_before=at(100), limit=1) == 1
 
 
-def test_purge_is_bounded_per_call(engine):
-    for i in range(30):
+def test_purge_works_through_a_backlog_in_bounded_batches_and_no_state_starves_another(engine):
+    for i in range(35):
         ledger.enqueue(engine, f"j{i}", "alpha", {}, now=T0)
     with engine.begin() as conn:
         conn.execute(ledger.jobs.update().values(state="succeeded", updated_at=T0))
-    assert ledger.purge(engine, finished_before=at(1), dead_before=at(1), limit=10) == 10
-    assert ledger.counts(engine)["succeeded"] == 20
+        conn.execute(ledger.jobs.update().where(ledger.jobs.c.id.in_([f"j{i}" for i in range(5)])).values(state="dead"))
+    deletes = []
+    sa.event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda *args: deletes.append(args[2]) if args[2].startswith("DELETE FROM jobs") else None,
+    )
+    assert ledger.purge(engine, finished_before=at(1), dead_before=at(1), limit=10) == 35
+    assert len(deletes) == 4, "30 succeeded in 3 batches of 10, then the 5 dead"
+    assert sum(ledger.counts(engine).values()) == 0
+
+
+def test_a_mass_expiry_is_swept_in_one_round_of_short_transactions(engine):
+    for i in range(ledger.SWEEP_BATCH * 3 + 7):
+        ledger.enqueue(engine, f"stale-{i}", "alpha", {}, expires_at=at(5), now=T0)
+    ledger.enqueue(engine, "live", "alpha", {}, now=at(1))
+    ledger.sweep(engine, now=at(10))
+    assert ledger.counts(engine)["expired"] == ledger.SWEEP_BATCH * 3 + 7
+    assert ledger.claim(engine, "w", now=at(10), sweep_first=False).id == "live"
+
+
+@pytest.mark.parametrize("write", ["complete", "fail", "expire", "release", "heartbeat"])
+def test_every_late_write_of_a_worker_whose_lease_lapsed_is_fenced(engine, write):
+    ledger.enqueue(engine, "job", "alpha", {}, now=T0)
+    lost = ledger.claim(engine, "dies", lease_seconds=5, now=at(1))
+    ledger.sweep(engine, now=at(10))
+    again = ledger.claim(engine, "lives", now=at(11), sweep_first=False)
+    late = {
+        "complete": lambda: ledger.complete(engine, lost, {"late": True}),
+        "fail": lambda: ledger.fail(engine, lost, "Late: x") != ledger.FENCED,
+        "expire": lambda: ledger.expire(engine, lost),
+        "release": lambda: ledger.release(engine, lost),
+        "heartbeat": lambda: ledger.heartbeat(engine, lost),
+    }[write]
+    assert late() is False
+    job = ledger.get(engine, "job")
+    assert (job.state, job.lease_owner, job.attempts, job.result) == ("running", "lives", 2, None)
+    assert ledger.complete(engine, again, {"ok": True}) is True
+
+
+def test_the_migration_counts_the_jobs_that_were_already_there(tmp_path):
+    from app.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0005")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for i, (kind, state, attempts) in enumerate([("a", "queued", 0), ("a", "dead", 3), ("b", "succeeded", 1)] * 4):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, kind, payload, state, attempts, max_attempts, run_after, created_at, "
+                    "updated_at) VALUES (:id, :kind, '{}', :state, :attempts, 3, :t, :t, :t)"
+                ),
+                {"id": f"j{i}", "kind": kind, "state": state, "attempts": attempts, "t": "2026-11-01 00:00:00"},
+            )
+    upgrade(url)
+    assert ledger.attempts_by_state(engine) == {
+        ("a", "queued"): (4, 0),
+        ("a", "dead"): (4, 12),
+        ("b", "succeeded"): (4, 4),
+    }
+    engine.dispose()
 
 
 def test_workers_purge_jobs_and_explanation_results_past_their_retention(make_app):

@@ -178,8 +178,8 @@ EXERCISES: list[Exercise] = [
 # A maintenance step that drains a queue table of its own must read that table like a claim reads the jobs.
 DRAINS = {"fold counts": ("job_count_changes",)}
 # Sorts that are not of the queue: the purge takes the oldest rows past retention, in the index's order; when
-# the planner expects few of them (PostgreSQL), it sorts those few instead, and only those.
-BOUNDED_SORTS = {"purge a few"}
+# the planner expects a few thousand or fewer (PostgreSQL), it sorts those instead, and only those.
+BOUNDED_SORTS = {"purge a few", "purge a backlog"}
 
 
 def _claim(engine: sa.Engine, kinds: list[str] | None) -> ledger.Job | None:
