@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -27,10 +28,19 @@ def init_cli(app: Flask) -> None:
     @click.option("--kind", "kinds", multiple=True, help="Only these job kinds (repeatable). Default: all.")
     @click.option("--burst", is_flag=True, help="Exit when no job is due (for scripts and benchmarks).")
     @click.option("--grace", default=20.0, show_default=True, help="Seconds to finish the job in hand on SIGTERM.")
-    def worker_command(threads: int, kinds: tuple[str, ...], burst: bool, grace: float) -> None:
+    @click.option(
+        "--nice",
+        default=10,
+        show_default=True,
+        type=click.IntRange(0, 19),
+        help="Lower this process's CPU priority by this much, so that on a shared host the processes answering "
+        "hooks get the CPU first.",
+    )
+    def worker_command(threads: int, kinds: tuple[str, ...], burst: bool, grace: float, nice: int) -> None:
         """Run jobs until SIGTERM/SIGINT; the job in hand is finished or, after --grace, handed back."""
         from app.jobs.worker import Worker
 
+        os.nice(nice)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
