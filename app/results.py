@@ -327,15 +327,22 @@ def load(engine: sa.Engine, result_id: str, *, now: datetime | None = None) -> S
     return StoredResult(**row._mapping) if row is not None else None
 
 
-def purge_expired(engine: sa.Engine, *, now: datetime | None = None, limit: int | None = None) -> int:
-    """Delete expired results (at most ``limit``, oldest first, through the expiry index); returns how many went."""
+def purge_expired(engine: sa.Engine, *, now: datetime | None = None, batch: int = 1000, budget_s: float = 1.0) -> int:
+    """Delete expired results, oldest first through the expiry index, ``batch`` rows per transaction and again
+    while batches come back full, for at most ``budget_s``; returns how many went."""
     expired = (
-        sa.select(ai_results.c.id).where(ai_results.c.expires_at <= utc_now(now)).order_by(ai_results.c.expires_at)
+        sa.select(ai_results.c.id)
+        .where(ai_results.c.expires_at <= utc_now(now))
+        .order_by(ai_results.c.expires_at)
+        .limit(batch)
     )
-    if limit is not None:
-        expired = expired.limit(limit)
-    with engine.begin() as conn:
-        return conn.execute(ai_results.delete().where(ai_results.c.id.in_(expired.scalar_subquery()))).rowcount
+    removed, give_up = 0, time.monotonic() + budget_s
+    while True:
+        with engine.begin() as conn:
+            deleted = conn.execute(ai_results.delete().where(ai_results.c.id.in_(expired.scalar_subquery()))).rowcount
+        removed += deleted
+        if deleted < batch or time.monotonic() > give_up:
+            return removed
 
 
 def save_for_call(call, kind: str, data: Any) -> str | None:

@@ -66,11 +66,6 @@ class MemoryReplayCache:
             heapq.heappush(self._heap, (expires, key))
             return True
 
-    def __contains__(self, key: object) -> bool:
-        with self._lock:
-            expires = self._expiry.get(key)  # type: ignore[call-overload]
-            return expires is not None and expires > self._clock()
-
     def __len__(self) -> int:
         with self._lock:
             self._purge(self._clock())

@@ -45,7 +45,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     SUCCEEDED: frozenset(),
     EXPIRED: frozenset(),
 }
-FINISHED = (SUCCEEDED, EXPIRED)
 SWEEP_BATCH = 500  # rows one sweep statement moves: bounds how long it holds SQLite's write lock
 PURGE_BATCH = 1000
 FOLD_BATCH = 5_000

@@ -57,12 +57,7 @@ class Maintenance:
         removed = ledger.purge(
             self.engine, finished_before=now - self.finished_retention, dead_before=now - self.dead_retention
         )
-        give_up = time.monotonic() + 1.0
-        while True:
-            batch = results.purge_expired(self.engine, now=now, limit=ledger.PURGE_BATCH)
-            removed += batch
-            if batch < ledger.PURGE_BATCH or time.monotonic() > give_up:
-                break
+        removed += results.purge_expired(self.engine, now=now, batch=ledger.PURGE_BATCH)
         if removed:
             log.info("purged %d job and result records past their retention", removed)
         return removed
