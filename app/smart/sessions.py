@@ -10,10 +10,12 @@ database alone yields no access or refresh token and cannot be replayed as a coo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,17 +52,25 @@ def new_cookie_token() -> str:
 
 
 def load_or_create_key(directory: Path) -> Fernet:
-    """The Fernet key in ``directory`` (created with mode 0600 on first use)."""
+    """The Fernet key in ``directory``, created (mode 0600) on first use.
+
+    Processes that start together race to create it: the key is written whole to a temporary file and then
+    linked into place, which fails if another process got there first, so no process ever reads a half-written
+    key and all of them end up with the same one."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return Fernet(path.read_bytes().strip())
-    with os.fdopen(fd, "wb") as handle:
-        key = Fernet.generate_key()
-        handle.write(key)
-    return Fernet(key)
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")  # mkstemp creates files 0600
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(Fernet.generate_key())
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    return Fernet(path.read_bytes().strip())
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ def test_four_worker_processes_run_a_thousand_jobs_each_once(database_url, clien
     try:
         deadline = time.monotonic() + 90
         while ledger.counts(engine)[ledger.SUCCEEDED] < JOBS:
-            assert all(w.poll() is None for w in workers), "a worker died"
+            died = [n for n, w in enumerate(workers) if w.poll() is not None]
+            assert not died, f"worker {died[0]} died: {(tmp_path / f'worker-{died[0]}.log').read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"not done in 90 s: {ledger.counts(engine)}"
             time.sleep(0.2)
     finally:
