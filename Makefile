@@ -9,14 +9,13 @@ export PORT
 
 .PHONY: run test lint bench venv node browser migrate keys clean
 
-# The web server and one job worker (async work runs out of the box); stopping one stops both.
+# The web server and one job worker (async work runs out of the box); Ctrl-C or SIGTERM stops both gracefully,
+# and if one of them exits the other is stopped too (app/up.py).
 run: venv migrate keys
-	@trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
-	$(BIN)/flask --app app jobs worker & worker=$$!; \
-	$(BIN)/gunicorn -c app/gunicorn_conf.py 'app:create_app()'
+	@exec $(BIN)/gateway up
 
 keys: venv
-	$(BIN)/flask --app app keys generate --if-missing
+	$(BIN)/gateway keys generate --if-missing
 
 test: venv node browser
 	$(BIN)/ruff check .
@@ -31,15 +30,16 @@ bench: venv
 	$(BIN)/python -m bench.hook_throughput
 
 migrate: venv
-	$(BIN)/flask --app app db upgrade
+	$(BIN)/gateway db upgrade
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps --editable .  # the `gateway` command
 	touch $@
 
 node: $(FHIR_SERVER)/node_modules/.installed
@@ -49,12 +49,17 @@ $(FHIR_SERVER)/node_modules/.installed: $(FHIR_SERVER)/package-lock.json
 	npm ci --prefix $(FHIR_SERVER) --no-audit --no-fund
 	touch $@
 
-# Debian's Chromium and its driver for the SMART app's browser test (never a browser download).
+# Debian's Chromium and its driver for the SMART app's browser test (never a browser download). Installing them needs
+# root; without root the browser test is skipped (with the reason) and every other test runs.
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "chromium and chromium-driver are not installed, and installing them needs root: the SMART browser test will be skipped"; \
+	else \
 	  apt-get install -y -q --no-install-recommends chromium chromium-driver || \
 	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; } || \
-	  { echo "the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; }
+	  { echo "the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; exit 1; }; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(FHIR_SERVER)/node_modules instance/gateway.db* .pytest_cache

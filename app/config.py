@@ -85,6 +85,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "PORT": port,
         "HOST": str(get("HOST") or "127.0.0.1").strip(),
         "INSTANCE_PATH": str(instance),
+        "KEYS_DIR": str(get("KEYS_DIR") or instance / "keys"),
         "PUBLIC_BASE_URL": _url(
             "PUBLIC_BASE_URL", get("PUBLIC_BASE_URL") or f"http://localhost:{port}", ("http", "https")
         ),
@@ -98,6 +99,9 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "FHIR_TIMEOUT_S": _int("FHIR_TIMEOUT_S", get("FHIR_TIMEOUT_S", 5), 1, 120),
         "AUDIT_LOG": str(get("AUDIT_LOG") or instance / "audit.jsonl"),
         "LOG_LEVEL": str(get("LOG_LEVEL", "INFO")).upper(),
+        "WEB_CONCURRENCY": _int("WEB_CONCURRENCY", get("WEB_CONCURRENCY", 2), 1, 256),
+        "GUNICORN_THREADS": _int("GUNICORN_THREADS", get("GUNICORN_THREADS", 16), 1, 1024),
+        "ACCESS_LOG": get("ACCESS_LOG") or None,
         "MAX_CONTENT_LENGTH": _int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES", 10 * 1024 * 1024), 1024, 1 << 30),
         "TESTING": _flag("TESTING", get("TESTING", False)),
         "AI_BACKEND": str(get("AI_BACKEND", "local")).strip().lower(),

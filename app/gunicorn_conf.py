@@ -6,22 +6,34 @@ stays with the worker that accepted it.
 """
 
 import os
+import sys
 
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8080')}"
+from app.config import ConfigError, load_config
+
+try:
+    _settings = load_config()  # once, in the master, before any worker: a bad setting is one line, exit status 2
+except ConfigError as _error:
+    print(f"gateway: not starting: {_error}", file=sys.stderr)
+    sys.exit(2)
+
+bind = f"{_settings['HOST']}:{_settings['PORT']}"
 worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+workers = _settings["WEB_CONCURRENCY"]
+threads = _settings["GUNICORN_THREADS"]
 keepalive = 5
 # A client JWT may be 16,384 characters (app/cds/auth.py); gunicorn's default 8,190 would answer a long one with its
 # own 431 page instead of our 401.
 limit_request_field_size = 20_000
 timeout = 30
 graceful_timeout = 20
-accesslog = os.environ.get("ACCESS_LOG") or None  # off by default: keep logs lean
+accesslog = _settings["ACCESS_LOG"]  # off by default: keep logs lean; "-" for standard output
 # Path without the query string: a SMART callback's query carries the authorization code.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss'
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's runtime control socket defaults to one path per user (~/.gunicorn), which several gateways on a host
+# would share and a container's user may not be able to create; we manage processes by signals alone.
+control_socket_disable = True
+loglevel = _settings["LOG_LEVEL"].lower()
 
 # Prometheus metrics from every worker, summed at /metrics: each worker writes to files in this directory.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -37,22 +49,18 @@ def child_exit(server, worker):
 
 
 def on_starting(server):
-    """Check the settings once, in the master, before any worker: one line naming the variable, exit status 2."""
-    from app.config import ConfigError, load_config
-
-    try:
-        load_config()
-    except ConfigError as exc:
-        _refuse(server, str(exc))
+    """Settings given to gunicorn itself (GUNICORN_CMD_ARGS, the command line) are checked as ours are."""
+    for name, value in (("workers", server.cfg.workers), ("threads", server.cfg.threads)):
+        if value < 1:
+            _refuse(server, f"gunicorn {name} must be at least 1 (got {value}; see WEB_CONCURRENCY, GUNICORN_THREADS)")
 
 
 def when_ready(server):
     """Development-only settings work only on loopback: check the addresses gunicorn actually listens on, which
     --bind, GUNICORN_CMD_ARGS or an inherited socket may have set apart from HOST."""
-    from app.config import load_config
     from app.development import off_host_refusal
 
-    refusal = off_host_refusal(load_config(), [_listening_on(listener) for listener in server.LISTENERS])
+    refusal = off_host_refusal(_settings, [_listening_on(listener) for listener in server.LISTENERS])
     if refusal:
         _refuse(server, refusal)
 

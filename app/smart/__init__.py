@@ -101,11 +101,11 @@ def _register_cli(app: Flask) -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Key store in ``instance/keys``, the JWKS route, the ``keys`` CLI, the Backend Services client cache, and
+    """Key store in ``KEYS_DIR``, the JWKS route, the ``keys`` CLI, the Backend Services client cache, and
     the SMART app (EHR launch and the explanation page)."""
     if _KEYS in app.extensions:
         return
-    app.extensions[_KEYS] = KeyStore(Path(app.instance_path) / "keys")
+    app.extensions[_KEYS] = KeyStore(Path(app.config["KEYS_DIR"]))
     app.extensions[_BACKENDS] = {"lock": threading.Lock(), "clients": {}, "session": pooled_session()}
     app.register_blueprint(jwks_bp)
     _register_cli(app)

@@ -282,7 +282,7 @@ def init_app(app: Flask) -> None:
     """The session store (encryption key in ``instance/keys``), the blueprint and the security headers."""
     if _STATE in app.extensions:
         return
-    fernet = load_or_create_key(Path(app.instance_path) / "keys")
+    fernet = load_or_create_key(Path(app.config["KEYS_DIR"]))
     app.extensions[_STATE] = SmartApp(
         store=SessionStore(app.extensions["db"], fernet, int(app.config["SMART_SESSION_TTL_S"])),
         pending=PendingLaunchSeal(fernet, PENDING_LAUNCH_TTL_S),

@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def serve(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run gunicorn as the Docker image and `make run` do, expecting it to refuse and exit."""
+    """Run `gateway serve` as the Docker image and `make run` do, expecting it to refuse and exit."""
     environ = {k: v for k, v in os.environ.items() if k not in ("CDS_CLIENTS_FILE", "HOST", "GUNICORN_CMD_ARGS")}
     return subprocess.run(
-        [str(ROOT / ".venv/bin/gunicorn"), "-c", "app/gunicorn_conf.py", "app:create_app()"],
-        cwd=ROOT,
+        [str(ROOT / ".venv/bin/gateway"), "serve"],
+        cwd=env.get("INSTANCE_PATH", ROOT),
         env={**environ, **env},
         capture_output=True,
         text=True,
@@ -80,12 +80,13 @@ def test_a_deployment_with_its_own_clients_serves_on_every_interface(tmp_path, s
 def test_a_job_worker_with_development_settings_off_this_host_refuses_to_start(tmp_path):
     environ = {k: v for k, v in os.environ.items() if k != "CDS_CLIENTS_FILE"}
     done = subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "jobs", "worker", "--burst"],
+        [str(ROOT / ".venv/bin/gateway"), "jobs", "worker", "--burst"],
         cwd=ROOT,
         env={**environ, **base_env(tmp_path, free_port()), "PUBLIC_BASE_URL": "https://cds.example.org"},
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode != 0
-    assert "CDS_CLIENTS_FILE unset" in done.stderr
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("gateway: ") and "CDS_CLIENTS_FILE unset" in line

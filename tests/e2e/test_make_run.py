@@ -143,7 +143,7 @@ def test_errors_reach_the_browser_with_cors_headers(service):
 def test_a_job_worker_runs_alongside_and_our_keys_are_published(service):
     base, work, env = service
     canary = subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "jobs", "canary", "--timeout", "20"],
+        [str(ROOT / ".venv/bin/gateway"), "jobs", "canary", "--timeout", "20"],
         cwd=ROOT,
         env=env,
         capture_output=True,

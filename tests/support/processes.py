@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+GATEWAY = ROOT / ".venv/bin/gateway"  # the console command `make` installs (pyproject.toml [project.scripts])
 
 
 def free_port() -> int:
@@ -31,10 +32,10 @@ def healthy(base: str) -> bool:
 
 @contextlib.contextmanager
 def gunicorn(env: dict[str, str], port: int, startup_seconds: float = 60) -> Iterator[str]:
-    """Migrate, then serve the gateway under app/gunicorn_conf.py on ``port``; yields its base URL."""
+    """Migrate, then ``gateway serve`` (gunicorn under app/gunicorn_conf.py) on ``port``; yields its base URL."""
     env = {**os.environ, **env, "PORT": str(port)}
     subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
+        [str(GATEWAY), "db", "upgrade"],
         cwd=ROOT,
         env=env,
         check=True,
@@ -42,7 +43,7 @@ def gunicorn(env: dict[str, str], port: int, startup_seconds: float = 60) -> Ite
         timeout=60,
     )
     proc = subprocess.Popen(
-        [str(ROOT / ".venv/bin/gunicorn"), "-c", "app/gunicorn_conf.py", "app:create_app()"],
+        [str(GATEWAY), "serve"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -66,10 +67,10 @@ def gunicorn(env: dict[str, str], port: int, startup_seconds: float = 60) -> Ite
 
 
 def start_worker(env: dict[str, str], *args: str, log_path: Path | None = None) -> subprocess.Popen:
-    """``flask --app app jobs worker`` as its own process (its own session, so it can be killed alone)."""
+    """``gateway jobs worker`` as its own process (its own session, so it can be killed alone)."""
     output = log_path.open("ab") if log_path else subprocess.DEVNULL
     return subprocess.Popen(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "jobs", "worker", *args],
+        [str(GATEWAY), "jobs", "worker", *args],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=output,
