@@ -18,6 +18,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         cds,
         db,
         development,
+        devtools,
         health,
         host_state,
         jobs,
@@ -47,4 +48,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     webhooks.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
+    devtools.init_cli(app)
     return app

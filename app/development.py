@@ -1,9 +1,10 @@
 """Development-only settings, and the rule that they work only while the service is reachable from this host alone.
 
-The development clients file trusts the CDS Hooks Sandbox, whose signing key is published; CDS_AUTH=off trusts
-everyone; FHIR_ALLOW_ANONYMOUS and WEBHOOKS_ALLOW_PRIVATE open paths to internal servers. Each is fine on a
-laptop and dangerous anywhere else, so with any of them the service starts only bound to loopback with
-PUBLIC_BASE_URL on localhost, and answers only callers on this host (no forwarding proxy in between).
+The development clients file trusts the CDS Hooks Sandbox, whose signing key is published; a clients file made by
+``gateway dev client`` trusts a key kept unguarded on a laptop; CDS_AUTH=off trusts everyone; FHIR_ALLOW_ANONYMOUS
+and WEBHOOKS_ALLOW_PRIVATE open paths to internal servers. Each is fine on a laptop and dangerous anywhere else, so
+with any of them the service starts only bound to loopback with PUBLIC_BASE_URL on localhost, and answers only
+callers on this host (no forwarding proxy in between).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from app.cds.clients import DEV_CLIENTS_FILE
 log = logging.getLogger(__name__)
 
 _FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
+# The top-level member that marks a clients file as made for development (``gateway dev client`` writes it).
+DEVELOPMENT_MARK = "_development_only"
 
 
 def is_loopback(host: str | None) -> bool:
@@ -50,6 +53,8 @@ def development_settings(settings: Mapping[str, Any]) -> list[str]:
         found.append("CDS_CLIENTS_FILE unset (the development clients file trusts the CDS Hooks Sandbox's public key)")
     elif trusts_a_published_key(clients_file):
         found.append(f"CDS_CLIENTS_FILE {str(clients_file)!r} trusts the CDS Hooks Sandbox, whose key is public")
+    elif is_marked_development(clients_file):
+        found.append(f"CDS_CLIENTS_FILE {str(clients_file)!r} was made by `gateway dev client` for development")
     if not settings["CDS_AUTH"]:
         found.append("CDS_AUTH=off")
     if settings["FHIR_ALLOW_ANONYMOUS"]:
@@ -77,6 +82,15 @@ def trusts_a_published_key(clients_file: Path) -> bool:
         ):
             return True
     return bool(_public_keys(published) & _public_keys(configured))
+
+
+def is_marked_development(clients_file: Path) -> bool:
+    """Whether a clients file carries the development mark; unreadable files are left to the clients loader."""
+    try:
+        document = json.loads(clients_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and bool(document.get(DEVELOPMENT_MARK))
 
 
 def _clients(document: Any) -> list[dict]:
