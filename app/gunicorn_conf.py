@@ -5,10 +5,10 @@ concurrency. Threads per worker must cover the keep-alive connections a worker m
 stays with the worker that accepted it.
 """
 
-import os
 import sys
 
 from app.config import ConfigError, load_config
+from app.metrics import prepare_multiprocess_dir
 
 try:
     _settings = load_config()  # once, in the master, before any worker: a bad setting is one line, exit status 2
@@ -35,11 +35,9 @@ errorlog = "-"
 control_socket_disable = True
 loglevel = _settings["LOG_LEVEL"].lower()
 
-# Prometheus metrics from every worker, summed at /metrics: each worker writes to files in this directory.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    import tempfile
-
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+# Prometheus metrics of every process of this host (gunicorn workers, job workers), summed at /metrics: each writes
+# files in INSTANCE_PATH/metrics/pidns-<id>; set here in the master, before it forks a worker.
+prepare_multiprocess_dir(_settings["INSTANCE_PATH"])
 
 
 def child_exit(server, worker):

@@ -1,9 +1,21 @@
-"""Prometheus metrics at /metrics, aggregated across gunicorn workers when PROMETHEUS_MULTIPROC_DIR is set."""
+"""Prometheus metrics at /metrics, aggregated across the processes of a host when PROMETHEUS_MULTIPROC_DIR is set.
+
+Every serving process of a host (the gunicorn master before it forks its workers, and each job worker) calls
+``prepare_multiprocess_dir(INSTANCE_PATH)`` first: they then all write their metrics to files in a directory
+under ``INSTANCE_PATH/metrics``, and /metrics on any gunicorn worker sums them, the job workers' counters
+included. prometheus_client names each file by process id, so the directory is one per PID namespace
+(``metrics/pidns-<id>``): containers that share an INSTANCE_PATH volume, each with its own process ids, never
+write to one file, remove each other's files as those of exited processes, or count each other's metrics.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import logging
 import os
+import re
+from pathlib import Path
 
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import (
@@ -15,6 +27,13 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR = "metrics"  # under INSTANCE_PATH
+# prometheus_client's files: <type>_<pid>.db, and gauge_<mode>_<pid>.db
+_PROCESS_FILE = re.compile(r"^[a-z]+(?:_[a-z]+)?_(?P<pid>[0-9]+)\.db$")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 
@@ -72,6 +91,72 @@ def metrics():
 def _bearer_matches(header: str | None, token: str) -> bool:
     scheme, _, given = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def prepare_multiprocess_dir(instance_path: str | Path) -> Path:
+    """Make this process write its metrics where every process of the host does: PROMETHEUS_MULTIPROC_DIR when
+    the environment sets it, else this PID namespace's directory under ``INSTANCE_PATH/metrics`` (made 0700),
+    and the environment variable set to it for the processes this one starts. Files of processes that are no
+    longer running are removed first. Returns the directory.
+
+    Call it before any metric is recorded (best: before anything imports prometheus_client); when that already
+    happened, metrics recorded from now on are written to the directory, those recorded before are not."""
+    preset = os.environ.get(MULTIPROC_ENV)
+    directory = Path(preset) if preset else _namespace_dir(Path(instance_path) / METRICS_DIR)
+    for folder in (directory,) if preset else (Path(instance_path), directory.parent, directory):
+        if not folder.is_dir():  # the instance folder too: private (app.db) from the first process that makes it
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+    removed = remove_dead_process_files(directory)
+    if removed:
+        log.info("metrics: removed %d files of processes no longer running from %s", removed, directory)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    from prometheus_client import values
+
+    if not getattr(values.ValueClass, "_multiprocess", False):  # imported before the variable was set
+        values.ValueClass = values.get_value_class()
+    return directory
+
+
+def remove_dead_process_files(directory: str | Path) -> int:
+    """Delete the metric files of processes of this host that have exited; returns how many went. (A crashed
+    process's counters would otherwise stay in every sum until its pid is reused, and pile up file by file.)"""
+    removed = 0
+    for path in Path(directory).glob("*.db"):
+        match = _PROCESS_FILE.match(path.name)
+        if match and not _running(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):  # another process starting cleaned it up first
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def mark_process_dead(pid: int | None = None) -> None:
+    """At a process's clean exit: drop its live-only gauges (prometheus_client's own bookkeeping)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(os.getpid() if pid is None else pid)
+
+
+def _namespace_dir(base: Path) -> Path:
+    """``base/pidns-<id>`` for this process's PID namespace (shared by the processes of a host or a container);
+    ``base`` itself where the namespace cannot be read (not Linux)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return base
+    return base / f"pidns-{namespace.removeprefix('pid:[').removesuffix(']')}"
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def init_app(app) -> None:

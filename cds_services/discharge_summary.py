@@ -150,8 +150,11 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
 # The job
 
 
-def _fhir_client(app: Flask, payload: dict[str, Any]) -> Client:
-    """A FHIR client with our own credentials for the job's server, or PermanentFailure saying what is missing."""
+def _fhir_client(ctx: JobContext) -> Client:
+    """A FHIR client with our own credentials for the job's server, or PermanentFailure saying what is missing.
+    Every request it makes is in the audit log (``job.fhir-read``, ``job.fhir-write``), with the job and the
+    who and what of the hook call that asked for it."""
+    app, payload = ctx.app, ctx.payload
     trusted = app.extensions["cds"].clients.get(payload["client_iss"])
     server = payload["fhir_server"]
     if trusted is None:
@@ -159,11 +162,18 @@ def _fhir_client(app: Flask, payload: dict[str, Any]) -> Client:
     if not trusted.allows_fhir_server(server):
         raise PermanentFailure("the job's FHIR server is not on its client's allowlist")
     session, timeout = app.extensions["cds"].session, app.config["FHIR_TIMEOUT_S"]
+    observe = ctx.fhir_auditor(
+        iss=payload["client_iss"],
+        user=payload.get("user_id"),
+        service=SERVICE_ID,
+        hookInstance=payload.get("hook_instance"),
+        patient=f"Patient/{payload['patient_id']}",
+    )
     backend = smart.backend_client(app, trusted)
     if backend is not None:
-        return Client(server, None, session, timeout, send=backend.request)
+        return Client(server, None, session, timeout, send=backend.request, observe=observe)
     if app.config["FHIR_ALLOW_ANONYMOUS"]:
-        return Client(server, None, session, timeout)
+        return Client(server, None, session, timeout, observe=observe)
     raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for this client")
 
 
@@ -257,7 +267,7 @@ def document_reference(app: Flask, job: ledger.Job, encounter: dict, text: str, 
 def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
     """Gather, draft, write back (conditional create), then tell subscribers; safe to run twice."""
     app = ctx.app
-    fhir = _fhir_client(app, ctx.payload)
+    fhir = _fhir_client(ctx)
     try:
         return _draft(app, ctx, fhir)
     except FhirError as exc:

@@ -41,6 +41,9 @@ def pooled_session(pool_size: int = 32) -> requests.Session:
 # Sends one HTTP request with our credentials: (method, url, **requests kwargs) -> Response. The SMART Backend
 # Services client is one (it adds its token and retries once on 401).
 Sender = Callable[..., requests.Response]
+# Told of every request made (e.g. to audit it): method, resourceType, interaction, server, status or outcome,
+# latency_ms. Never the URL's query or any content.
+Observer = Callable[[dict[str, Any]], None]
 
 
 class Client:
@@ -53,12 +56,14 @@ class Client:
         session: requests.Session,
         timeout: float = 5.0,
         send: Sender | None = None,
+        observe: Observer | None = None,
     ):
         self.base = base.rstrip("/") + "/"
         self._token = token
         self._session = session
         self._timeout = timeout
         self._send = send
+        self._observe = observe
 
     def __repr__(self) -> str:  # never show the token
         return f"Client({self.base!r})"
@@ -68,6 +73,32 @@ class Client:
         return url.startswith(self.base) and _stays_under_base(url[len(self.base) :], url, self.base)
 
     def _request(self, method: str, url: str, timeout: float, headers: dict[str, str] | None = None, **kwargs):
+        if self._observe is None:
+            return self._send_request(method, url, timeout, headers, **kwargs)
+        started = time.monotonic()
+        try:
+            response = self._send_request(method, url, timeout, headers, **kwargs)
+        except requests.RequestException as exc:
+            outcome = "timeout" if isinstance(exc, requests.Timeout) else "unreachable"
+            self._observe(self._call(method, url, started, outcome=outcome))
+            raise
+        self._observe(self._call(method, url, started, status=response.status_code))
+        return response
+
+    def _call(self, method: str, url: str, started: float, **result) -> dict[str, Any]:
+        """What an observer is told of one request: the resource type and interaction, never ids or queries."""
+        resource_type, interaction = _interaction(method, url[len(self.base) :] if url.startswith(self.base) else "")
+        parts = urlsplit(self.base)
+        return {
+            "method": method,
+            "resourceType": resource_type,
+            "interaction": interaction,
+            "server": f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname,
+            **result,
+            "latency_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+
+    def _send_request(self, method: str, url: str, timeout: float, headers: dict[str, str] | None, **kwargs):
         headers = {"Accept": FHIR_JSON, **(headers or {})}
         if self._send is not None:
             return self._send(method, url, headers=headers, timeout=timeout, allow_redirects=False, **kwargs)
@@ -166,6 +197,23 @@ def _stays_under_base(relative: str, url: str, base: str) -> bool:
         return False
     decoded = [unquote(segment) for segment in path.split("/")]
     return not any(segment in (".", "..") or "/" in segment for segment in decoded)
+
+
+def _interaction(method: str, relative: str) -> tuple[str | None, str]:
+    """(resource type, FHIR interaction) of a request to ``relative`` under the base: ``Encounter/1`` is a read,
+    ``Condition?...`` a search, a POST of a type a create; a paging URL of the server's own shape has no type."""
+    path = urlsplit(relative).path
+    segments = [segment for segment in path.split("/") if segment]
+    resource_type = segments[0] if segments and segments[0][:1].isupper() and segments[0].isalnum() else None
+    if method == "POST":
+        return resource_type, "create" if len(segments) == 1 else "operation"
+    if method == "GET":
+        if resource_type and len(segments) == 2 and not segments[1].startswith(("_", "$")):
+            return resource_type, "read"
+        if resource_type and "_history" in segments:
+            return resource_type, "vread"
+        return resource_type, "search"
+    return resource_type, method.lower()
 
 
 def _json_or_empty(response: requests.Response) -> dict[str, Any]:

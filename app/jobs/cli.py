@@ -1,4 +1,5 @@
-"""``flask --app app jobs ...``: run workers, and list, inspect and requeue the dead letter queue."""
+"""``flask --app app jobs ...`` (``gateway jobs ...``): run workers and see them, list, inspect and requeue the
+dead letter queue, and manage webhook endpoints."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ import uuid
 import click
 from flask import Flask
 
-from app.jobs import ledger
+from app.jobs import ledger, presence
 from app.jobs.canary import CANARY
-from app.jobs.registry import submit
+from app.jobs.registry import job_kinds, submit
 from app.jobs.views import job_summary
 
 
 def init_cli(app: Flask) -> None:
+    from app.webhooks.cli import init_webhooks_cli
+
     @app.cli.group("jobs")
     def jobs_group():
-        """Asynchronous jobs: workers and the dead letter queue."""
+        """Asynchronous jobs: workers, the dead letter queue, webhook endpoints."""
+
+    init_webhooks_cli(app, jobs_group)
 
     @jobs_group.command("worker")
     @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Claim loops.")
@@ -36,25 +41,88 @@ def init_cli(app: Flask) -> None:
         help="Lower this process's CPU priority by this much, so that on a shared host the processes answering "
         "hooks get the CPU first.",
     )
-    def worker_command(threads: int, kinds: tuple[str, ...], burst: bool, grace: float, nice: int) -> None:
+    @click.option(
+        "--heartbeat",
+        default=presence.HEARTBEAT_SECONDS,
+        show_default=True,
+        type=click.FloatRange(0.05, 300),
+        help=f"Seconds between this worker's heartbeats; after {presence.LIVE_BEATS} missed ones it counts as lost "
+        "(/readyz, gateway_workers_live).",
+    )
+    @click.option(
+        "--metrics-port",
+        default=None,
+        type=click.IntRange(1, 65535),
+        help="Also serve this worker's own metrics at http://HOST:PORT/metrics (a worker in a container of its "
+        "own; next to gunicorn, the gateway's /metrics already includes them).",
+    )
+    def worker_command(
+        threads: int,
+        kinds: tuple[str, ...],
+        burst: bool,
+        grace: float,
+        nice: int,
+        heartbeat: float,
+        metrics_port: int | None,
+    ) -> None:
         """Run jobs until SIGTERM/SIGINT; the job in hand is finished or, after --grace, handed back."""
-        from app.jobs.worker import Worker
+        from app.jobs.worker import Worker, new_worker_id
+        from app.metrics import mark_process_dead, prepare_multiprocess_dir
 
+        prepare_multiprocess_dir(app.config["INSTANCE_PATH"])
+        metrics_server = _serve_metrics(app.config["HOST"], metrics_port) if metrics_port else None
         os.nice(nice)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-        workers = [Worker(app, kinds=list(kinds) or None, grace_seconds=grace, stop=stop) for _ in range(threads)]
-        if burst:
-            done = sum(len(w.run_until_idle()) for w in workers[:1])
-            click.echo(f"{done} jobs run")
-            return
-        loops = [threading.Thread(target=w.run, name=f"worker-{i}") for i, w in enumerate(workers)]
-        for loop in loops:
-            loop.start()
-        while any(loop.is_alive() for loop in loops):
+        process_id = new_worker_id()
+        beating = presence.Presence.for_app(
+            app, process_id, list(kinds) or job_kinds(), threads=1 if burst else threads, interval=heartbeat
+        ).start()
+        try:
+            workers = [
+                Worker(
+                    app,
+                    worker_id=f"{process_id}/{i}",
+                    kinds=list(kinds) or None,
+                    grace_seconds=grace,
+                    stop=stop,
+                    presence=beating,
+                )
+                for i in range(threads)
+            ]
+            if burst:
+                done = sum(len(w.run_until_idle()) for w in workers[:1])
+                click.echo(f"{done} jobs run")
+                return
+            loops = [threading.Thread(target=w.run, name=f"worker-{i}") for i, w in enumerate(workers)]
             for loop in loops:
-                loop.join(timeout=0.5)
+                loop.start()
+            while any(loop.is_alive() for loop in loops):
+                for loop in loops:
+                    loop.join(timeout=0.5)
+        finally:
+            beating.stop()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            mark_process_dead()
+
+    @jobs_group.command("workers")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    def workers_command(as_json: bool) -> None:
+        """Worker processes seen in the last day: live, lost (no heartbeat lately) or stopped."""
+        rows = presence.listing(app.extensions["db"])
+        for row in rows:
+            if as_json:
+                click.echo(json.dumps(row))
+            else:
+                click.echo(
+                    f"{row['id']}\t{row['state']}\tseen {row['seenAt']}\t{row['jobsRun']} run, "
+                    f"{row['jobsFailed']} failed\t{','.join(row['kinds'])}"
+                )
+        if not as_json:
+            live = sum(row["state"] == "live" for row in rows)
+            click.echo(f"{live} live worker(s)", err=True)
 
     @jobs_group.command("canary")
     @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for a worker to run it.")
@@ -74,9 +142,15 @@ def init_cli(app: Flask) -> None:
 
     @jobs_group.command("stats")
     def stats_command() -> None:
-        """Jobs per state, and how long the oldest due job has waited."""
+        """Jobs per state, how long the oldest due job has waited, and which database was read (password hidden):
+        a command run without the server's DATABASE_URL reads another database, and must say so."""
         engine = app.extensions["db"]
-        click.echo(json.dumps({"jobs": ledger.counts(engine), "oldestQueuedSeconds": ledger.oldest_queued_age(engine)}))
+        report = {
+            "database": engine.url.render_as_string(hide_password=True),
+            "jobs": ledger.counts(engine),
+            "oldestQueuedSeconds": ledger.oldest_queued_age(engine),
+        }
+        click.echo(json.dumps(report))
 
     @jobs_group.group("dlq")
     def dlq_group():
@@ -124,3 +198,14 @@ def init_cli(app: Flask) -> None:
         click.echo(f"{len(job_ids) - len(missing)} job(s) requeued")
         if missing:
             raise click.ClickException(f"not dead (or unknown), left alone: {', '.join(missing)}")
+
+
+def _serve_metrics(host: str, port: int):
+    """This process's own metrics over HTTP on a thread (prometheus_client's server); the server, to shut down."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    return server

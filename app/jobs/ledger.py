@@ -12,6 +12,7 @@ takes the head of the queue (``ix_jobs_queue``, or one lookup per kind in ``ix_j
 sweep returns lapsed leases to the queue so that claims read one branch, and the counts behind the metrics
 are kept by triggers (``job_counts`` plus the ``job_count_changes`` not yet folded in), never counted.
 Finished jobs are purged after their retention (they hold PHI).
+Every committed change of a job's state is logged as one JSON line (``app.jobs.events``, never PHI).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.db import metadata
+from app.jobs import events
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -56,6 +58,7 @@ WORKER_LOCK_PAUSES = (0.001, 0.005)
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_CAP_SECONDS = 300.0
 FENCED = "fenced"
+LEASE_LOST = "LeaseExpired: worker lost"
 
 
 class UTCDateTime(sa.types.TypeDecorator):
@@ -241,7 +244,10 @@ def enqueue(
     }
     statement = _insert(engine).values(**values).on_conflict_do_nothing(index_elements=["id"])
     with _write_transaction(engine, hook=True) as conn:
-        return _changed(conn, statement)
+        created = _changed(conn, statement)
+    if created:
+        events.job_changed(events.ENQUEUED, job_id, kind, None, QUEUED, 0)
+    return created
 
 
 def _changed(conn: sa.Connection, statement) -> bool:
@@ -255,26 +261,53 @@ def _ids(conn: sa.Connection, *where, limit: int = SWEEP_BATCH, order: tuple = (
     return list(conn.execute(query).scalars())
 
 
-def _sweep(conn: sa.Connection, now: datetime) -> int:
+def _sweep(conn: sa.Connection, now: datetime) -> tuple[int, list[tuple]]:
     """Expire clinically stale queued jobs, and end every lapsed lease: expired when stale, dead when it was the
     last allowed attempt (the job keeps killing its worker), queued again otherwise, keeping its place (its
-    run_after). At most SWEEP_BATCH rows of each, each found through an index; returns the larger count."""
+    run_after). At most SWEEP_BATCH rows of each, each found through an index. Returns the larger count, and
+    the changes made, for ``_log_swept`` to log once they are committed."""
     cleared = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
-    stale = _ids(conn, jobs.c.state == QUEUED, jobs.c.expires_at <= now)
+    stale = _rows(conn, jobs.c.state == QUEUED, jobs.c.expires_at <= now)
+    changes = [(events.EXPIRED, row, QUEUED, EXPIRED) for row in stale]
     if stale:
-        conn.execute(jobs.update().where(jobs.c.id.in_(stale)).values(state=EXPIRED, **cleared))
-    lapsed = _ids(conn, jobs.c.state == RUNNING, jobs.c.lease_expires_at <= now)
+        conn.execute(jobs.update().where(jobs.c.id.in_([row.id for row in stale])).values(state=EXPIRED, **cleared))
+    lapsed = _rows(conn, jobs.c.state == RUNNING, jobs.c.lease_expires_at <= now)
     if not lapsed:
-        return len(stale)
-    still_running = sa.and_(jobs.c.id.in_(lapsed), jobs.c.state == RUNNING)
+        return len(stale), changes
+    still_running = sa.and_(jobs.c.id.in_([row.id for row in lapsed]), jobs.c.state == RUNNING)
     conn.execute(jobs.update().where(still_running, jobs.c.expires_at <= now).values(state=EXPIRED, **cleared))
     conn.execute(
         jobs.update()
         .where(still_running, jobs.c.attempts >= jobs.c.max_attempts)
-        .values(state=DEAD, last_error="LeaseExpired: worker lost", **cleared)
+        .values(state=DEAD, last_error=LEASE_LOST, **cleared)
     )
     conn.execute(jobs.update().where(still_running).values(state=QUEUED, **cleared))
-    return max(len(stale), len(lapsed))
+    for row in lapsed:  # the rows are locked (or the database is, on SQLite): these are the changes just made
+        if row.expires_at is not None and row.expires_at <= now:
+            changes.append((events.EXPIRED, row, RUNNING, EXPIRED))
+        elif row.attempts >= row.max_attempts:
+            changes.append((events.DEAD, row, RUNNING, DEAD))
+        else:
+            changes.append((events.LEASE_LAPSED, row, RUNNING, QUEUED))
+    return max(len(stale), len(lapsed)), changes
+
+
+def _rows(conn: sa.Connection, *where) -> list:
+    """Up to SWEEP_BATCH rows matching ``where`` (what a sweep needs to know of them), skipping rows another
+    transaction holds (PostgreSQL)."""
+    query = (
+        sa.select(jobs.c.id, jobs.c.kind, jobs.c.attempts, jobs.c.max_attempts, jobs.c.expires_at, jobs.c.lease_owner)
+        .where(*where)
+        .limit(SWEEP_BATCH)
+        .with_for_update(skip_locked=True)
+    )
+    return list(conn.execute(query))
+
+
+def _log_swept(changes: list[tuple]) -> None:
+    for change, row, source, target in changes:
+        error = LEASE_LOST if change == events.DEAD else None
+        events.job_changed(change, row.id, row.kind, source, target, row.attempts, worker=row.lease_owner, error=error)
 
 
 def sweep(engine: sa.Engine, now: datetime | None = None, *, budget_s: float = 0.5) -> None:
@@ -284,7 +317,8 @@ def sweep(engine: sa.Engine, now: datetime | None = None, *, budget_s: float = 0
     give_up = time.monotonic() + budget_s
     while True:
         with _write_transaction(engine) as conn:
-            moved = _sweep(conn, utc_now(now))
+            moved, changes = _sweep(conn, utc_now(now))
+        _log_swept(changes)
         if moved < SWEEP_BATCH or time.monotonic() > give_up:
             return
 
@@ -324,27 +358,35 @@ def claim(
     the backlog. Stale jobs and jobs at their last attempt are never claimed. ``sweep_first`` ends lapsed
     leases first (so that their jobs can be claimed now); workers sweep once a second instead."""
     now = utc_now(now)
+    swept: list[tuple] = []
     with _write_transaction(engine) as conn:
         if sweep_first:
-            _sweep(conn, now)
+            swept = _sweep(conn, now)[1]
         heads = [head for kind in (list(kinds) if kinds is not None else [None]) if (head := _head(conn, now, kind))]
-        if not heads:
-            return None
-        _, job_id = min(heads)
-        statement = (
-            jobs.update()
-            .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
-            .values(
-                state=RUNNING,
-                attempts=jobs.c.attempts + 1,
-                lease_owner=worker_id,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                updated_at=now,
-            )
-            .returning(*jobs.c)
+        row = None
+        if heads:
+            row = conn.execute(_claim_statement(min(heads)[1], worker_id, now, lease_seconds)).first()
+    _log_swept(swept)
+    if row is None:
+        return None
+    job = Job.from_row(row)
+    events.job_changed(events.CLAIMED, job.id, job.kind, QUEUED, RUNNING, job.attempts, worker=worker_id)
+    return job
+
+
+def _claim_statement(job_id: str, worker_id: str, now: datetime, lease_seconds: float):
+    return (
+        jobs.update()
+        .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+        .values(
+            state=RUNNING,
+            attempts=jobs.c.attempts + 1,
+            lease_owner=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            updated_at=now,
         )
-        row = conn.execute(statement).first()
-    return Job.from_row(row) if row else None
+        .returning(*jobs.c)
+    )
 
 
 def _fence(job: Job):
@@ -375,7 +417,10 @@ def complete(engine: sa.Engine, job: Job, result: Any, *, now: datetime | None =
         .values(state=SUCCEEDED, result=result, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
     with _write_transaction(engine) as conn:
-        return _changed(conn, statement)
+        done = _changed(conn, statement)
+    if done:
+        events.job_changed(events.SUCCEEDED, job.id, job.kind, RUNNING, SUCCEEDED, job.attempts, worker=job.lease_owner)
+    return done
 
 
 def fail(
@@ -393,7 +438,7 @@ def fail(
     dead at max_attempts or when ``permanent``, or "fenced" when the lease was taken over."""
     now = utc_now(now)
     if permanent or job.attempts >= job.max_attempts:
-        state, run_after = DEAD, now
+        state, run_after, delay = DEAD, now, None
     else:
         delay = backoff_seconds(job.attempts, rng) if retry_in is None else max(0.0, retry_in)
         state, run_after = QUEUED, now + timedelta(seconds=delay)
@@ -410,7 +455,13 @@ def fail(
         )
     )
     with _write_transaction(engine) as conn:
-        return state if _changed(conn, statement) else FENCED
+        if not _changed(conn, statement):
+            return FENCED
+    change = events.DEAD if state == DEAD else events.RETRY
+    events.job_changed(
+        change, job.id, job.kind, RUNNING, state, job.attempts, worker=job.lease_owner, error=error, retry_in=delay
+    )
+    return state
 
 
 def expire(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
@@ -420,7 +471,10 @@ def expire(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
         jobs.update().where(_fence(job)).values(state=EXPIRED, lease_owner=None, lease_expires_at=None, updated_at=now)
     )
     with _write_transaction(engine) as conn:
-        return _changed(conn, statement)
+        expired = _changed(conn, statement)
+    if expired:
+        events.job_changed(events.EXPIRED, job.id, job.kind, RUNNING, EXPIRED, job.attempts, worker=job.lease_owner)
+    return expired
 
 
 def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool:
@@ -440,7 +494,10 @@ def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool
         )
     )
     with _write_transaction(engine) as conn:
-        return _changed(conn, statement)
+        released = _changed(conn, statement)
+    if released:
+        events.job_changed(events.RELEASED, job.id, job.kind, RUNNING, QUEUED, job.attempts, worker=job.lease_owner)
+    return released
 
 
 def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> bool:
@@ -450,9 +507,14 @@ def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> b
         jobs.update()
         .where(jobs.c.id == job_id, jobs.c.state == DEAD)
         .values(state=QUEUED, attempts=0, run_after=now, lease_owner=None, lease_expires_at=None, updated_at=now)
+        .returning(jobs.c.kind)
     )
     with _write_transaction(engine) as conn:
-        return _changed(conn, statement)
+        kind = conn.execute(statement).scalar()
+    if kind is None:
+        return False
+    events.job_changed(events.REQUEUED, job_id, kind, DEAD, QUEUED, 0)
+    return True
 
 
 def get(engine: sa.Engine, job_id: str) -> Job | None:

@@ -3,7 +3,8 @@
 Every step is bounded (a batch per statement) and safe to run from any number of workers at once, so each
 worker runs it and no single process is needed for the ledger to stay small and its counts current.
 Retention: finished jobs (succeeded, expired) after JOB_RETENTION_S, dead ones after DEAD_JOB_RETENTION_S,
-explanation results once past their RESULT_TTL_S. All of them hold PHI.
+explanation results once past their RESULT_TTL_S (all of them hold PHI), and the heartbeat rows of workers
+stopped or lost a day ago (``presence.RETENTION_SECONDS``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import timedelta
 from flask import Flask
 
 from app import results
-from app.jobs import ledger
+from app.jobs import ledger, presence
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class Maintenance:
             self.engine, finished_before=now - self.finished_retention, dead_before=now - self.dead_retention
         )
         removed += results.purge_expired(self.engine, now=now, batch=ledger.PURGE_BATCH)
+        removed += presence.purge(self.engine, before=now - timedelta(seconds=presence.RETENTION_SECONDS))
         if removed:
-            log.info("purged %d job and result records past their retention", removed)
+            log.info("purged %d job, result and worker records past their retention", removed)
         return removed
 
     def _step(self, name: str, step) -> None:

@@ -1,4 +1,5 @@
-"""Watching the ledger: Prometheus gauges read from the database at scrape time, run counters, and the DLQ alert."""
+"""Watching the ledger: Prometheus gauges read from the database at scrape time (jobs, live workers), run
+counters, and the DLQ alert."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from flask import Flask
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from app.jobs import ledger
+from app.jobs import ledger, presence
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,15 @@ class LedgerCollector:
         oldest = GaugeMetricFamily(
             "gateway_jobs_oldest_queued_age_seconds", "How long the longest-waiting due job has waited (0: none)"
         )
+        workers = GaugeMetricFamily(
+            "gateway_workers_live",
+            "Job worker processes whose heartbeat is recent (within 3 of their heartbeat intervals), on every host",
+        )
         up = GaugeMetricFamily("gateway_jobs_ledger_up", "1 when the ledger could be read for this scrape")
         try:
             by_state = ledger.attempts_by_state(self.engine)
             age = ledger.oldest_queued_age(self.engine)
+            live = presence.live_count(self.engine)
         except sa.exc.SQLAlchemyError as exc:
             log.error("metrics: cannot read the job ledger: %s", describe(exc))
             up.add_metric([], 0)
@@ -66,8 +72,9 @@ class LedgerCollector:
                 jobs.add_metric([kind, state], n)
                 attempts.add_metric([kind, state], made)
         oldest.add_metric([], age or 0.0)
+        workers.add_metric([], live)
         up.add_metric([], 1)
-        yield from (jobs, attempts, oldest, up)
+        yield from (jobs, attempts, oldest, workers, up)
 
 
 def check_dead_letters(app: Flask, now: datetime | None = None) -> int | None:

@@ -52,6 +52,23 @@ class JobContext:
     def engine(self):
         return self.app.extensions["db"]
 
+    def audit(self, event: str, **fields: Any) -> None:
+        """An audit record of something this job did, tagged with the job (id, kind, attempt)."""
+        from app.audit import audit
+
+        audit(self.app).record(event, job=self.job.id, kind=self.job.kind, attempt=self.job.attempts, **fields)
+
+    def fhir_auditor(self, **who: Any) -> Callable[[dict[str, Any]], None]:
+        """An observer for this job's FHIR client (``app.fhir.client.Client(observe=...)``): one audit record per
+        request, ``job.fhir-read`` or ``job.fhir-write``, tagged with ``who`` (iss, user, patient...) as hook
+        records are. Resource types, methods and statuses only, never content."""
+
+        def observe(call: dict[str, Any]) -> None:
+            event = "job.fhir-read" if call["method"] in ("GET", "HEAD") else "job.fhir-write"
+            self.audit(event, **who, **call)
+
+        return observe
+
 
 Handler = Callable[[JobContext], Any]
 

@@ -20,6 +20,7 @@ from flask import Flask
 
 from app.jobs import ledger, monitor
 from app.jobs.maintenance import Maintenance
+from app.jobs.presence import Presence
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, RetryLater, job_kind, job_kinds
 from app.logs import describe
 
@@ -54,6 +55,7 @@ class Worker:
         poll_seconds: float | None = None,
         grace_seconds: float = 20.0,
         stop: threading.Event | None = None,
+        presence: Presence | None = None,
     ):
         self.app = app
         self.engine = app.extensions["db"]
@@ -64,9 +66,22 @@ class Worker:
         self.grace_seconds = grace_seconds
         self.stop = stop or threading.Event()
         self.maintenance = Maintenance(app)
+        self.presence = presence  # the process's heartbeat (``jobs worker`` shares one among its claim loops)
 
     def run(self) -> None:
-        """Work until ``stop`` is set; then finish the job in hand (or release it after the grace period)."""
+        """Work until ``stop`` is set; then finish the job in hand (or release it after the grace period).
+        Without a ``presence`` of its process, this loop keeps a heartbeat row of its own while it runs."""
+        own = self.presence is None
+        if own:
+            self.presence = Presence.for_app(self.app, self.worker_id, self.kinds or job_kinds()).start()
+        try:
+            self._run()
+        finally:
+            if own:
+                self.presence.stop()
+                self.presence = None
+
+    def _run(self) -> None:
         log.info("worker %s started (kinds: %s)", self.worker_id, ", ".join(self.kinds or job_kinds()))
         next_check = 0.0
         while not self.stop.is_set():
@@ -114,6 +129,8 @@ class Worker:
         state = self._execute(job)
         outcome = Outcome(job.id, job.kind, state, time.monotonic() - started)
         monitor.record_run(outcome.kind, outcome.state, outcome.seconds)
+        if self.presence is not None:
+            self.presence.count(outcome.state)
         return outcome
 
     def _execute(self, job: ledger.Job) -> str:
@@ -141,8 +158,7 @@ class Worker:
                 stop_noticed_at = stop_noticed_at or time.monotonic()
                 if time.monotonic() - stop_noticed_at >= self.grace_seconds:
                     released = self._write_outcome(job, lambda: ledger.release(self.engine, job))
-                    log.warning("worker %s: released job %s unfinished at shutdown", self.worker_id, job.id)
-                    return "released" if released else ledger.FENCED
+                    return "released" if released is True else ledger.FENCED
             if not heartbeat():
                 log.warning(
                     "worker %s: lost the lease on job %s; its outcome will not be recorded", self.worker_id, job.id
@@ -173,7 +189,6 @@ class Worker:
             return ledger.SUCCEEDED if completed is True else ledger.FENCED
         if isinstance(exc, JobExpired):
             expired = self._write_outcome(job, lambda: ledger.expire(self.engine, job))
-            log.info("job %s (%s) expired while it ran", job.id, job.kind)
             return ledger.EXPIRED if expired is True else ledger.FENCED
         if isinstance(exc, RetryLater):
             args = {"error": f"RetryLater: {exc.reason}", "retry_in": exc.seconds}
@@ -181,18 +196,7 @@ class Worker:
             args = {"error": f"PermanentFailure: {exc}", "permanent": True}
         else:
             args = {"error": describe(exc)}
-        state = self._write_outcome(job, lambda: ledger.fail(self.engine, job, **args))
-        level = logging.ERROR if state == ledger.DEAD else logging.WARNING
-        log.log(
-            level,
-            "job %s (%s) attempt %d failed -> %s: %s",
-            job.id,
-            job.kind,
-            job.attempts,
-            state,
-            exc.reason if isinstance(exc, RetryLater) else describe(exc),
-        )
-        return state
+        return self._write_outcome(job, lambda: ledger.fail(self.engine, job, **args))
 
 
 class _Run:

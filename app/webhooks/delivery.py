@@ -3,7 +3,9 @@
 Success is any 2xx. 410 Gone disables the endpoint and dead-letters the delivery; every other answer,
 a timeout or a connection error is retried after the schedule's delay (or the receiver's Retry-After) until
 the schedule is used up, then dead-lettered. Errors recorded in the ledger name the endpoint id and the
-reason, never the secret, the body or the URL (a URL may carry a token).
+reason, never the secret, the body or the URL (a URL may carry a token). Every attempt to send is in the audit
+log (``job.webhook-delivery``: endpoint id, event type, thin or full, receiver host, status), since a full event
+carries patient data out of the gateway.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MAX_ATTEMPTS = 8
 # Retry-After is honoured up to the schedule's longest delay, and always up to an hour even on a short schedule.
 RETRY_AFTER_MIN_CAP_S = 3600.0
 USER_AGENT = "clinical-ai-gateway-webhooks/1.0 (Standard Webhooks)"
+AUDIT_EVENT = "job.webhook-delivery"  # one audit record per attempt to send an event out
 
 
 def allowed_attempts(config) -> int:
@@ -65,16 +68,28 @@ def deliver(ctx: JobContext) -> dict:
         "content-type": "application/json",
         "user-agent": USER_AGENT,
     }
+    sent = {
+        "endpoint": endpoint,
+        "iss": subscriber.client_iss,
+        "webhookEvent": payload["event_type"],
+        "payloadKind": subscriber.payload,  # "full" events carry patient data out of the gateway
+        "server": f"{destination.host}:{destination.port}",
+    }
+    started = time.monotonic()
     try:
         answer = post(destination, body.encode("utf-8"), headers, timeout)
-    except NewConnectionError:
-        raise _again(ctx, f"endpoint {endpoint}: cannot connect (refused or unreachable)") from None
-    except (ConnectTimeoutError, ReadTimeoutError):
-        raise _again(ctx, f"endpoint {endpoint}: no answer within {timeout:g} s") from None
-    except SSLError:
-        raise _again(ctx, f"endpoint {endpoint}: TLS failed (certificate or handshake)") from None
     except (HTTPError, OSError) as exc:
+        timed_out = isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)) and not isinstance(exc, NewConnectionError)
+        outcome = "timeout" if timed_out else "unreachable"
+        ctx.audit(AUDIT_EVENT, **sent, outcome=outcome, latency_ms=_since(started))
+        if isinstance(exc, NewConnectionError):
+            raise _again(ctx, f"endpoint {endpoint}: cannot connect (refused or unreachable)") from None
+        if timed_out:
+            raise _again(ctx, f"endpoint {endpoint}: no answer within {timeout:g} s") from None
+        if isinstance(exc, SSLError):
+            raise _again(ctx, f"endpoint {endpoint}: TLS failed (certificate or handshake)") from None
         raise _again(ctx, f"endpoint {endpoint}: connection failed ({type(exc).__name__})") from None
+    ctx.audit(AUDIT_EVENT, **sent, status=answer.status, latency_ms=_since(started))
 
     if 200 <= answer.status < 300:
         return {
@@ -90,6 +105,10 @@ def deliver(ctx: JobContext) -> dict:
         raise PermanentFailure(f"endpoint {endpoint}: {reason}; endpoint disabled")
     cap = max(*config["WEBHOOK_RETRY_SCHEDULE"], RETRY_AFTER_MIN_CAP_S)
     raise _again(ctx, f"endpoint {endpoint}: answered {answer.status}", retry_after_seconds(answer.retry_after, cap))
+
+
+def _since(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
 
 
 def _again(ctx: JobContext, reason: str, retry_after: float | None = None) -> Exception:

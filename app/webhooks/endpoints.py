@@ -140,6 +140,32 @@ def enable(engine: sa.Engine, endpoint_id: str, *, now: datetime | None = None) 
         return conn.execute(statement).first() is not None
 
 
+def with_url(app: Flask, url: str, client_iss: str | None = None) -> list[tuple[str, str | None]]:
+    """(endpoint id, client issuer) of every endpoint with this URL: configured in the clients file, or kept
+    disabled here (when it has left the file since). Only those of ``client_iss`` when given."""
+    found = {s.id: s.client_iss for s in subscribers(current_registry(app), client_iss) if s.url == url}
+    query = sa.select(webhook_endpoints.c.id, webhook_endpoints.c.client_iss).where(webhook_endpoints.c.url == url)
+    if client_iss is not None:
+        query = query.where(webhook_endpoints.c.client_iss == client_iss)
+    with app.extensions["db"].connect() as conn:
+        for row in conn.execute(query):
+            found.setdefault(row.id, row.client_iss)
+    return sorted(found.items())
+
+
+def dead_deliveries(engine: sa.Engine, endpoint_id: str) -> list[str]:
+    """Ids of the dead-lettered deliveries to an endpoint (its id is part of theirs), for a requeue."""
+    from app.jobs.ledger import DEAD, jobs
+    from app.webhooks.delivery import KIND
+
+    prefix = f"webhook:{endpoint_id}:"
+    query = sa.select(jobs.c.id).where(
+        jobs.c.state == DEAD, jobs.c.kind == KIND, jobs.c.id.startswith(prefix, autoescape=True)
+    )
+    with engine.connect() as conn:
+        return list(conn.execute(query.order_by(jobs.c.id)).scalars())
+
+
 def is_disabled(engine: sa.Engine, endpoint_id: str) -> bool:
     query = sa.select(webhook_endpoints.c.disabled_at).where(webhook_endpoints.c.id == endpoint_id)
     with engine.connect() as conn:

@@ -40,6 +40,7 @@ def test_every_flask_command_is_a_gateway_command_from_any_directory(tmp_path, l
     stats = gateway("jobs", "stats", env=local_env, cwd=elsewhere)
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["jobs"]["queued"] == 0
+    assert json.loads(stats.stdout)["database"] == f"sqlite:///{tmp_path / 'instance' / 'gateway.db'}"
     assert (tmp_path / "instance" / "gateway.db").is_file()  # the instance folder named, not one under elsewhere/
     assert not list(elsewhere.iterdir())
     listed = gateway("--help", env=local_env, cwd=elsewhere).stdout
@@ -55,6 +56,7 @@ def test_the_database_a_command_reads_is_the_one_the_environment_names(tmp_path,
         assert gateway("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
         stats = gateway("jobs", "stats", env=env, cwd=tmp_path)
         assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["database"] == url  # no password in the test URL to hide
     assert not (tmp_path / "instance" / "gateway.db").exists()  # no silent fallback to the local SQLite file
 
 
