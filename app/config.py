@@ -18,6 +18,27 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+# Settings that are secrets may come from a file instead (NAME_FILE=/run/secrets/name), as container secrets are
+# mounted; the file's first line is the value.
+SECRET_SETTINGS = ("DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "METRICS_TOKEN", "SMART_CLIENT_SECRET", "LLM_API_KEY")
+
+
+def _secrets_from_files(source: dict[str, Any]) -> None:
+    for name in SECRET_SETTINGS:
+        path = source.get(f"{name}_FILE")
+        if not path:
+            continue
+        if source.get(name):
+            raise ConfigError(f"set {name} or {name}_FILE, not both")
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}_FILE {path!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"{name}_FILE {path!r} is empty")
+        source[name] = lines[0].strip()
+
+
 def _flag(name: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -77,6 +98,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
     """Read every setting from ``environ`` (default: the process environment) and ``overrides``; validate."""
     source: dict[str, Any] = dict(os.environ if environ is None else environ)
     source.update(overrides or {})
+    _secrets_from_files(source)
     get = source.get
 
     port = _int("PORT", get("PORT", 8080), 1, 65535)
