@@ -1,9 +1,10 @@
 """The ``cardiovascular-risk`` service (patient-view): 10-year ASCVD risk from the ACC/AHA Pooled Cohort Equations.
 
-The record is read into the equations' inputs by pure functions (``extract_inputs``), each input with its value,
-unit, date and source; the risk comes from the ``ascvd-pce`` model through ``app.ai.infer``; ``build_cards`` turns
-both into one card that says what was used, what was missing and how old each value is, with a statin proposal
-when the 2018 ACC/AHA cholesterol guideline threshold (7.5 %) is met and no statin is active.
+The record is read into the equations' inputs by pure functions (``extract_inputs``, over ``app.fhir.record``),
+each input with its value, unit, date and source; the risk comes from the ``ascvd-pce`` model through
+``app.ai.infer``; ``build_cards`` turns both into one card that says what was used, what was missing and how old
+each value is, with a statin proposal when the 2018 ACC/AHA cholesterol guideline threshold (7.5 %) is met and no
+statin is active.
 """
 
 from __future__ import annotations
@@ -20,6 +21,40 @@ from app.ai import Prediction, infer
 from app.ai.models.pce import BORDERLINE, HIGH, INTERMEDIATE, LOW, out_of_range, risk_category
 from app.cds.cards import Action, Card, Link, Source, Suggestion, escape_markdown
 from app.cds.service import PrefetchKey, ServiceCall, cds_service
+from app.fhir.codes import (
+    ASCVD,
+    BP_LOWERING,
+    BP_PANEL,
+    CURRENT_SMOKER,
+    DIABETES,
+    HDL,
+    LOINC,
+    NON_SMOKER,
+    RXNORM,
+    SMOKING_STATUS,
+    SMOKING_UNKNOWN,
+    SNOMED,
+    STATIN,
+    SYSTOLIC_BP,
+    TOTAL_CHOLESTEROL,
+    UCUM,
+    CodeSet,
+    classify,
+)
+from app.fhir.record import (
+    CHOLESTEROL,
+    Read,
+    Reader,
+    Record,
+    answer,
+    concept_text,
+    number,
+    onset,
+    quantity,
+    ref,
+    short,
+    years_before,
+)
 
 MODEL = "ascvd-pce"
 GUIDELINE_URL = "https://doi.org/10.1161/01.cir.0000437741.48606.98"
@@ -27,30 +62,16 @@ ESTIMATOR_URL = "https://tools.acc.org/ascvd-risk-estimator-plus/"
 ESTIMATOR_LABEL = "ACC/AHA ASCVD Risk Estimator Plus"
 GUIDELINE_LABEL = "ACC/AHA Pooled Cohort Equations 2013"
 EXPLANATION_LABEL = "Explain this result: inputs, dates, model"
-
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-UCUM = "http://unitsofmeasure.org"
 US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
-
 OLD_AFTER_YEARS = 2
-MMOL_PER_L_TO_MG_PER_DL = 38.67  # cholesterol (total and HDL): 1 mmol/L = 38.67 mg/dL
 
-# LOINC codes read for each input: mass and molar concentrations of cholesterol; systolic pressure alone or
-# as a component of the blood-pressure panels 55284-4 and 85354-9; smoking status.
-TOTAL_CHOLESTEROL_CODES = ("2093-3", "14647-2")
-HDL_CODES = ("2085-9", "14646-4")
-SYSTOLIC_CODE = "8480-6"
-BP_PANEL_CODES = ("55284-4", "85354-9")
-SMOKING_CODE = "72166-2"
-# The codes that can carry each observation-based input, stored with the result so that the explanation page
-# can look for values newer than the card.
+# The LOINC codes that can carry each observation-based input, stored with the result so that the explanation
+# page can look for values newer than the card.
 LOINC_BY_INPUT = {
-    "total_cholesterol": TOTAL_CHOLESTEROL_CODES,
-    "hdl": HDL_CODES,
-    "systolic_bp": (SYSTOLIC_CODE, *BP_PANEL_CODES),
-    "smoker": (SMOKING_CODE,),
+    "total_cholesterol": TOTAL_CHOLESTEROL.in_system(LOINC),
+    "hdl": HDL.in_system(LOINC),
+    "systolic_bp": SYSTOLIC_BP.in_system(LOINC) + BP_PANEL.in_system(LOINC),
+    "smoker": SMOKING_STATUS.in_system(LOINC),
 }
 
 
@@ -63,10 +84,14 @@ def _observation_search(*codes: str) -> str:
 # Conditions and medications need every page (diabetes, ASCVD or a statin may be on any of them).
 PREFETCH = {
     "patient": PrefetchKey("Patient/{{context.patientId}}", required=True),
-    "totalCholesterol": PrefetchKey(_observation_search(*TOTAL_CHOLESTEROL_CODES), required=False, pages="first"),
-    "hdl": PrefetchKey(_observation_search(*HDL_CODES), required=False, pages="first"),
-    "bloodPressure": PrefetchKey(_observation_search(*BP_PANEL_CODES, SYSTOLIC_CODE), required=False, pages="first"),
-    "smoking": PrefetchKey(_observation_search(SMOKING_CODE), required=False, pages="first"),
+    "totalCholesterol": PrefetchKey(
+        _observation_search(*LOINC_BY_INPUT["total_cholesterol"]), required=False, pages="first"
+    ),
+    "hdl": PrefetchKey(_observation_search(*LOINC_BY_INPUT["hdl"]), required=False, pages="first"),
+    "bloodPressure": PrefetchKey(
+        _observation_search(*BP_PANEL.in_system(LOINC), *SYSTOLIC_BP.in_system(LOINC)), required=False, pages="first"
+    ),
+    "smoking": PrefetchKey(_observation_search(*LOINC_BY_INPUT["smoker"]), required=False, pages="first"),
     "conditions": PrefetchKey("Condition?patient={{context.patientId}}", required=False),
     "medications": PrefetchKey("MedicationRequest?patient={{context.patientId}}&status=active", required=False),
 }
@@ -95,108 +120,6 @@ LABELS = {
 }
 MODEL_INPUTS = tuple(LABELS)
 _FIRST_REASONS = {"patient": 0, "deceased": 1, "age": 2, "sex": 3}
-
-# Smoking status (72166-2) answers, SNOMED CT.
-CURRENT_SMOKER = frozenset(
-    {"449868002", "428041000124106", "77176002", "65568007", "428071000124103", "428061000124105"}
-)
-NON_SMOKER = frozenset({"8517006", "266919005"})  # former, never
-
-# Diabetes mellitus, SNOMED CT: the disorder, its types, and the complications seen in Synthea data.
-DIABETES_SNOMED = frozenset(
-    {
-        "73211009",  # diabetes mellitus
-        "44054006",  # type 2
-        "46635009",  # type 1
-        "368581000119106",  # neuropathy due to type 2 diabetes
-        "127013003",  # disorder of kidney due to diabetes
-        "422034002",  # retinopathy due to type 2 diabetes
-        "1551000119108",  # nonproliferative retinopathy due to type 2 diabetes
-        "1501000119109",  # proliferative retinopathy due to type 2 diabetes
-        "97331000119101",  # macular oedema and retinopathy due to type 2 diabetes
-        "157141000119108",  # proteinuria due to type 2 diabetes
-        "90781000119102",  # microalbuminuria due to type 2 diabetes
-        "60951000119105",  # blindness due to type 2 diabetes
-        "4855003",  # diabetic retinopathy
-    }
-)
-PREDIABETES_SNOMED = frozenset({"15777000", "714628002"})  # not diabetes: never counted
-DIABETES_ICD10 = ("E08", "E09", "E10", "E11", "E13")
-
-# Clinical ASCVD, SNOMED CT: the equations are for primary prevention only.
-ASCVD_SNOMED = frozenset(
-    {
-        "22298006",  # myocardial infarction
-        "399211009",  # history of myocardial infarction
-        "401303003",  # acute ST-elevation myocardial infarction
-        "401314000",  # acute non-ST-elevation myocardial infarction
-        "53741008",  # coronary arteriosclerosis (coronary heart disease)
-        "414545008",  # ischaemic heart disease
-        "194828000",  # angina
-        "230690007",  # cerebrovascular accident
-        "422504002",  # ischaemic stroke
-        "266257000",  # transient ischaemic attack
-        "399957001",  # peripheral arterial occlusive disease
-    }
-)
-
-# Blood-pressure-lowering drugs by class: ingredient names and a few common brand names, matched as whole words
-# in the medication's text and displays.
-BP_LOWERING_CLASSES = {
-    "thiazide diuretic": "hydrochlorothiazide chlorthalidone chlorothiazide indapamide metolazone microzide",
-    "loop diuretic": "furosemide bumetanide torsemide ethacrynic lasix",
-    "potassium-sparing diuretic": "spironolactone eplerenone amiloride triamterene aldactone",
-    "ACE inhibitor": "benazepril captopril enalapril fosinopril lisinopril moexipril perindopril quinapril ramipril "
-    "trandolapril zestril prinivil zestoretic vasotec altace",
-    "angiotensin receptor blocker": "azilsartan candesartan eprosartan irbesartan losartan olmesartan telmisartan "
-    "valsartan cozaar hyzaar diovan benicar micardis avapro",
-    "renin inhibitor": "aliskiren",
-    "calcium channel blocker": "amlodipine levamlodipine felodipine isradipine nicardipine nifedipine nisoldipine "
-    "diltiazem verapamil norvasc",
-    "beta blocker": "acebutolol atenolol betaxolol bisoprolol carvedilol labetalol metoprolol nadolol nebivolol "
-    "pindolol propranolol timolol toprol lopressor tenormin coreg",
-    "alpha-1 blocker": "doxazosin prazosin terazosin",
-    "central alpha-2 agonist": "clonidine guanfacine methyldopa catapres",
-    "direct vasodilator": "hydralazine minoxidil",
-}
-STATIN_INGREDIENTS = "atorvastatin simvastatin rosuvastatin pravastatin lovastatin fluvastatin pitavastatin"
-STATIN_BRANDS = "lipitor zocor crestor pravachol mevacor altoprev lescol livalo zypitamag vytorin caduet"
-STATIN_NAMES = [*STATIN_INGREDIENTS.split(), *STATIN_BRANDS.split()]
-# RxNorm concepts matched by code: ingredients, and the clinical drugs seen in the Synthea sample data.
-BP_LOWERING_RXNORM = {
-    "5487": "hydrochlorothiazide",
-    "2409": "chlorthalidone",
-    "29046": "lisinopril",
-    "52175": "losartan",
-    "69749": "valsartan",
-    "17767": "amlodipine",
-    "6918": "metoprolol",
-    "1202": "atenolol",
-    "20352": "carvedilol",
-    "4603": "furosemide",
-    "316049": "hydrochlorothiazide 25 MG",
-    "197361": "amlodipine 5 MG Oral Tablet",
-    "866414": "24 HR metoprolol succinate 100 MG Extended Release Oral Tablet [Toprol]",
-    "315971": "Lasix 40mg (as displayed in Synthea)",
-    "1719286": "10 ML furosemide 10 MG/ML Injection",
-}
-STATIN_RXNORM = {
-    "83367": "atorvastatin",
-    "36567": "simvastatin",
-    "301542": "rosuvastatin",
-    "42463": "pravastatin",
-    "6472": "lovastatin",
-    "41127": "fluvastatin",
-    "861634": "pitavastatin",
-    "312961": "simvastatin 20 MG Oral Tablet",
-    "316672": "simvastatin 10 MG (displayed 'Simvistatin 10 MG' in Synthea)",
-    "617310": "atorvastatin 20 MG Oral Tablet",
-}
-BP_LOWERING_CLASS_OF = {name: kind for kind, names in BP_LOWERING_CLASSES.items() for name in names.split()}
-BP_LOWERING_NAMES = list(BP_LOWERING_CLASS_OF)
-_BP_LOWERING_RE = re.compile(r"\b(" + "|".join(BP_LOWERING_NAMES) + r")\b", re.IGNORECASE)
-_STATIN_RE = re.compile(r"\b(" + "|".join(STATIN_NAMES) + r")\b", re.IGNORECASE)
-_NOT_SYSTEMIC_RE = re.compile(r"\b(ophthalmic|otic|topical|shampoo|foam)\b", re.IGNORECASE)
 
 # Moderate-intensity statin proposed at >= 7.5 % (2018 ACC/AHA cholesterol guideline).
 STATIN_PROPOSAL = {
@@ -259,273 +182,68 @@ class PceInputs:
         return {key: self.findings[key].value for key in MODEL_INPUTS if key in self.findings}
 
 
-# ---- reading FHIR values --------------------------------------------------------------------------------------
-
-
-def _codings(concept: Any) -> list[dict[str, Any]]:
-    if not isinstance(concept, dict):
-        return []
-    return [c for c in concept.get("coding") or () if isinstance(c, dict)]
-
-
-def _codes(concept: Any, system: str) -> set[str]:
-    return {str(c.get("code")) for c in _codings(concept) if c.get("system") == system and c.get("code")}
-
-
-def _concept_text(concept: Any) -> str:
-    if not isinstance(concept, dict):
-        return ""
-    if isinstance(concept.get("text"), str) and concept["text"].strip():
-        return concept["text"].strip()
-    for coding in _codings(concept):
-        if isinstance(coding.get("display"), str) and coding["display"].strip():
-            return coding["display"].strip()
-    return ""
-
-
-def _all_text(concept: Any) -> str:
-    parts = [concept.get("text")] if isinstance(concept, dict) else []
-    parts += [c.get("display") for c in _codings(concept)]
-    return " ".join(p for p in parts if isinstance(p, str))
-
-
-_FHIR_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
-
-
-def _parse_instant(value: Any) -> tuple[datetime, date] | None:
-    """A FHIR date or dateTime as (instant for ordering, calendar date as written); partial dates -> day 1."""
-    if not isinstance(value, str):
-        return None
-    match = _FHIR_DATE.match(value.strip())
-    if not match:
-        return None
-    try:
-        day = date(int(match.group(1)), int(match.group(2) or 1), int(match.group(3) or 1))
-    except ValueError:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.strip()) if "T" in value else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        moment = datetime(day.year, day.month, day.day)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment, day
-
-
-def _effective(resource: dict[str, Any]) -> tuple[datetime, date] | None:
-    period = resource.get("effectivePeriod") if isinstance(resource.get("effectivePeriod"), dict) else {}
-    for value in (
-        resource.get("effectiveDateTime"),
-        resource.get("effectiveInstant"),
-        period.get("end"),
-        period.get("start"),
-        resource.get("issued"),
-    ):
-        parsed = _parse_instant(value)
-        if parsed:
-            return parsed
-    return None
-
-
-def _years_before(day: date, years: int) -> date:
-    try:
-        return day.replace(year=day.year - years)
-    except ValueError:  # 29 February
-        return day.replace(year=day.year - years, day=28)
-
-
-def _ref(resource: dict[str, Any]) -> str:
-    return f"{resource.get('resourceType', 'Resource')}/{resource.get('id', '?')}"
-
-
-def _short(text: Any, limit: int = 40) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _number(value: float) -> str:
-    return f"{value:.1f}".removesuffix(".0")
-
-
 # ---- observations --------------------------------------------------------------------------------------------
 
 
-def _unit_of(quantity: dict[str, Any]) -> str:
-    if quantity.get("system") == UCUM and isinstance(quantity.get("code"), str):
-        return quantity["code"].strip()
-    for key in ("unit", "code"):
-        if isinstance(quantity.get(key), str) and quantity[key].strip():
-            return quantity[key].strip()
-    return ""
-
-
-def _exact_number(quantity: dict[str, Any]) -> float | str:
-    """The quantity's value, or why it is not an exact number (absent, text, or censored such as "<20")."""
-    value = quantity.get("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "no numeric value"
-    if quantity.get("comparator"):
-        return f"the value is {_short(quantity['comparator'], 2)}{_number(value)}, not exact"
-    return float(value)
-
-
-def _cholesterol_mg_dl(quantity: dict[str, Any]) -> tuple[float, str, str] | str:
-    """(mg/dL, text, conversion note), or why the quantity is unusable."""
-    value, unit = _exact_number(quantity), _unit_of(quantity)
-    if isinstance(value, str):
-        return value
-    if unit.lower() == "mg/dl":
-        return float(value), "", ""
-    if unit.lower() == "mmol/l":
-        return value * MMOL_PER_L_TO_MG_PER_DL, "", f"converted from {_number(value)} mmol/L"
-    return f"unit {_short(unit, 20)!r} is not recognised" if unit else "no unit"
-
-
-def _pressure_mm_hg(quantity: dict[str, Any]) -> tuple[float, str, str] | str:
-    value, unit = _exact_number(quantity), _unit_of(quantity)
-    if isinstance(value, str):
-        return value
-    if unit.lower().replace(" ", "") in {"mm[hg]", "mmhg"}:
-        return float(value), "", ""
-    return f"unit {_short(unit, 20)!r} is not recognised" if unit else "no unit"
-
-
-def _smoking_status(concept: dict[str, Any]) -> tuple[bool, str, str] | str:
-    codes = _codes(concept, SNOMED)
-    text = _short(_concept_text(concept) or "no text", 60)
-    if codes & CURRENT_SMOKER:
-        return True, text, ""
-    if codes & NON_SMOKER:
-        return False, text, ""
-    if "266927001" in codes:
+def _smoking_status(concept: dict[str, Any]) -> Read | str:
+    text = short(concept_text(concept) or "no text", 60)
+    if CURRENT_SMOKER.matches(concept):
+        return Read(True, text)
+    if NON_SMOKER.matches(concept):
+        return Read(False, text)
+    if SMOKING_UNKNOWN.matches(concept):
         return "status unknown (266927001)"
     return f"answer {text!r} is not a recognised smoking status"
 
 
-def _systolic_quantity(observation: dict[str, Any]) -> dict[str, Any] | None:
-    """Systolic pressure on its own (8480-6) or as a component of any panel (55284-4, 85354-9)."""
-    if SYSTOLIC_CODE in _codes(observation.get("code"), LOINC) and isinstance(observation.get("valueQuantity"), dict):
-        return observation["valueQuantity"]
-    for component in observation.get("component") or ():
-        if (
-            isinstance(component, dict)
-            and SYSTOLIC_CODE in _codes(component.get("code"), LOINC)
-            and isinstance(component.get("valueQuantity"), dict)
-        ):
-            return component["valueQuantity"]
-    return None
-
-
-def _quantity_of(codes: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
-    def pick(observation: dict[str, Any]) -> dict[str, Any] | None:
-        if _codes(observation.get("code"), LOINC) & set(codes) and isinstance(observation.get("valueQuantity"), dict):
-            return observation["valueQuantity"]
-        return None
-
-    return pick
-
-
-def _smoking_answer(observation: dict[str, Any]) -> dict[str, Any] | None:
-    concept = observation.get("valueCodeableConcept")
-    if SMOKING_CODE in _codes(observation.get("code"), LOINC) and isinstance(concept, dict):
-        return concept
-    return None
-
-
 @dataclass(frozen=True)
 class _Reading:
-    """How to read one observation-based input: which value to pick, how to convert it, in which unit."""
+    """One observation-based input: its prefetch key, code set (whose name labels it), reader and display unit."""
 
     name: str
     key: str
-    label: str
-    pick: Callable[[dict[str, Any]], Any]
-    convert: Callable[[Any], tuple[Any, str, str] | str]
+    codes: CodeSet
+    read: Reader
     unit: str = ""
-    codes: frozenset[str] = frozenset()  # LOINC codes of the observations that can carry it; empty: any
-
-    def may_carry(self, observation_codes: set[str]) -> bool:
-        """A cheap first sieve, so that ``pick`` only sees observations that can hold this input."""
-        return not self.codes or bool(self.codes & observation_codes)
 
 
 READINGS = (
-    _Reading(
-        "total_cholesterol",
-        "totalCholesterol",
-        "total cholesterol",
-        _quantity_of(TOTAL_CHOLESTEROL_CODES),
-        _cholesterol_mg_dl,
-        "mg/dL",
-        frozenset(TOTAL_CHOLESTEROL_CODES),
-    ),
-    _Reading(
-        "hdl", "hdl", "HDL cholesterol", _quantity_of(HDL_CODES), _cholesterol_mg_dl, "mg/dL", frozenset(HDL_CODES)
-    ),
-    # Systolic pressure may be a component of any panel, so every observation is looked at.
-    _Reading("systolic_bp", "bloodPressure", "systolic blood pressure", _systolic_quantity, _pressure_mm_hg, "mm Hg"),
-    _Reading("smoker", "smoking", "smoking status", _smoking_answer, _smoking_status, "", frozenset({SMOKING_CODE})),
+    _Reading("total_cholesterol", "totalCholesterol", TOTAL_CHOLESTEROL, quantity("mg/dL", CHOLESTEROL), "mg/dL"),
+    _Reading("hdl", "hdl", HDL, quantity("mg/dL", CHOLESTEROL), "mg/dL"),
+    _Reading("systolic_bp", "bloodPressure", SYSTOLIC_BP, quantity("mm[Hg]"), "mm Hg"),
+    _Reading("smoker", "smoking", SMOKING_STATUS, answer(_smoking_status)),
 )
 
 
-def _latest_first(observations: list[tuple[dict[str, Any], set[str]]], reading: _Reading) -> list[tuple[Any, ...]]:
-    """(instant, date, observation, converted value or why unusable) for each observation with a value,
-    latest effective time first. ``observations`` pairs each Observation with its LOINC codes."""
-    found = []
-    for observation, codes in observations:
-        status = observation.get("status")
-        unusable = not isinstance(status, (str, type(None))) or status in {"entered-in-error", "cancelled"}
-        if unusable or not reading.may_carry(codes):
-            continue
-        raw = reading.pick(observation)
-        if raw is not None:
-            moment, day = _effective(observation) or (None, None)
-            found.append((moment, day, observation, reading.convert(raw)))
-    found.sort(key=lambda item: item[0] or datetime.min.replace(tzinfo=UTC), reverse=True)
-    return found
-
-
-def _disagreement(reading: _Reading, values: list[tuple[Any, str, str]]) -> str | None:
-    """How same-instant results disagree (e.g. "176.2 vs 291.2 mg/dL"), or None when they agree."""
-    if reading.unit:
-        shown = sorted({round(v, 1) for v, _, _ in values})
-        return f"{' vs '.join(_number(v) for v in shown)} {reading.unit}" if len(shown) > 1 else None
-    answers = {v for v, _, _ in values}
-    return " vs ".join(sorted({text for _, text, _ in values})) if len(answers) > 1 else None
-
-
-def _read_latest(
-    inputs: PceInputs, reading: _Reading, observations: list[tuple[dict[str, Any], set[str]]], today: date
-) -> None:
+def _read_latest(inputs: PceInputs, reading: _Reading, record: Record, today: date) -> None:
     """Record the latest observation with a usable value; say which newer ones were skipped and why.
 
     Two usable results at the same instant that disagree are a conflict the record must resolve: no value is
     picked from them, since which one is right cannot be told (and bundle order means nothing).
     """
-    candidates = _latest_first(observations, reading)
-    skipped = []
-    for moment, day, observation, converted in candidates:
-        if isinstance(converted, str):
-            skipped.append(f"{_ref(observation)} ({day.isoformat() if day else 'undated'}): {converted}")
-            continue
-        same_time = [c for m, _, _, c in candidates if moment and m == moment and not isinstance(c, str)]
-        conflict = _disagreement(reading, same_time)
-        if conflict:
-            message = f"{reading.label} results at the same time on {day.isoformat()} disagree: {conflict}"
-            inputs.problems.append(Problem(reading.name, message))
-            return
-        value, text, note = converted
-        old = day is not None and day < _years_before(today, OLD_AFTER_YEARS)
-        inputs.findings[reading.name] = Finding(value, reading.unit, day, _ref(observation), text, note, old)
-        for reason in skipped:
-            inputs.problems.append(Problem(reading.name, f"a newer {reading.label} was not used, {reason}", False))
+    label, latest = reading.codes.name, record.latest(reading.codes, reading.read)
+    skipped = [f"{s.ref} ({s.day.isoformat() if s.day else 'undated'}): {s.reason}" for s in latest.skipped]
+    found = latest.reading
+    if found is None:
+        message = f"{label} not usable: {skipped[0]}" if skipped else f"no {label} in the record"
+        inputs.problems.append(Problem(reading.name, message))
         return
-    if skipped:
-        inputs.problems.append(Problem(reading.name, f"{reading.label} not usable: {skipped[0]}"))
+    if reading.unit:  # quantities agree when they agree to the decimal shown
+        values = latest.conflicting(lambda r: round(r.value, 1))
+        conflict = f"{' vs '.join(number(v) for v in sorted(round(r.value, 1) for r in values))} {reading.unit}"
     else:
-        inputs.problems.append(Problem(reading.name, f"no {reading.label} in the record"))
+        values = latest.conflicting()
+        conflict = " vs ".join(sorted({r.text for r in latest.same_time}))
+    if values:
+        message = f"{label} results at the same time on {found.day.isoformat()} disagree: {conflict}"
+        inputs.problems.append(Problem(reading.name, message))
+        return
+    old = found.day is not None and found.day < years_before(today, OLD_AFTER_YEARS)
+    inputs.findings[reading.name] = Finding(
+        found.value, reading.unit, found.day, found.ref, found.text, found.note, old
+    )
+    for reason in skipped:
+        inputs.problems.append(Problem(reading.name, f"a newer {label} was not used, {reason}", False))
 
 
 # ---- the patient ---------------------------------------------------------------------------------------------
@@ -543,7 +261,7 @@ def _age(inputs: PceInputs, birth_date: Any, today: date) -> None:
         last_month = int(month or 12)
         latest = earliest if day else date(year, last_month, calendar.monthrange(year, last_month)[1])
     except ValueError:
-        inputs.problems.append(Problem("age", f"birth date {_short(text, 12)!r} is not a valid date"))
+        inputs.problems.append(Problem("age", f"birth date {short(text, 12)!r} is not a valid date"))
         return
 
     def years(born: date) -> int:
@@ -575,7 +293,7 @@ def _race(inputs: PceInputs, patient: dict[str, Any]) -> None:
                 codes.append(str(part["valueCoding"].get("code")))
             elif part.get("url") == "text" and isinstance(part.get("valueString"), str):
                 text = part["valueString"]
-    shown = _short(text or ", ".join(codes) or "not recorded", 60)
+    shown = short(text or ", ".join(codes) or "not recorded", 60)
     if "2054-5" in codes:
         note = "" if set(codes) == {"2054-5"} else "several races recorded: the African-American equations are used"
         inputs.findings["race"] = Finding("african-american", "", None, "Patient US Core race", shown, note)
@@ -585,7 +303,7 @@ def _race(inputs: PceInputs, patient: dict[str, Any]) -> None:
         if "2135-2" in codes:
             why = "race recorded as 2135-2, which is an ethnicity (Hispanic or Latino), not a race"
         else:
-            listed = _short(", ".join(codes), 40)
+            listed = short(", ".join(codes), 40)
             why = f"race code {listed} is neither white nor African American" if codes else "no race recorded"
         note = f"{why}: the equations for white individuals are used"
         inputs.findings["race"] = Finding("other", "", None, "Patient US Core race", shown, note)
@@ -603,50 +321,26 @@ def _read_patient(inputs: PceInputs, patient: dict[str, Any] | None, today: date
     if gender in ("female", "male"):
         inputs.findings["sex"] = Finding(gender, "", None, "Patient.gender")
     else:
-        shown = f"recorded as {_short(gender, 12)!r}" if isinstance(gender, str) else "not recorded"
+        shown = f"recorded as {short(gender, 12)!r}" if isinstance(gender, str) else "not recorded"
         inputs.problems.append(Problem("sex", f"sex {shown}: the equations need female or male"))
     _race(inputs, patient)
 
 
-# ---- conditions ----------------------------------------------------------------------------------------------
-
-
-def _is_active_condition(condition: dict[str, Any]) -> bool:
-    clinical = _codes(condition.get("clinicalStatus"), "http://terminology.hl7.org/CodeSystem/condition-clinical")
-    verification = _codes(
-        condition.get("verificationStatus"), "http://terminology.hl7.org/CodeSystem/condition-ver-status"
-    )
-    if verification & {"refuted", "entered-in-error"}:
-        return False
-    if clinical:
-        return bool(clinical & {"active", "recurrence", "relapse"})
-    return not any(key.startswith("abatement") for key in condition)
-
-
-def _is_diabetes(concept: Any) -> bool:
-    if _codes(concept, SNOMED) & DIABETES_SNOMED:
-        return True
-    for coding in _codings(concept):
-        system, code = str(coding.get("system", "")), str(coding.get("code", "")).upper()
-        if "icd-10" in system and code.startswith(DIABETES_ICD10):
-            return True
-    return False
+# ---- conditions and medications ------------------------------------------------------------------------------
 
 
 def _condition_finding(condition: dict[str, Any]) -> Finding:
-    when = _parse_instant(condition.get("onsetDateTime")) or _parse_instant(condition.get("recordedDate"))
-    text = _short(_concept_text(condition.get("code")) or "unnamed condition", 80)
-    return Finding(True, "", when[1] if when else None, _ref(condition), text)
+    when = onset(condition)
+    text = short(concept_text(condition.get("code")) or "unnamed condition", 80)
+    return Finding(True, "", when.day if when else None, ref(condition), text)
 
 
-def _read_conditions(inputs: PceInputs, conditions: list[dict[str, Any]], unavailable: bool) -> None:
-    active = [c for c in conditions if isinstance(c, dict) and c.get("resourceType") == "Condition"]
-    active = [c for c in active if _is_active_condition(c)]
-    inputs.ascvd = [_condition_finding(c) for c in active if _codes(c.get("code"), SNOMED) & ASCVD_SNOMED]
+def _read_conditions(inputs: PceInputs, record: Record, unavailable: bool) -> None:
+    inputs.ascvd = [_condition_finding(c) for c in record.active_conditions(ASCVD)]
     if unavailable:
         inputs.problems.append(Problem("diabetes", "conditions could not be fetched, so diabetes is unknown"))
         return
-    diabetic = [_condition_finding(c) for c in active if _is_diabetes(c.get("code"))]
+    diabetic = [_condition_finding(c) for c in record.active_conditions(DIABETES)]
     if diabetic:
         first = diabetic[0]
         text = "; ".join(d.text for d in diabetic)
@@ -655,77 +349,26 @@ def _read_conditions(inputs: PceInputs, conditions: list[dict[str, Any]], unavai
         inputs.findings["diabetes"] = Finding(False, "", None, "Condition", "no active diabetes condition")
 
 
-# ---- medications ---------------------------------------------------------------------------------------------
-
-
-def _medication_concept(request: dict[str, Any], medications: dict[str, dict[str, Any]]) -> tuple[Any, str]:
-    """The medication's code (a CodeableConcept), or None and why it cannot be seen."""
-    if isinstance(request.get("medicationCodeableConcept"), dict):
-        return request["medicationCodeableConcept"], ""
-    reference = request.get("medicationReference")
-    reference = reference.get("reference") if isinstance(reference, dict) else None
-    if not isinstance(reference, str):
-        return None, "names no medication"
-    if reference.startswith("#"):
-        for contained in request.get("contained") or ():
-            if isinstance(contained, dict) and contained.get("id") == reference[1:]:
-                return contained.get("code"), ""
-        return None, f"refers to contained {_short(reference, 40)}, which is not there"
-    kind, _, medication_id = reference.rstrip("/").rpartition("/")
-    found = medications.get(f"Medication/{medication_id}") if kind.endswith("Medication") else None
-    if found is not None:  # a Medication the server returned alongside the requests
-        return found.get("code"), ""
-    return None, f"refers to {_short(reference, 60)}, which was not in the data received"
-
-
-def _is_active_request(request: dict[str, Any]) -> bool:
-    return (
-        request.get("status") == "active"
-        and request.get("doNotPerform") is not True
-        and request.get("intent") != "proposal"
-    )
-
-
-def _bp_lowering_class(concept: Any) -> str | None:
-    """The blood-pressure-lowering class of a medication, by RxNorm code or by a name in its text; else None."""
-    words = _all_text(concept)
-    if _NOT_SYSTEMIC_RE.search(words):  # eye drops, creams: timolol, minoxidil
-        return None
-    described = " ".join(BP_LOWERING_RXNORM[code] for code in _codes(concept, RXNORM) if code in BP_LOWERING_RXNORM)
-    match = _BP_LOWERING_RE.search(f"{words} {described}")
-    return BP_LOWERING_CLASS_OF[match.group(1).lower()] if match else None
-
-
-def _is_statin(concept: Any) -> bool:
-    return bool(_codes(concept, RXNORM) & STATIN_RXNORM.keys() or _STATIN_RE.search(_all_text(concept)))
-
-
-def _read_medications(inputs: PceInputs, resources: list[dict[str, Any]], unavailable: bool) -> None:
+def _read_medications(inputs: PceInputs, record: Record, unavailable: bool) -> None:
     if unavailable:
         inputs.statin_status_known = False
         message = "medications could not be fetched, so blood-pressure treatment is unknown"
         inputs.problems.append(Problem("treated_hypertension", message))
         return
-    resources = [r for r in resources if isinstance(r, dict)]
-    medications = {f"Medication/{r.get('id')}": r for r in resources if r.get("resourceType") == "Medication"}
     lowering = []
-    for request in resources:
-        if request.get("resourceType") != "MedicationRequest" or not _is_active_request(request):
-            continue
-        concept, why_not = _medication_concept(request, medications)
-        if concept is None:
+    for use in record.medication_requests():
+        if use.concept is None:
             inputs.statin_status_known = False
-            message = f"{_ref(request)} {why_not}: whether it lowers blood pressure or is a statin is unknown"
+            message = f"{use.ref} {use.why}: whether it lowers blood pressure or is a statin is unknown"
             inputs.problems.append(Problem("treated_hypertension", message, blocking=False))
             continue
-        when = _parse_instant(request.get("authoredOn"))
-        name = _short(_concept_text(concept) or "unnamed medication", 80)
-        if _is_statin(concept):
-            inputs.statins.append(Finding(True, date=when[1] if when else None, source=_ref(request), text=name))
-        drug_class = _bp_lowering_class(concept)
+        day = use.start.day if use.start else None
+        name = short(use.text or "unnamed medication", 80)
+        if use.is_a(STATIN):
+            inputs.statins.append(Finding(True, date=day, source=use.ref, text=name))
+        drug_class = classify(use.concept, BP_LOWERING)
         if drug_class:
-            text = f"{name} [{drug_class}]"
-            lowering.append(Finding(True, date=when[1] if when else None, source=_ref(request), text=text))
+            lowering.append(Finding(True, date=day, source=use.ref, text=f"{name} [{drug_class.name}]"))
     if lowering:
         sources, text = ", ".join(f.source for f in lowering), "; ".join(f.text for f in lowering)
         inputs.findings["treated_hypertension"] = Finding(True, date=lowering[0].date, source=sources, text=text)
@@ -753,26 +396,27 @@ def extract_inputs(
     not be fetched, so that a gap is reported as unseen rather than as absent; ``incomplete`` names keys of which
     only some pages could be read: what they hold is used, and the card says they may be incomplete.
     """
-    unavailable = set(unavailable)
+    record = Record([*observations, *conditions, *medications])
+    return _extract(patient, record, today, set(unavailable), set(incomplete))
+
+
+def _extract(
+    patient: dict[str, Any] | None, record: Record, today: date, unavailable: set[str], incomplete: set[str]
+) -> PceInputs:
     inputs = PceInputs()
     _read_patient(inputs, patient, today)
-    coded = [
-        (o, _codes(o.get("code"), LOINC))
-        for o in observations
-        if isinstance(o, dict) and o.get("resourceType") == "Observation"
-    ]
     for reading in READINGS:
-        _read_latest(inputs, reading, coded, today)
+        _read_latest(inputs, reading, record, today)
     for reading in READINGS:
         if reading.key in unavailable and reading.name not in inputs.findings:
             inputs.problems = [p for p in inputs.problems if p.input != reading.name]
-            inputs.problems.append(Problem(reading.name, f"{reading.label} could not be fetched"))
-    _read_conditions(inputs, list(conditions), "conditions" in unavailable)
-    _read_medications(inputs, list(medications), "medications" in unavailable)
+            inputs.problems.append(Problem(reading.name, f"{reading.codes.name} could not be fetched"))
+    _read_conditions(inputs, record, "conditions" in unavailable)
+    _read_medications(inputs, record, "medications" in unavailable)
     for name in ("age", "total_cholesterol", "hdl", "systolic_bp"):
         if name in inputs.findings:
             inputs.problems += [Problem(name, reason) for reason in out_of_range({name: inputs.findings[name].value})]
-    _note_incomplete(inputs, [key for key in KEY_WORDS if key in set(incomplete) - unavailable])
+    _note_incomplete(inputs, [key for key in KEY_WORDS if key in incomplete - unavailable])
     return inputs
 
 
@@ -792,16 +436,8 @@ def _note_incomplete(inputs: PceInputs, keys: list[str]) -> None:
 def inputs_from_call(call: ServiceCall, today: date) -> PceInputs:
     """``extract_inputs`` over a hook call's resolved prefetch."""
     patients = [r for r in call.resources("patient") if r.get("resourceType") == "Patient"]
-    observations = [r for key in OBSERVATION_KEYS for r in call.resources(key)]
-    inputs = extract_inputs(
-        patients[0] if patients else None,
-        observations,
-        call.resources("conditions"),
-        call.resources("medications"),
-        today,
-        call.unavailable,
-        call.incomplete,
-    )
+    record = Record.from_call(call, (*OBSERVATION_KEYS, "conditions", "medications"))
+    inputs = _extract(patients[0] if patients else None, record, today, set(call.unavailable), set(call.incomplete))
     inputs.patient_id = call.request.patient_id  # suggestions name the patient in context, whatever a resource says
     return inputs
 
@@ -813,7 +449,7 @@ def _shown(name: str, finding: Finding, esc: Callable[[str], str] = escape_markd
     """The finding's value in words; ``esc`` neutralises record text (Markdown for cards, nothing for stored data)."""
     value = finding.value
     if name in ("total_cholesterol", "hdl", "systolic_bp"):
-        return f"{_number(value)} {finding.unit}"
+        return f"{number(value)} {finding.unit}"
     if name == "age":
         return f"{value} years (birth date {esc(finding.text)})"
     if name == "race":
@@ -1011,7 +647,7 @@ def build_cards(inputs: PceInputs, prediction: Prediction | None) -> list[Card]:
 def fallback(call: ServiceCall, reason: str) -> list[Card]:
     """Without the model: what to do instead, and the values the record holds for the calculator."""
     made_at = datetime.now(UTC)
-    shown = _short(str(reason).replace("-", " "), 40)
+    shown = short(str(reason).replace("-", " "), 40)
     summary = f"Cardiovascular risk unavailable ({shown}); estimate with the ACC/AHA risk calculator"
     lines = [
         f"The 10-year ASCVD risk could not be calculated now ({escape_markdown(shown)}). Estimate it with the "
@@ -1032,7 +668,7 @@ def fallback(call: ServiceCall, reason: str) -> list[Card]:
         summary=summary,
         indicator="info",
         detail="\n".join(lines),
-        source=Source(label=f"{GUIDELINE_LABEL} (AI result unavailable: {_short(reason, 40)})", url=GUIDELINE_URL),
+        source=Source(label=f"{GUIDELINE_LABEL} (AI result unavailable: {short(reason, 40)})", url=GUIDELINE_URL),
         links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
     )
     return _with_explanation(call, [card], explanation(inputs, None, made_at=made_at, fallback_reason=str(reason)))

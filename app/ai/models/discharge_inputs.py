@@ -10,6 +10,19 @@ import re
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app.fhir.codes import codings
+from app.fhir.record import (
+    concept_text,
+    first_code,
+    reference_id,
+    referenced_medication,
+    refuted,
+    usable_observation,
+)
+from app.fhir.record import text as _str
+
+__all__ = ["age_at", "concept_text", "extract_inputs", "first_code", "format_number", "reference_id"]
+
 # v3 ActCode encounter classes, for a class Coding that carries a code but no display.
 ENCOUNTER_CLASSES = {
     "IMP": "inpatient encounter",
@@ -24,22 +37,13 @@ ENCOUNTER_CLASSES = {
     "PRENC": "pre-admission",
     "FLD": "field",
 }
-# Records that say they are wrong or did not happen are left out of a summary.
+# Records that say they are wrong or did not happen are left out of a summary (conditions and observations by
+# the shared reader's rules: ``refuted``, ``usable_observation``).
 SKIPPED_STATUS = {
-    "Condition": {"entered-in-error", "refuted"},
     "Procedure": {"entered-in-error", "not-done"},
     "MedicationRequest": {"entered-in-error"},
-    "Observation": {"entered-in-error", "cancelled"},
 }
 FULL_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
-
-
-def _str(value: Any) -> str | None:
-    """A non-empty string with its whitespace collapsed, else None."""
-    if not isinstance(value, str):
-        return None
-    value = " ".join(value.split())
-    return value or None
 
 
 def _dict(value: Any) -> dict:
@@ -48,32 +52,6 @@ def _dict(value: Any) -> dict:
 
 def _list(value: Any) -> list:
     return value if isinstance(value, list) else []
-
-
-def _codings(concept: Any) -> list[dict]:
-    return [c for c in _list(_dict(concept).get("coding")) if isinstance(c, dict)]
-
-
-def concept_text(concept: Any) -> str | None:
-    """A CodeableConcept's text, else its first coding's display, else its first code."""
-    concept = _dict(concept)
-    text = _str(concept.get("text"))
-    if text:
-        return text
-    codings = _codings(concept)
-    for key in ("display", "code"):
-        for coding in codings:
-            if _str(coding.get(key)):
-                return _str(coding[key])
-    return None
-
-
-def first_code(concept: Any) -> tuple[str | None, str | None]:
-    """(code, system) of a CodeableConcept's first coding that has a code."""
-    for coding in _codings(concept):
-        if _str(coding.get("code")):
-            return _str(coding["code"]), _str(coding.get("system"))
-    return None, None
 
 
 def _status_code(concept: Any) -> str | None:
@@ -89,17 +67,6 @@ def _first_of(resource: dict, prefix: str) -> str | None:
             return _str(resource[prefix + suffix])
     start = _str(_dict(resource.get(prefix + "Period")).get("start"))
     return start or _str(resource.get(prefix + "String"))
-
-
-def reference_id(reference: Any) -> str | None:
-    """The logical id a Reference points at: ``Type/id``, an absolute URL, ``urn:uuid:id``, with history."""
-    ref = _str(_dict(reference).get("reference"))
-    if not ref:
-        return None
-    ref = ref.split("/_history/", 1)[0]
-    if ref.startswith("urn:"):
-        return ref.rsplit(":", 1)[-1]
-    return ref.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _parse_date(value: str | None) -> date | None:
@@ -125,7 +92,7 @@ def _encounter(encounter: dict) -> dict[str, Any]:
     # R4 makes class one Coding; tolerate a list of Codings or CodeableConcepts (R5 and some servers).
     first = next((c for c in _list(cls) if isinstance(c, dict)), None) if isinstance(cls, list) else _dict(cls)
     first = _dict(first)
-    coding = _codings(first)[0] if _codings(first) else first
+    coding = codings(first)[0] if codings(first) else first
     code = _str(coding.get("code"))
     class_text = _str(first.get("text")) or _str(coding.get("display")) or ENCOUNTER_CLASSES.get(code or "", code)
     types = [concept_text(t) for t in _list(encounter.get("type"))]
@@ -152,7 +119,7 @@ def _patient(patient: dict | None, encounter: dict, today: date | None) -> dict[
 
 
 def _condition(resource: dict) -> dict[str, Any] | None:
-    if _status_code(resource.get("verificationStatus")) in SKIPPED_STATUS["Condition"]:
+    if refuted(resource):
         return None
     text = concept_text(resource.get("code"))
     if not text:
@@ -182,14 +149,8 @@ def _medication_name(resource: dict, medications: dict[str, dict]) -> str | None
     name = concept_text(resource.get("medicationCodeableConcept"))
     if name:
         return name
-    reference = _dict(resource.get("medicationReference"))
-    ref = _str(reference.get("reference")) or ""
-    if ref.startswith("#"):
-        contained = [c for c in _list(resource.get("contained")) if isinstance(c, dict)]
-        target = next((c for c in contained if c.get("resourceType") == "Medication" and c.get("id") == ref[1:]), None)
-    else:
-        target = medications.get(reference_id(reference) or "")
-    return concept_text(_dict(target).get("code")) or _str(reference.get("display"))
+    target, _ = referenced_medication(resource, medications)
+    return concept_text(_dict(target).get("code")) or _str(_dict(resource.get("medicationReference")).get("display"))
 
 
 def _medication(resource: dict, medications: dict[str, dict]) -> dict[str, Any] | None:
@@ -245,7 +206,7 @@ def _components(resource: dict) -> str | None:
 
 
 def _result(resource: dict) -> dict[str, Any] | None:
-    if _str(resource.get("status")) in SKIPPED_STATUS["Observation"]:
+    if not usable_observation(resource):
         return None
     text = concept_text(resource.get("code"))
     value, unit = _value(resource)
