@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask
 
+from app.clock import SystemClock
 from app.config import load_config
 
 
@@ -33,6 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     settings = load_config(overrides=test_config)
     app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
     app.config.update(settings)
+    app.extensions["clock"] = (test_config or {}).get("CLOCK") or SystemClock()  # tests pass a FakeClock
     logs.configure(settings["LOG_LEVEL"])
 
     limits.init_app(app)

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 from flask import current_app
 
+from app.clock import SYSTEM_CLOCK, app_clock
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -91,7 +93,7 @@ def summary_model_version(app) -> str:
     return f"{SUMMARY_MODEL}@{backend.model(SUMMARY_MODEL).version}"
 
 
-def _breaker(name: str, config, slow_call_seconds: float, host_state=None):
+def _breaker(name: str, config, slow_call_seconds: float, host_state=None, clock=SYSTEM_CLOCK):
     from app.ai.breaker import CircuitBreaker
     from app.ai.guard import Guard
 
@@ -107,10 +109,11 @@ def _breaker(name: str, config, slow_call_seconds: float, host_state=None):
         redis_url=config["REDIS_URL"],
         host_state=host_state,
         listeners=[Guard.breaker_listener()],
+        clock=clock,
     )
 
 
-def _summary_guard(config, host_state):
+def _summary_guard(config, host_state, clock=SYSTEM_CLOCK):
     """The guard in front of the summariser: a generative endpoint is slow by nature, so its deadline and
     slow-call threshold come from LLM_TIMEOUT_S, not from the hook budget."""
     from app.ai.guard import Guard, LateResults
@@ -130,9 +133,9 @@ def _summary_guard(config, host_state):
         backend, name = LocalBackend([DischargeSummary()]), "summary:in-process"
     return Guard(
         backend,
-        _breaker(name, config, slow_call_seconds=timeout * 0.8, host_state=host_state),
+        _breaker(name, config, slow_call_seconds=timeout * 0.8, host_state=host_state, clock=clock),
         max_in_flight=config["AI_MAX_IN_FLIGHT"],
-        late_results=LateResults(ttl_seconds=0),
+        late_results=LateResults(ttl_seconds=0, clock=clock),
         default_timeout=timeout,
         call_timeout=timeout,
     )
@@ -158,19 +161,21 @@ def init_app(app) -> None:
     backend = make_backend(config)
     # One breaker per model endpoint, shared by every process calling it (through Redis, or this host's file).
     host_state = app.extensions.get("host_state")  # absent in apps built for a unit test: per process
+    clock = app_clock(app)
     breaker = _breaker(
         f"ai:{config['AI_BACKEND']}:{config['AI_URL'] or 'in-process'}",
         config,
         config["BREAKER_SLOW_CALL_MS"] / 1000,
         host_state,
+        clock,
     )
     app.extensions["ai_guard"] = Guard(
         backend,
         breaker,
         max_in_flight=config["AI_MAX_IN_FLIGHT"],
-        late_results=LateResults(ttl_seconds=config["LATE_RESULT_TTL_S"]),
+        late_results=LateResults(ttl_seconds=config["LATE_RESULT_TTL_S"], clock=clock),
         default_timeout=config["HOOK_BUDGET_MS"] / 1000,
         call_timeout=config["AI_CALL_TIMEOUT_MS"] / 1000,
     )
-    app.extensions["summary_guard"] = _summary_guard(config, host_state)
+    app.extensions["summary_guard"] = _summary_guard(config, host_state, clock)
     init_cli(app)

@@ -14,15 +14,15 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pybreaker
 
 from app.ai.breaker_state import View, shared_state
+from app.clock import SYSTEM_CLOCK, Clock
 from app.host_state import HostState
 from app.logs import describe
 
@@ -85,7 +85,8 @@ class CircuitBreaker:
     shared by every process using the same ``name`` (a closed process notices a change within
     SHARED_STATE_MAX_AGE_S); the closed-state window stays per process. With neither, or while neither
     answers, everything is per process. Transitions go through a pybreaker.CircuitBreaker, so ``listeners``
-    hear ``state_change`` in every process that makes or notices one.
+    hear ``state_change`` in every process that makes or notices one. ``clock`` (app.clock) times the open
+    period, trial permits, the shared answer's age and the host file; call durations come from the caller.
     """
 
     def __init__(
@@ -103,7 +104,7 @@ class CircuitBreaker:
         redis_url: str | None = None,
         host_state: HostState | None = None,
         listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         _check_settings(
             failure_rate_threshold,
@@ -125,7 +126,7 @@ class CircuitBreaker:
         self._max_trials = half_open_max_calls
         self._successes_to_close = half_open_successes_to_close
         self._trial_ttl_s = max(open_seconds, slow_call_seconds)
-        self._clock = clock
+        self._clock = clock.monotonic
         self._lock = threading.RLock()  # re-entrant: a listener may read `state`
         # pybreaker holds this process's state (in memory) and tells the listeners about each change.
         self._local = pybreaker.CircuitMemoryStorage(CLOSED)
@@ -147,14 +148,14 @@ class CircuitBreaker:
         self._tokens = itertools.count()
         self._seen: tuple[int, int] | None = None  # (epoch, rank) of the newest shared state adopted
         self._link = 0
-        self._checked_at = float("-inf")  # time.monotonic() of the last shared answer
+        self._checked_at = float("-inf")  # clock.monotonic() of the last shared answer
         limits = [
             max(1, round(open_seconds * 1000)),
             max(1, round(self._trial_ttl_s * 1000)),
             half_open_max_calls,
             half_open_successes_to_close,
         ]
-        self._shared = shared_state(name, limits, redis_url, host_state)
+        self._shared = shared_state(name, limits, redis_url, host_state, clock)
 
     @property
     def state(self) -> str:
@@ -264,14 +265,12 @@ class CircuitBreaker:
 
     def _recently_checked(self) -> bool:
         return (
-            self._shared is not None
-            and self._shared.up
-            and time.monotonic() - self._checked_at < SHARED_STATE_MAX_AGE_S
+            self._shared is not None and self._shared.up and self._clock() - self._checked_at < SHARED_STATE_MAX_AGE_S
         )
 
     def _adopt(self, view: View) -> None:
         """Take the shared state from a store's answer (lock held), unless a newer answer was taken already."""
-        self._checked_at = time.monotonic()
+        self._checked_at = self._clock()
         if view.link != self._link:
             self._link, self._seen = view.link, None
         seen = (view.epoch, _RANK[view.state])

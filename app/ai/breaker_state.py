@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import NamedTuple
 
 import pybreaker
@@ -18,6 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.host_state import HostState, HostStateError
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ class RedisState:
     waits on a dead Redis except the one whose call finds it dead.
     """
 
-    def __init__(self, url: str, name: str, limits: list[int]):
+    def __init__(self, url: str, name: str, limits: list[int], clock: Clock = SYSTEM_CLOCK):
         self.name = name
+        self._clock = clock
         self.link = 0  # counts connections: answers from different links cannot be ordered by epoch
         self.up = False
         self._client = redis.Redis.from_url(
@@ -177,7 +178,7 @@ class RedisState:
             if not (self.up or probe_failed):
                 return  # another call already noticed
             self.up = False
-            self._retry_at = time.monotonic() + self._retry_after
+            self._retry_at = self._clock.monotonic() + self._retry_after
             if probe_failed:
                 self._retry_after = min(self._retry_after * 2, RETRY_MAX_S)
             warn, self._warned = not self._warned, True
@@ -190,7 +191,7 @@ class RedisState:
 
     def _probe_later(self) -> None:
         with self._lock:
-            if self._probing or time.monotonic() < self._retry_at:
+            if self._probing or self._clock.monotonic() < self._retry_at:
                 return
             self._probing = True
         threading.Thread(target=self._probe, name=f"breaker-{self.name}-redis", daemon=True).start()
@@ -210,8 +211,9 @@ class HostFileState:
     locked too long) ``run`` answers None and the file is tried again after a back-off.
     """
 
-    def __init__(self, state: HostState, name: str, limits: list[int]):
+    def __init__(self, state: HostState, name: str, limits: list[int], clock: Clock = SYSTEM_CLOCK):
         self.name = name
+        self._clock = clock
         self.link = HOST_LINK
         self.up = True
         self._state = state
@@ -223,12 +225,14 @@ class HostFileState:
     def run(self, op: str, token: str = "", epoch: int = 0, verdict: str = "") -> View | None:
         if not self.up:
             with self._lock:
-                if time.monotonic() < self._retry_at:
+                if self._clock.monotonic() < self._retry_at:
                     return None
-                self._retry_at = time.monotonic() + self._retry_after  # this caller probes, the others wait
+                self._retry_at = self._clock.monotonic() + self._retry_after  # this caller probes, the others wait
         try:
             with self._state.write() as conn:
-                view = _Period.load(conn, self.name, _now_ms()).step(self, op, token, epoch, verdict)
+                view = _Period.load(conn, self.name, int(self._clock.now() * 1000)).step(
+                    self, op, token, epoch, verdict
+                )
         except HostStateError as exc:
             self._went_down(exc)
             return None
@@ -241,7 +245,7 @@ class HostFileState:
     def _went_down(self, exc: Exception) -> None:
         with self._lock:
             was_up, self.up = self.up, False
-            self._retry_at = time.monotonic() + self._retry_after
+            self._retry_at = self._clock.monotonic() + self._retry_after
             self._retry_after = min(self._retry_after * 2, RETRY_MAX_S)
         if was_up:
             log.warning("circuit breaker %s: host state file unusable (%s); state kept per process", self.name, exc)
@@ -328,15 +332,13 @@ class Failover:
         return view if view is not None else self._fallback.run(op, token, epoch, verdict)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def shared_state(name: str, limits: list[int], redis_url: str | None, host: HostState | None):
+def shared_state(
+    name: str, limits: list[int], redis_url: str | None, host: HostState | None, clock: Clock = SYSTEM_CLOCK
+):
     """Where the breaker ``name`` shares its state: Redis, the host file, Redis failing over to the file, or
-    nowhere (None: per process)."""
-    redis_state = RedisState(redis_url, name, limits) if redis_url else None
-    host_state = HostFileState(host, name, limits) if host is not None else None
+    nowhere (None: per process). ``clock`` times the retries after an outage and, in the host file, the state."""
+    redis_state = RedisState(redis_url, name, limits, clock) if redis_url else None
+    host_state = HostFileState(host, name, limits, clock) if host is not None else None
     if redis_state is not None and host_state is not None:
         return Failover(redis_state, host_state)
     return redis_state or host_state

@@ -24,6 +24,7 @@ import pybreaker
 
 from app.ai import Backend, InvalidModelInput, ModelUnavailable, Prediction
 from app.ai.breaker import CircuitBreaker, Permit
+from app.clock import SYSTEM_CLOCK, Clock
 from app.logs import describe
 from app.metrics import AI_CALL_SECONDS, AI_CALLS, BREAKER_STATE, BREAKER_TRANSITIONS
 
@@ -55,9 +56,11 @@ def inputs_key(model: str, inputs: dict[str, Any]) -> str:
 
 
 class LateResults:
-    """Results that came after their deadline, kept (bounded, expiring) for the next call with the same inputs."""
+    """Results that came after their deadline, kept (bounded, expiring on ``clock``) for the next call with the
+    same inputs."""
 
-    def __init__(self, max_entries: int = 4096, ttl_seconds: float = 300.0):
+    def __init__(self, max_entries: int = 4096, ttl_seconds: float = 300.0, clock: Clock = SYSTEM_CLOCK):
+        self._clock = clock
         self._items: OrderedDict[str, tuple[float, Prediction]] = OrderedDict()
         self._lock = threading.Lock()
         self._max = max_entries
@@ -65,16 +68,21 @@ class LateResults:
 
     def put(self, key: str, prediction: Prediction) -> None:
         with self._lock:
-            self._items[key] = (time.monotonic() + self._ttl, prediction)
+            self._items[key] = (self._clock.monotonic() + self._ttl, prediction)
             self._items.move_to_end(key)
             while len(self._items) > self._max:
                 self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        """How many results are kept (expired ones included until taken or pushed out)."""
+        with self._lock:
+            return len(self._items)
 
     def take(self, key: str) -> Prediction | None:
         """The kept result for ``key``, handed over once."""
         with self._lock:
             item = self._items.pop(key, None)
-        if item is None or item[0] < time.monotonic():
+        if item is None or item[0] <= self._clock.monotonic():
             return None
         return item[1]
 
@@ -100,7 +108,7 @@ class Guard:
     ):
         self.backend = backend
         self.breaker = breaker
-        self.late_results = late_results or LateResults()
+        self.late_results = late_results if late_results is not None else LateResults()
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._executor = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="ai-call")
         self._default_timeout = default_timeout

@@ -24,6 +24,7 @@ from app.cds.clients import (
 )
 from app.cds.errors import ClientNotTrusted, ReplayCheckUnavailable
 from app.cds.replay import ReplayCache, StoreUnavailable
+from app.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,14 @@ class ClientAuthenticator:
         leeway_seconds: float = 5,
         jwks_refetch_floor_seconds: float = 60,
         http_timeout: tuple[float, float] = (2.0, 3.0),
+        clock: Clock = SYSTEM_CLOCK,
     ):
         self._clients = clients
         self._base = public_base_url.rstrip("/")
         self._replay = replay
         self._leeway = leeway_seconds
         self._inline = {c.iss: _KeySet(c.jwks) for c in clients if c.jwks is not None}
-        self._remote = _RemoteKeySets(session or requests.Session(), jwks_refetch_floor_seconds, http_timeout)
+        self._remote = _RemoteKeySets(session or requests.Session(), jwks_refetch_floor_seconds, http_timeout, clock)
 
     def authenticate(self, authorization_header: str | None, path: str) -> Principal:
         """The client behind ``Authorization: Bearer <JWT>``; ``path`` is app-relative (aud = base + path)."""
@@ -244,10 +246,12 @@ class _Fetched:
 
 
 class _RemoteKeySets:
-    """JWK Sets from clients' jwks_url: cached, refetched on an unknown kid at most once per floor per URL."""
+    """JWK Sets from clients' jwks_url: cached (ages on ``clock``), refetched on an unknown kid at most once per
+    floor per URL."""
 
-    def __init__(self, session: requests.Session, floor_seconds: float, timeout: tuple[float, float]):
+    def __init__(self, session: requests.Session, floor_seconds: float, timeout: tuple[float, float], clock: Clock):
         self._session = session
+        self._clock = clock
         self._floor = floor_seconds
         self._timeout = timeout
         self._cache: dict[str, _Fetched] = {}
@@ -260,16 +264,15 @@ class _RemoteKeySets:
             return cached.keys  # type: ignore[return-value]
         with self._lock(url):  # one fetch per URL at a time; the waiters then see its result
             cached = self._cache.get(url)
-            now = time.monotonic()
+            now = self._clock.monotonic()
             if cached is None or (not self._usable(cached, kid) and now - cached.attempted_at >= self._floor):
                 cached = self._cache[url] = self._refresh(url, cached, now)
         if cached.keys is None:
             raise ClientNotTrusted("jwks_unavailable")
         return cached.keys
 
-    @staticmethod
-    def _usable(cached: _Fetched, kid: str) -> bool:
-        fresh = time.monotonic() - cached.fetched_at < _JWKS_MAX_AGE_SECONDS
+    def _usable(self, cached: _Fetched, kid: str) -> bool:
+        fresh = self._clock.monotonic() - cached.fetched_at < _JWKS_MAX_AGE_SECONDS
         return cached.keys is not None and kid in cached.keys and fresh
 
     def _lock(self, url: str) -> threading.Lock:

@@ -176,3 +176,8 @@ def services() -> Iterator[CdsService]:
 
 def get_service(service_id: str) -> CdsService | None:
     return _REGISTRY.get(service_id)
+
+
+def unregister(service_id: str) -> CdsService | None:
+    """Remove a declared service (tests that declare their own); the removed declaration, or None."""
+    return _REGISTRY.pop(service_id, None)

@@ -20,6 +20,7 @@ from app.cds.replay import make_replay_cache
 from app.cds.request import HookRequest
 from app.cds.responses import add_cors_headers, operation_outcome
 from app.cds.service import load_services
+from app.clock import SYSTEM_CLOCK, Clock, app_clock
 from app.fhir.client import pooled_session
 from app.host_state import HostState
 from app.logs import describe
@@ -32,14 +33,14 @@ AUTH_OFF_LABEL = " [UNAUTHENTICATED: CDS_AUTH=off, development only]"
 class CdsState:
     """What the CDS endpoints share for the application's lifetime."""
 
-    def __init__(self, config: dict[str, Any], host_state: HostState | None = None):
+    def __init__(self, config: dict[str, Any], host_state: HostState | None = None, clock: Clock = SYSTEM_CLOCK):
         self.clients = ClientRegistry.from_file(config["CDS_CLIENTS_FILE"])
         self.auth_on = config["CDS_AUTH"]
         self.allow_anonymous = config["FHIR_ALLOW_ANONYMOUS"]
         self.fhir_timeout = float(config["FHIR_TIMEOUT_S"])
         self.session = pooled_session()
         self.authenticator = ClientAuthenticator(
-            self.clients, config["PUBLIC_BASE_URL"], make_replay_cache(config["REDIS_URL"], host_state)
+            self.clients, config["PUBLIC_BASE_URL"], make_replay_cache(config["REDIS_URL"], host_state), clock=clock
         )
         self.resolver = PrefetchResolver(ThreadPoolExecutor(max_workers=32, thread_name_prefix="prefetch"))
 
@@ -89,7 +90,7 @@ def init_app(app) -> None:
     from app.cds.routes import bp
 
     load_services()
-    state = CdsState(app.config, app.extensions.get("host_state"))
+    state = CdsState(app.config, app.extensions.get("host_state"), app_clock(app))
     app.extensions["cds"] = state
     if not state.auth_on:
         log.warning("CDS_AUTH=off: client authentication is DISABLED; never run this way with real patients")

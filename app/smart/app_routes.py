@@ -19,6 +19,7 @@ import requests
 from flask import Blueprint, Flask, Response, after_this_request, current_app, redirect, request
 from werkzeug.exceptions import HTTPException
 
+from app.clock import app_clock
 from app.http import pooled_session
 from app.logs import describe
 from app.smart import launch
@@ -287,7 +288,7 @@ def init_app(app: Flask) -> None:
         store=SessionStore(app.extensions["db"], fernet, int(app.config["SMART_SESSION_TTL_S"])),
         pending=PendingLaunchSeal(fernet, PENDING_LAUNCH_TTL_S),
         http=pooled_session(),
-        discovery=DiscoveryCache(),
+        discovery=DiscoveryCache(clock=app_clock(app).monotonic),
         client=ClientSettings(
             client_id=app.config["SMART_CLIENT_ID"],
             client_secret=app.config.get("SMART_CLIENT_SECRET"),

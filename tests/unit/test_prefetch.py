@@ -135,6 +135,10 @@ def test_fhirpath_token_never_renders_into_a_query():
 
 # --- a local FHIR-ish server ---------------------------------------------------------------------------------------
 
+# A handler delayed this long answers only when the test ends (its fixture releases it): whatever the machine's
+# load, a resolver that returned before it answered did not wait for it.
+LONGER_THAN_ANY_TEST = 30.0
+
 
 class Fhir:
     """A threaded local HTTP server standing in for the client's FHIR server, with helpers for these tests."""
@@ -143,6 +147,8 @@ class Fhir:
         self.server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
         self.release = threading.Event()
         self._in_flight = 0
+        self.most_in_flight = 0  # the most requests this server held at once since the last reset
+        self.answered = 0  # handlers that have returned since the last reset
         self._lock = threading.Lock()
 
     @property
@@ -158,6 +164,7 @@ class Fhir:
         self.server.clear()
         self.server.clear_all_handlers()
         self.release = threading.Event()
+        self.most_in_flight = self.answered = 0
 
     def answer(self, path: str, body: Any, status: int = 200, delay: float = 0.0, query_string=None) -> None:
         """Answer GET /fhir/<path> with ``body`` (JSON) after ``delay`` seconds."""
@@ -166,6 +173,7 @@ class Fhir:
         def handler(_request: Request) -> Response:
             with self._lock:
                 self._in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self._in_flight)
             try:
                 if delay:
                     release.wait(delay)
@@ -173,6 +181,7 @@ class Fhir:
             finally:
                 with self._lock:
                     self._in_flight -= 1
+                    self.answered += 1
 
         self.server.expect_request(f"/fhir/{path}", method="GET", query_string=query_string).respond_with_handler(
             handler
@@ -413,12 +422,10 @@ def test_absent_keys_are_fetched_in_parallel(fhir, resolve):
     fhir.answer("Condition", searchset(), delay=0.3, query_string={"patient": "123"})
     templates = keys(patient="Patient/{{context.patientId}}", conditions="Condition?patient={{context.patientId}}")
 
-    started = time.monotonic()
     result = resolve(templates, hook_request(fhir.base))
-    elapsed = time.monotonic() - started
 
     assert set(result.values) == {"patient", "conditions"}
-    assert elapsed < 0.55, f"two 300 ms fetches took {elapsed:.3f} s: not in parallel"
+    assert fhir.most_in_flight == 2, "the two 300 ms fetches did not overlap: not in parallel"
 
 
 def test_searchset_next_links_are_followed_and_pages_merged(fhir, resolve):
@@ -555,17 +562,16 @@ def test_when_the_next_page_fails_the_sent_page_is_used_and_the_key_is_incomplet
 
 
 def test_when_the_next_page_misses_the_deadline_the_sent_page_is_used_and_the_key_is_incomplete(fhir, resolve):
-    fhir.answer("page-2", searchset(obs(2)), delay=2.0)
+    fhir.answer("page-2", searchset(obs(2)), delay=LONGER_THAN_ANY_TEST)
     sent = searchset(obs(1), next_url=f"{fhir.base}/page-2")
 
-    started = time.monotonic()
     result = resolve(
         keys(conditions="Condition?patient={{context.patientId}}"),
         hook_request(fhir.base, prefetch={"conditions": sent}),
         budget=0.3,
     )
 
-    assert time.monotonic() - started < 0.8
+    assert fhir.answered == 0, "the resolver waited for the server instead of its deadline"
     assert ids(result.values["conditions"]) == ["o1"]
     assert result.incomplete == {"conditions"}
 
@@ -619,26 +625,22 @@ def test_a_prefetch_key_names_its_paging_need_as_all_or_first():
 
 
 def test_key_not_fetched_before_the_deadline_is_unavailable_when_optional(fhir, resolve):
-    fhir.answer("Patient/123", PATIENT, delay=2.0)
+    fhir.answer("Patient/123", PATIENT, delay=LONGER_THAN_ANY_TEST)
 
-    started = time.monotonic()
     result = resolve(keys(required=False, patient="Patient/{{context.patientId}}"), hook_request(fhir.base), budget=0.3)
-    elapsed = time.monotonic() - started
 
     assert result.unavailable == {"patient"}
-    assert elapsed < 0.8, f"returned {elapsed:.3f} s after a 0.3 s deadline"
+    assert fhir.answered == 0, "the resolver waited for the server instead of its deadline"
 
 
 def test_required_key_not_fetched_before_the_deadline_is_a_412_naming_the_key(fhir, resolve):
-    fhir.answer("Patient/123", PATIENT, delay=2.0)
+    fhir.answer("Patient/123", PATIENT, delay=LONGER_THAN_ANY_TEST)
 
-    started = time.monotonic()
     with pytest.raises(PrefetchUnavailable) as info:
         resolve(keys(patient="Patient/{{context.patientId}}"), hook_request(fhir.base), budget=0.3)
-    elapsed = time.monotonic() - started
 
     assert (info.value.status, info.value.expression) == (412, "prefetch.patient")
-    assert elapsed < 0.8, f"returned {elapsed:.3f} s after a 0.3 s deadline"
+    assert fhir.answered == 0, "the resolver waited for the server instead of its deadline"
 
 
 def test_keys_fetched_in_time_are_kept_when_another_misses_the_deadline(fhir, resolve):
