@@ -151,7 +151,10 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "RESULT_TTL_S": _int("RESULT_TTL_S", get("RESULT_TTL_S", 86400), 60, 2_592_000),
         "JOB_LEASE_S": _float("JOB_LEASE_S", get("JOB_LEASE_S", 30), 0.5, 3600),
         "JOB_POLL_S": _float("JOB_POLL_S", get("JOB_POLL_S", 0.5), 0.01, 60),
-        "JOB_MAX_ATTEMPTS": _int("JOB_MAX_ATTEMPTS", get("JOB_MAX_ATTEMPTS", 5), 1, 100),
+        # Unset: each job kind's own RetryPolicy decides (app/jobs/retry.py); set: overrides the discharge summary's.
+        "JOB_MAX_ATTEMPTS": (
+            _int("JOB_MAX_ATTEMPTS", get("JOB_MAX_ATTEMPTS"), 1, 100) if get("JOB_MAX_ATTEMPTS") else None
+        ),
         "DLQ_ALERT_THRESHOLD": _int("DLQ_ALERT_THRESHOLD", get("DLQ_ALERT_THRESHOLD", 10), 1, 1_000_000),
         "JOB_RETENTION_S": _int("JOB_RETENTION_S", get("JOB_RETENTION_S", 7 * 86400), 60, 366 * 86400),
         "DEAD_JOB_RETENTION_S": _int("DEAD_JOB_RETENTION_S", get("DEAD_JOB_RETENTION_S", 30 * 86400), 60, 366 * 86400),

@@ -29,6 +29,7 @@ from app.fhir.client import Client, FhirError, FhirNotFound
 from app.fhir.compartment import Compartment, bundle_aliases
 from app.jobs import ledger
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, job_handler, submit
+from app.jobs.retry import ExponentialBackoff, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,6 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
             "hook_instance": request.hook_instance,
         },
         expires_in=app.config["DISCHARGE_SUMMARY_TTL_S"],
-        max_attempts=app.config["JOB_MAX_ATTEMPTS"],
     )
     return [_status_card(call, ledger.get(app.extensions["db"], job_id))]
 
@@ -263,7 +263,15 @@ def document_reference(app: Flask, job: ledger.Job, encounter: dict, text: str, 
     }
 
 
-@job_handler(JOB_KIND, max_attempts=5, client_visible=True)
+@job_handler(
+    JOB_KIND,
+    retry=RetryPolicy(
+        max_attempts=5,
+        max_attempts_setting="JOB_MAX_ATTEMPTS",  # operators' override, when set
+        backoff=ExponentialBackoff(base=2, cap=300, jitter="full"),
+    ),
+    client_visible=True,
+)
 def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
     """Gather, draft, write back (conditional create), then tell subscribers; safe to run twice."""
     app = ctx.app

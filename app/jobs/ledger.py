@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from app.db import metadata
 from app.jobs import events
+from app.jobs.retry import DEFAULT_POLICY
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -55,8 +56,6 @@ SQLITE_LOCK_WAIT_S = 15.0  # as the engine's busy_timeout (app/db.py)
 HOOK_LOCK_PAUSES = (0.00005, 0.0005)
 WORKER_LOCK_PAUSES = (0.001, 0.005)
 
-BACKOFF_BASE_SECONDS = 2.0
-BACKOFF_CAP_SECONDS = 300.0
 FENCED = "fenced"
 LEASE_LOST = "LeaseExpired: worker lost"
 
@@ -153,9 +152,9 @@ def can_transition(source: str, target: str) -> bool:
 
 
 def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with full jitter before retrying after failed attempt number ``attempt``."""
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(attempt - 1, 0))
-    return (rng or random).uniform(0, ceiling)
+    """The default policy's delay after failed attempt number ``attempt`` (``retry.DEFAULT_BACKOFF``), for callers
+    that know no job kind's policy; the worker passes the kind's own delay as ``retry_in``."""
+    return DEFAULT_POLICY.delay(attempt, {}, rng)
 
 
 def utc_now(now: datetime | None = None) -> datetime:
@@ -434,7 +433,8 @@ def fail(
     rng: random.Random | None = None,
 ) -> str:
     """Record a failed attempt (``error``: exception type and place, never PHI). Returns the new state: queued
-    for a retry after backoff (or after ``retry_in`` seconds when the caller knows better, e.g. Retry-After),
+    for a retry after ``retry_in`` seconds (the worker passes the job kind's policy, or the receiver's
+    Retry-After; without it the default backoff),
     dead at max_attempts or when ``permanent``, or "fenced" when the lease was taken over."""
     now = utc_now(now)
     if permanent or job.attempts >= job.max_attempts:
@@ -612,18 +612,20 @@ def fold_counts(engine: sa.Engine, limit: int = FOLD_BATCH) -> int:
 def purge(
     engine: sa.Engine,
     *,
-    finished_before: datetime,
-    dead_before: datetime,
+    finished_before: datetime | None = None,
+    dead_before: datetime | None = None,
     limit: int = PURGE_BATCH,
     budget_s: float = 3.0,
 ) -> int:
     """Delete finished jobs (succeeded, expired) last changed before ``finished_before`` and dead ones before
-    ``dead_before``: they hold PHI (payloads, results, errors). Oldest first, ``limit`` rows per transaction,
-    again while batches come back full, each state with its share of ``budget_s`` (so that a flood of one never
-    starves the others). Returns how many went."""
+    ``dead_before`` (None: not these): they hold PHI (payloads, results, errors). Oldest first, ``limit`` rows
+    per transaction, again while batches come back full, each state with its share of ``budget_s`` (so that a
+    flood of one never starves the others). Returns how many went."""
     removed = 0
-    for state, before in ((SUCCEEDED, finished_before), (EXPIRED, finished_before), (DEAD, dead_before)):
-        give_up = time.monotonic() + budget_s / 3
+    cutoffs = [(SUCCEEDED, finished_before), (EXPIRED, finished_before), (DEAD, dead_before)]
+    cutoffs = [(state, before) for state, before in cutoffs if before is not None]
+    for state, before in cutoffs:
+        give_up = time.monotonic() + budget_s / len(cutoffs)
         while True:
             with _write_transaction(engine) as conn:
                 oldest_first = (jobs.c.updated_at, jobs.c.id)  # the index's order, whatever the planner estimates

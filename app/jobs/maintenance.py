@@ -2,21 +2,18 @@
 
 Every step is bounded (a batch per statement) and safe to run from any number of workers at once, so each
 worker runs it and no single process is needed for the ledger to stay small and its counts current.
-Retention: finished jobs (succeeded, expired) after JOB_RETENTION_S, dead ones after DEAD_JOB_RETENTION_S,
-explanation results once past their RESULT_TTL_S (all of them hold PHI), and the heartbeat rows of workers
-stopped or lost a day ago (``presence.RETENTION_SECONDS``).
+What is purged and when is declared once, in ``app.retention.TABLE``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 
 from flask import Flask
 
-from app import results
-from app.jobs import ledger, presence
+from app import retention
+from app.jobs import ledger
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -31,8 +28,7 @@ class Maintenance:
 
     def __init__(self, app: Flask):
         self.engine = app.extensions["db"]
-        self.finished_retention = timedelta(seconds=app.config["JOB_RETENTION_S"])
-        self.dead_retention = timedelta(seconds=app.config["DEAD_JOB_RETENTION_S"])
+        self.config = app.config
         self._next_sweep = 0.0
         self._next_purge = 0.0
 
@@ -52,17 +48,9 @@ class Maintenance:
                 break
 
     def purge(self) -> int:
-        """Everything past its retention, in batches, within a few seconds (a drain of hundreds of jobs a second
-        leaves tens of thousands a minute to delete); returns how many rows went."""
-        now = ledger.utc_now()
-        removed = ledger.purge(
-            self.engine, finished_before=now - self.finished_retention, dead_before=now - self.dead_retention
-        )
-        removed += results.purge_expired(self.engine, now=now, batch=ledger.PURGE_BATCH)
-        removed += presence.purge(self.engine, before=now - timedelta(seconds=presence.RETENTION_SECONDS))
-        if removed:
-            log.info("purged %d job, result and worker records past their retention", removed)
-        return removed
+        """Everything past its retention (``app.retention.TABLE``), in batches, within a few seconds (a drain of
+        hundreds of jobs a second leaves tens of thousands a minute to delete); returns how many rows went."""
+        return retention.purge_all(self.engine, self.config)
 
     def _step(self, name: str, step) -> None:
         try:

@@ -187,10 +187,13 @@ def listing(engine: sa.Engine, now: datetime | None = None) -> list[dict[str, An
     ]
 
 
-def purge(engine: sa.Engine, before: datetime) -> int:
-    """Delete the rows of workers stopped or lost before ``before``; returns how many went."""
+def purge(engine: sa.Engine, before: datetime, *, limit: int = ledger.PURGE_BATCH) -> int:
+    """Delete the rows of workers stopped or lost before ``before``, at most ``limit`` (oldest first, through
+    the live_until index; the next round takes the rest); returns how many went."""
+    gone = sa.select(job_workers.c.id).where(job_workers.c.live_until < before).order_by(job_workers.c.live_until)
     with ledger._write_transaction(engine) as conn:
-        return conn.execute(job_workers.delete().where(job_workers.c.live_until < before)).rowcount
+        ids = list(conn.execute(gone.limit(limit)).scalars())
+        return conn.execute(job_workers.delete().where(job_workers.c.id.in_(ids))).rowcount if ids else 0
 
 
 def _time(value: datetime | None) -> str | None:

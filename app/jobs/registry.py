@@ -3,8 +3,9 @@
 A handler receives a :class:`JobContext` and returns the job's result (JSON-serialisable). Raising
 :class:`RetryLater` asks for another attempt after a given delay, :class:`PermanentFailure` sends the job to the
 dead letter queue at once, :class:`JobExpired` ends it as expired, and any other exception is a transient failure
-retried with backoff. Handlers must
-be idempotent: a job may run more than once (a worker killed after the work, before the completion write).
+retried after the backoff of the kind's :class:`~app.jobs.retry.RetryPolicy` (declared with the handler, and
+nowhere else). Handlers must be idempotent: a job may run more than once (a worker killed after the work, before
+the completion write).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from flask import Flask
 
 from app.jobs import ledger
+from app.jobs.retry import DEFAULT_POLICY, RetryPolicy
 
 
 class PermanentFailure(Exception):
@@ -28,9 +30,10 @@ class JobExpired(Exception):
 
 
 class RetryLater(Exception):
-    """Try again after ``seconds`` (e.g. a receiver's Retry-After), counted as a failed attempt."""
+    """Try again after ``seconds`` (e.g. a receiver's Retry-After), or after the kind's backoff when None; counted
+    as a failed attempt, recorded with ``reason`` (which must hold no PHI) rather than the exception's place."""
 
-    def __init__(self, seconds: float, reason: str):
+    def __init__(self, seconds: float | None, reason: str):
         super().__init__(reason)
         self.seconds = seconds
         self.reason = reason
@@ -77,15 +80,16 @@ Handler = Callable[[JobContext], Any]
 class JobKind:
     name: str
     handler: Handler
-    max_attempts: int
+    retry: RetryPolicy
     client_visible: bool  # whether the calling client may read it at GET /jobs/{id}
 
 
 _KINDS: dict[str, JobKind] = {}
 
 
-def job_handler(kind: str, *, max_attempts: int = 5, client_visible: bool = False):
-    """Register the decorated function as the handler of jobs of ``kind``.
+def job_handler(kind: str, *, retry: RetryPolicy = DEFAULT_POLICY, client_visible: bool = False):
+    """Register the decorated function as the handler of jobs of ``kind``, retried by ``retry`` (5 attempts,
+    capped exponential backoff with full jitter, unless it says otherwise).
 
     ``client_visible`` jobs carry ``client_iss`` in their payload and that client may read them at GET /jobs/{id}.
     """
@@ -93,7 +97,7 @@ def job_handler(kind: str, *, max_attempts: int = 5, client_visible: bool = Fals
     def register(fn: Handler) -> Handler:
         if kind in _KINDS and _KINDS[kind].handler is not fn:
             raise ValueError(f"job kind {kind!r} is declared twice")
-        _KINDS[kind] = JobKind(kind, fn, max_attempts, client_visible)
+        _KINDS[kind] = JobKind(kind, fn, retry, client_visible)
         return fn
 
     return register
@@ -115,9 +119,9 @@ def submit(
     *,
     expires_in: float | None = None,
     delay: float = 0.0,
-    max_attempts: int | None = None,
 ) -> bool:
-    """Enqueue a job of a registered ``kind`` under its idempotency key; True when newly created.
+    """Enqueue a job of a registered ``kind`` under its idempotency key; True when newly created. The job gets
+    the attempts of its kind's retry policy (as the application is configured now).
 
     ``expires_in`` (seconds): after that the result is clinically stale and the job is not run or delivered.
     """
@@ -130,7 +134,7 @@ def submit(
         job_id,
         kind,
         payload,
-        max_attempts=max_attempts or declared.max_attempts,
+        max_attempts=declared.retry.attempts(app.config),
         expires_at=now + timedelta(seconds=expires_in) if expires_in else None,
         run_after=now + timedelta(seconds=delay) if delay else None,
         now=now,

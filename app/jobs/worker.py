@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from app.jobs import ledger, monitor
 from app.jobs.maintenance import Maintenance
 from app.jobs.presence import Presence
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, RetryLater, job_kind, job_kinds
+from app.jobs.retry import RetryPolicy
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Worker:
         grace_seconds: float = 20.0,
         stop: threading.Event | None = None,
         presence: Presence | None = None,
+        rng: random.Random | None = None,
     ):
         self.app = app
         self.engine = app.extensions["db"]
@@ -67,6 +70,8 @@ class Worker:
         self.stop = stop or threading.Event()
         self.maintenance = Maintenance(app)
         self.presence = presence  # the process's heartbeat (``jobs worker`` shares one among its claim loops)
+        # The jitter of retry backoff (not a secret): tests pass a seeded or fixed generator.
+        self.rng = rng or random.Random()  # noqa: S311
 
     def run(self) -> None:
         """Work until ``stop`` is set; then finish the job in hand (or release it after the grace period).
@@ -163,7 +168,7 @@ class Worker:
                 log.warning(
                     "worker %s: lost the lease on job %s; its outcome will not be recorded", self.worker_id, job.id
                 )
-        return self._record(job, run)
+        return self._record(job, run, declared.retry)
 
     def _write_outcome(self, job: ledger.Job, write):
         """Write a job's outcome, retrying through database hiccups for as long as the lease lasts: giving up
@@ -182,7 +187,7 @@ class Worker:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _record(self, job: ledger.Job, run: _Run) -> str:
+    def _record(self, job: ledger.Job, run: _Run, retry: RetryPolicy) -> str:
         exc = run.error
         if exc is None:
             completed = self._write_outcome(job, lambda: ledger.complete(self.engine, job, run.result))
@@ -190,12 +195,13 @@ class Worker:
         if isinstance(exc, JobExpired):
             expired = self._write_outcome(job, lambda: ledger.expire(self.engine, job))
             return ledger.EXPIRED if expired is True else ledger.FENCED
-        if isinstance(exc, RetryLater):
-            args = {"error": f"RetryLater: {exc.reason}", "retry_in": exc.seconds}
-        elif isinstance(exc, PermanentFailure):
+        if isinstance(exc, PermanentFailure):
             args = {"error": f"PermanentFailure: {exc}", "permanent": True}
         else:
-            args = {"error": describe(exc)}
+            error = f"RetryLater: {exc.reason}" if isinstance(exc, RetryLater) else describe(exc)
+            asked = exc.seconds if isinstance(exc, RetryLater) else None
+            delay = asked if asked is not None else retry.delay(job.attempts, self.app.config, self.rng)
+            args = {"error": error, "retry_in": delay}
         return self._write_outcome(job, lambda: ledger.fail(self.engine, job, **args))
 
 

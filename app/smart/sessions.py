@@ -141,6 +141,26 @@ class SessionStore:
                 conn.execute(sa.delete(smart_sessions).where(smart_sessions.c.id == session_id(token)))
 
 
+def purge_expired(engine: sa.Engine, *, now: datetime, batch: int = 1000, budget_s: float = 1.0) -> int:
+    """Delete sessions past their expiry (SMART_SESSION_TTL_S after sign-in: encrypted tokens and patient
+    context), oldest first through the expiry index, ``batch`` rows per transaction and again while batches
+    come back full, for at most ``budget_s``; returns how many went."""
+    expired = (
+        sa.select(smart_sessions.c.id)
+        .where(smart_sessions.c.expires_at <= now)
+        .order_by(smart_sessions.c.expires_at)
+        .limit(batch)
+    )
+    removed, give_up = 0, time.monotonic() + budget_s
+    while True:
+        with engine.begin() as conn:
+            ids = list(conn.execute(expired).scalars())
+            deleted = conn.execute(sa.delete(smart_sessions).where(smart_sessions.c.id.in_(ids))).rowcount if ids else 0
+        removed += deleted
+        if len(ids) < batch or time.monotonic() > give_up:
+            return removed
+
+
 class PendingLaunchSeal:
     """Seals a pending launch into a cookie value and opens it again within ``ttl_s`` seconds.
 

@@ -47,7 +47,7 @@ def emit(
     ``"payload": "full"``. ``expires_in`` (seconds) stops deliveries that have become clinically stale.
     Returns how many deliveries were newly enqueued (0 for an event emitted before)."""
     from app.jobs.registry import submit
-    from app.webhooks.delivery import KIND, allowed_attempts
+    from app.webhooks.delivery import KIND
     from app.webhooks.endpoints import current_registry, subscribers
 
     now = datetime.now(UTC)
@@ -73,6 +73,5 @@ def emit(
             delivery_job_id(subscriber.id, event_id),
             payload,
             expires_in=expires_in,
-            max_attempts=allowed_attempts(app.config),
         )
     return created

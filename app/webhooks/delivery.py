@@ -17,29 +17,26 @@ from datetime import UTC, datetime
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 
 from app.jobs.registry import JobContext, PermanentFailure, RetryLater, job_handler
+from app.jobs.retry import RetryPolicy, ScheduleBackoff
 from app.webhooks.addresses import RefusedDestination, ResolutionFailed, check
 from app.webhooks.endpoints import disable, find, is_disabled
-from app.webhooks.schedule import retry_after_seconds, retry_delay
+from app.webhooks.schedule import JITTER, retry_after_seconds
 from app.webhooks.signing import signed_headers
 from app.webhooks.transport import post
 
 log = logging.getLogger(__name__)
 
 KIND = "webhook.deliver"
-# The ledger's ceiling; the real limit, len(WEBHOOK_RETRY_SCHEDULE) + 1, is set per job at emit and checked here.
-MAX_ATTEMPTS = 8
+# The Standard Webhooks schedule (WEBHOOK_RETRY_SCHEDULE) with jitter; attempts: the first try plus one per entry.
+SCHEDULE = ScheduleBackoff(setting="WEBHOOK_RETRY_SCHEDULE", jitter=JITTER)
+RETRY = RetryPolicy(max_attempts=None, backoff=SCHEDULE)
 # Retry-After is honoured up to the schedule's longest delay, and always up to an hour even on a short schedule.
 RETRY_AFTER_MIN_CAP_S = 3600.0
 USER_AGENT = "clinical-ai-gateway-webhooks/1.0 (Standard Webhooks)"
 AUDIT_EVENT = "job.webhook-delivery"  # one audit record per attempt to send an event out
 
 
-def allowed_attempts(config) -> int:
-    """The immediate first try plus one per entry of the retry schedule."""
-    return len(config["WEBHOOK_RETRY_SCHEDULE"]) + 1
-
-
-@job_handler(KIND, max_attempts=MAX_ATTEMPTS)
+@job_handler(KIND, retry=RETRY)
 def deliver(ctx: JobContext) -> dict:
     """Deliver the stored event body to its endpoint, signed with the endpoint's current secrets."""
     payload, job, config = ctx.payload, ctx.job, ctx.app.config
@@ -103,7 +100,7 @@ def deliver(ctx: JobContext) -> dict:
         disable(ctx.engine, endpoint, reason, url=subscriber.url, client_iss=subscriber.client_iss)
         log.warning("webhook endpoint %s disabled: %s", endpoint, reason)
         raise PermanentFailure(f"endpoint {endpoint}: {reason}; endpoint disabled")
-    cap = max(*config["WEBHOOK_RETRY_SCHEDULE"], RETRY_AFTER_MIN_CAP_S)
+    cap = max(*SCHEDULE.schedule(config), RETRY_AFTER_MIN_CAP_S)
     raise _again(ctx, f"endpoint {endpoint}: answered {answer.status}", retry_after_seconds(answer.retry_after, cap))
 
 
@@ -112,9 +109,8 @@ def _since(started: float) -> float:
 
 
 def _again(ctx: JobContext, reason: str, retry_after: float | None = None) -> Exception:
-    """RetryLater on the schedule (or after Retry-After), or PermanentFailure once the schedule is used up."""
-    attempts, allowed = ctx.job.attempts, allowed_attempts(ctx.app.config)
-    if attempts >= allowed:
-        return PermanentFailure(f"{reason}; gave up after {attempts} attempts")
-    delay = retry_after if retry_after is not None else retry_delay(ctx.app.config["WEBHOOK_RETRY_SCHEDULE"], attempts)
-    return RetryLater(delay, reason)
+    """RetryLater after Retry-After or on the schedule (``RETRY``), or PermanentFailure once the job's attempts
+    (the policy's, stored in its row at emit) are used up, saying so."""
+    if ctx.job.attempts >= ctx.job.max_attempts:
+        return PermanentFailure(f"{reason}; gave up after {ctx.job.attempts} attempts")
+    return RetryLater(retry_after, reason)

@@ -1,4 +1,5 @@
-"""When to try a failed delivery again: the configured schedule with jitter, or the receiver's Retry-After."""
+"""When to try a failed delivery again: the configured schedule with jitter (``delivery.RETRY``), or the
+receiver's Retry-After."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import random
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+from app.jobs.retry import RetryPolicy, ScheduleBackoff
+
 JITTER = 0.2  # +-20 %, so that many deliveries failing together do not all come back at the same moment
 
 
 def retry_delay(schedule: tuple[float, ...], attempt: int, rng: random.Random | None = None) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based): the schedule's entry for it, jittered."""
-    base = schedule[min(max(attempt, 1), len(schedule)) - 1]
-    return base * (rng or random).uniform(1 - JITTER, 1 + JITTER)
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): the schedule's entry for it, jittered
+    as deliveries are (the worker applies ``delivery.RETRY``; this is the same computation for one schedule)."""
+    return RetryPolicy(max_attempts=None, backoff=ScheduleBackoff(seconds=schedule, jitter=JITTER)).delay(
+        attempt, {}, rng
+    )
 
 
 def retry_after_seconds(value: str | None, cap: float, now: datetime | None = None) -> float | None:

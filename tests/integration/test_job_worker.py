@@ -14,6 +14,7 @@ import pytest
 
 from app.jobs import ledger
 from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, job_handler, submit
+from app.jobs.retry import ExponentialBackoff, RetryPolicy
 from app.jobs.worker import Worker
 from tests.conftest import PUBLIC_BASE_URL
 from tests.support.assertions import wait_for
@@ -23,7 +24,10 @@ BEHAVIOUR: dict[str, str] = {}  # job id -> "ok" | "transient" | "permanent" | "
 RELEASE = threading.Event()
 
 
-@job_handler("test.echo", max_attempts=3, client_visible=True)
+# A short backoff, declared with the handler as a real kind declares its own.
+@job_handler(
+    "test.echo", retry=RetryPolicy(max_attempts=3, backoff=ExponentialBackoff(base=0.01, cap=0.02)), client_visible=True
+)
 def echo(ctx):
     CALLS[ctx.job.id] += 1
     how = BEHAVIOUR.get(ctx.job.id, "ok")
@@ -46,12 +50,10 @@ def internal(ctx):
 
 
 @pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
+def fresh_state():
     CALLS.clear()
     BEHAVIOUR.clear()
     RELEASE.clear()
-    monkeypatch.setattr(ledger, "BACKOFF_BASE_SECONDS", 0.01)
-    monkeypatch.setattr(ledger, "BACKOFF_CAP_SECONDS", 0.02)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from app.jobs import ledger
 from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, job_handler, submit
+from app.jobs.retry import ExponentialBackoff, RetryPolicy
 from app.jobs.worker import Worker
 
 SECRET = "Jane Doe, MRN 123-45-6789"  # stands for PHI in a payload, a result and an error message
@@ -18,7 +19,7 @@ HOW: dict[str, str] = {}
 RELEASE = threading.Event()
 
 
-@job_handler("test.events", max_attempts=2)
+@job_handler("test.events", retry=RetryPolicy(max_attempts=2, backoff=ExponentialBackoff(base=0)))  # retried at once
 def handler(ctx):
     how = HOW.get(ctx.job.id, "ok")
     if how == "crash":
@@ -35,10 +36,9 @@ def handler(ctx):
 
 
 @pytest.fixture(autouse=True)
-def fresh(monkeypatch):
+def fresh():
     HOW.clear()
     RELEASE.clear()
-    monkeypatch.setattr(ledger, "BACKOFF_BASE_SECONDS", 0.0)
 
 
 @pytest.fixture
