@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.cds.service import Setting, declared_settings
 from app.development import DEV_CLIENTS_FILE, off_host_refusal
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -20,11 +21,11 @@ class ConfigError(ValueError):
 
 # Settings that are secrets may come from a file instead (NAME_FILE=/run/secrets/name), as container secrets are
 # mounted; the file's first line is the value.
-SECRET_SETTINGS = ("DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "METRICS_TOKEN", "SMART_CLIENT_SECRET", "LLM_API_KEY")
+SECRET_SETTINGS = ("DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "METRICS_TOKEN", "SMART_CLIENT_SECRET")
 
 
-def _secrets_from_files(source: dict[str, Any]) -> None:
-    for name in SECRET_SETTINGS:
+def _secrets_from_files(source: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
         path = source.get(f"{name}_FILE")
         if not path:
             continue
@@ -94,11 +95,29 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw.rstrip("/")
 
 
+def _declared(name: str, setting: Setting, raw: Any) -> Any:
+    """A setting a service declares (app.cds.service.Setting), validated like the others; unset is its default."""
+    if raw is None or (isinstance(raw, str) and not raw.strip() and setting.type is not bool):
+        return setting.default
+    if setting.type is bool:
+        return _flag(name, raw)
+    if setting.type is int:
+        low = int(setting.low) if setting.low is not None else -(2**63)
+        return _int(name, raw, low, int(setting.high) if setting.high is not None else 2**63)
+    if setting.type is float:
+        low = setting.low if setting.low is not None else float("-inf")
+        return _float(name, raw, low, setting.high if setting.high is not None else float("inf"))
+    if setting.type == "url":
+        return _url(name, str(raw).strip(), ("http", "https"))
+    return str(raw)
+
+
 def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
     """Read every setting from ``environ`` (default: the process environment) and ``overrides``; validate."""
     source: dict[str, Any] = dict(os.environ if environ is None else environ)
     source.update(overrides or {})
-    _secrets_from_files(source)
+    declared = declared_settings()
+    _secrets_from_files(source, SECRET_SETTINGS + tuple(name for name, s in declared.items() if s.secret))
     get = source.get
 
     port = _int("PORT", get("PORT", 8080), 1, 65535)
@@ -139,10 +158,6 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "BREAKER_MIN_CALLS": _int("BREAKER_MIN_CALLS", get("BREAKER_MIN_CALLS", 10), 1, 10_000),
         "BREAKER_OPEN_SECONDS": _float("BREAKER_OPEN_SECONDS", get("BREAKER_OPEN_SECONDS", 30), 0.01, 3600),
         "BREAKER_HALF_OPEN_CALLS": _int("BREAKER_HALF_OPEN_CALLS", get("BREAKER_HALF_OPEN_CALLS", 3), 1, 1000),
-        "LLM_URL": get("LLM_URL") or None,
-        "LLM_MODEL": str(get("LLM_MODEL") or "gpt-4o-mini"),
-        "LLM_API_KEY": get("LLM_API_KEY") or None,
-        "LLM_TIMEOUT_S": _int("LLM_TIMEOUT_S", get("LLM_TIMEOUT_S", 60), 1, 600),
         "ADMIN_TOKEN": get("ADMIN_TOKEN") or None,
         "METRICS_TOKEN": get("METRICS_TOKEN") or None,
         "SMART_CLIENT_ID": str(get("SMART_CLIENT_ID") or "clinical-ai-gateway"),
@@ -158,9 +173,6 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "DLQ_ALERT_THRESHOLD": _int("DLQ_ALERT_THRESHOLD", get("DLQ_ALERT_THRESHOLD", 10), 1, 1_000_000),
         "JOB_RETENTION_S": _int("JOB_RETENTION_S", get("JOB_RETENTION_S", 7 * 86400), 60, 366 * 86400),
         "DEAD_JOB_RETENTION_S": _int("DEAD_JOB_RETENTION_S", get("DEAD_JOB_RETENTION_S", 30 * 86400), 60, 366 * 86400),
-        "DISCHARGE_SUMMARY_TTL_S": _int(
-            "DISCHARGE_SUMMARY_TTL_S", get("DISCHARGE_SUMMARY_TTL_S", 86400), 60, 2_592_000
-        ),
         "WEBHOOKS_ALLOW_PRIVATE": _flag("WEBHOOKS_ALLOW_PRIVATE", get("WEBHOOKS_ALLOW_PRIVATE", "0")),
         "WEBHOOK_TIMEOUT_S": _float("WEBHOOK_TIMEOUT_S", get("WEBHOOK_TIMEOUT_S", 10), 0.1, 120),
         "WEBHOOK_RETRY_SCHEDULE": _schedule(
@@ -172,8 +184,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "SESSION_COOKIE_SECURE",
         get("SESSION_COOKIE_SECURE", "0" if _is_local_http(settings["PUBLIC_BASE_URL"]) else "1"),
     )
-    if settings["LLM_URL"]:
-        settings["LLM_URL"] = _url("LLM_URL", settings["LLM_URL"], ("http", "https"))
+    settings.update({name: _declared(name, setting, get(name)) for name, setting in declared.items()})
     if settings["AI_BACKEND"] not in ("local", "kserve"):
         raise ConfigError(f"AI_BACKEND must be local or kserve (got {settings['AI_BACKEND']!r})")
     if settings["AI_BACKEND"] == "kserve":

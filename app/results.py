@@ -2,6 +2,7 @@
 
 The id carries no PHI and cannot be guessed; the row holds what the explanation page needs. A result past its
 ``expires_at`` is treated as unknown, so the page can say "expired or unknown" without telling the two apart.
+A result's ``kind`` is the id of the declared service whose explanation page shows it.
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from flask import current_app, has_app_context
 
 from app.cds.cards import Link
-from app.db import metadata
-from app.jobs.ledger import UTCDateTime, utc_now
+from app.cds.service import CdsService, ServiceCall, get_service, load_services
+from app.clock import utc_now
+from app.db import UTCDateTime, metadata
 from app.logs import describe
 from app.metrics import RESULTS_NOT_STORED
 
 log = logging.getLogger(__name__)
 
 SMART_LAUNCH_PATH = "/smart/launch"
-RISK = "cardiovascular-risk"
-JOB = "job"
-KINDS = (RISK, JOB)
 
 ai_results = sa.Table(
     "ai_results",
@@ -103,10 +103,21 @@ def _json(data: Any) -> Any:
         raise UnstorableResult("data is not JSON") from None
 
 
+def _explained(kind: Any) -> bool:
+    """Whether ``kind`` names a declared service with an explanation page (services are loaded if need be)."""
+    if not isinstance(kind, str):
+        return False
+    service = get_service(kind)
+    if service is None:
+        load_services()
+        service = get_service(kind)
+    return service is not None and service.explanation is not None
+
+
 def _row(kind, data, client_iss, fhir_server, patient_id, ttl_seconds, now) -> dict[str, Any]:
     """A row that can be stored by construction, or UnstorableResult."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown result kind {kind!r}")
+    if not _explained(kind):
+        raise ValueError(f"result kind {kind!r} is not a declared service with an explanation")
     created = utc_now(now)
     return {
         "id": new_id(),
@@ -345,11 +356,9 @@ def purge_expired(engine: sa.Engine, *, now: datetime | None = None, batch: int 
             return removed
 
 
-def save_for_call(call, kind: str, data: Any) -> str | None:
+def save_for_call(call: ServiceCall, kind: str, data: Any) -> str | None:
     """Store a hook's result for its card's explanation link; None when it cannot be stored (a database outage
     must not cost the clinician the card, which then goes out without the link)."""
-    from flask import current_app, has_app_context
-
     if not has_app_context() or "results_writer" not in current_app.extensions:
         return None
     try:
@@ -368,10 +377,17 @@ def save_for_call(call, kind: str, data: Any) -> str | None:
 
 def smart_link(label: str, result_id: str) -> Link:
     """The card link that launches our SMART app on this result (appContext: its opaque id, no PHI)."""
-    from flask import current_app
-
     url = current_app.config["PUBLIC_BASE_URL"].rstrip("/") + SMART_LAUNCH_PATH
     return Link(label=label, url=url, type="smart", appContext=result_id)
+
+
+def explanation_link(service: CdsService, call: ServiceCall, data: Any) -> Link | None:
+    """``ServiceCall.explain``: store ``data`` under the service's id and return the link to its explanation page,
+    labelled as the service declared; None when it cannot be stored now."""
+    if service.explanation is None:
+        raise ValueError(f"service {service.id!r} declares no explanation")
+    result_id = save_for_call(call, service.id, data)
+    return smart_link(service.explanation.label, result_id) if result_id is not None else None
 
 
 def init_app(app) -> None:

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
-from app import results
 from app.ai import Prediction, infer
 from app.ai.models.pce import BORDERLINE, HIGH, INTERMEDIATE, LOW, out_of_range, risk_category
 from app.cds.cards import Action, Card, Link, Source, Suggestion, escape_markdown
-from app.cds.service import PrefetchKey, ServiceCall, cds_service
+from app.cds.service import Explanation, PrefetchKey, ServiceCall, cds_service
 from app.fhir.codes import (
     ASCVD,
     BP_LOWERING,
@@ -55,6 +54,8 @@ from app.fhir.record import (
     short,
     years_before,
 )
+from app.results import StoredResult
+from app.smart.pages import LaunchContext, LiveCheckUnavailable, NewerValue, card_time, newer_values, when
 
 MODEL = "ascvd-pce"
 GUIDELINE_URL = "https://doi.org/10.1161/01.cir.0000437741.48606.98"
@@ -753,11 +754,88 @@ def explanation(
 
 def _with_explanation(call: ServiceCall, cards: list[Card], data: dict[str, Any]) -> list[Card]:
     """Add a SMART link to the explanation page, whose ``appContext`` is the stored result's opaque id."""
-    result_id = results.save_for_call(call, results.RISK, data)
-    if result_id is not None:
+    link = call.explain(data)
+    if link is not None:
         for card in cards:
-            card.links.append(results.smart_link(EXPLANATION_LABEL, result_id))
+            card.links.append(link)
     return cards
+
+
+# ---- the explanation page (cds_services/templates/smart/cardiovascular_risk.html) ------------------------------
+
+CATEGORY_WORDS = {
+    LOW: "low (under 5 %)",
+    BORDERLINE: "borderline (5 % to under 7.5 %)",
+    INTERMEDIATE: "intermediate (7.5 % to under 20 %)",
+    HIGH: "high (20 % or more)",
+}
+# The fallback reasons the framework gives (app.ai.reason_text), as the end of "unavailable because ...".
+FALLBACK_WHY = {
+    "timed out": "the model did not answer in time",
+    "unavailable": "the model could not be reached",
+    "overloaded": "the model was busy with other requests",
+    "not applicable": "the model did not accept these inputs",
+}
+
+
+def _fallback_why(reason: Any) -> str:
+    if not isinstance(reason, str) or not reason.strip():
+        return "of a problem with the model"
+    return FALLBACK_WHY.get(reason.strip(), f"of a problem with the model ({reason.strip()})")
+
+
+def _live_check(result: StoredResult, data: dict[str, Any], context: LaunchContext) -> dict[str, Any]:
+    """Values recorded since the card (with the launch's token), or why they could not be looked for."""
+    checkable = any(isinstance(v, list) and v for v in (data.get("loinc") or {}).values())
+    try:
+        return {"status": "checked" if checkable else "skipped", "message": "", "found": newer_values(result, context)}
+    except LiveCheckUnavailable as exc:
+        return {"status": "unavailable", "message": exc.message, "found": []}
+
+
+def _dated(items: Any) -> list[dict[str, Any]]:
+    return [{**item, "when": when(item.get("date"))} for item in items or () if isinstance(item, dict)]
+
+
+def explanation_view(result: StoredResult, context: LaunchContext) -> dict[str, Any]:
+    """The page's ``risk``: the stored explanation, in words, with the values recorded since the card."""
+    data = result.data if isinstance(result.data, dict) else {}
+    live = _live_check(result, data, context)
+    newer: dict[str, list[NewerValue]] = {}
+    for value in live["found"]:
+        newer.setdefault(value.input, []).append(value)
+    inputs = [{**item, "newer": newer.pop(item.get("name"), [])} for item in _dated(data.get("inputs"))]
+
+    def part(name: str) -> dict[str, Any]:
+        return data.get(name) if isinstance(data.get(name), dict) else {}
+
+    model, guideline, estimator, statin = part("model"), part("guideline"), part("estimator"), part("statin")
+    return {
+        "risk": {
+            "risk_text": data.get("risk_text"),
+            "category": CATEGORY_WORDS.get(data.get("category"), data.get("category")),
+            "made_at": when(card_time(result)),
+            "record_read": data.get("record_read", True),
+            "fallback": bool(data.get("fallback")),
+            "fallback_why": _fallback_why(data.get("fallback_reason")),
+            "inputs": inputs,
+            "missing": [m for m in data.get("missing") or () if isinstance(m, dict)],
+            "notes": [str(n) for n in data.get("notes") or ()],
+            "statin_status": statin.get("status"),
+            "statins": _dated(statin.get("items")),
+            "ascvd": _dated(data.get("ascvd")),
+            "model_name": model.get("name") or "unknown",
+            "model_version": model.get("version"),
+            "model_equation": model.get("equation"),
+            "model_notes": [str(n) for n in model.get("notes") or ()],
+            "guideline_label": guideline.get("label") or GUIDELINE_LABEL,
+            "guideline_url": guideline.get("url") or "",
+            "estimator_label": estimator.get("label") or "",
+            "estimator_url": estimator.get("url") or "",
+            "live": live,
+            "newer_other": [v for values in newer.values() for v in values],  # inputs the card did not list
+        }
+    }
 
 
 @cds_service(
@@ -771,6 +849,12 @@ def _with_explanation(call: ServiceCall, cards: list[Card], data: dict[str, Any]
     ),
     prefetch=PREFETCH,
     fallback=fallback,
+    explanation=Explanation(
+        label=EXPLANATION_LABEL,
+        title="Cardiovascular risk: how this estimate was made",
+        template="smart/cardiovascular_risk.html",
+        view=explanation_view,
+    ),
 )
 def cardiovascular_risk(call: ServiceCall) -> list[Card]:
     made_at = datetime.now(UTC)

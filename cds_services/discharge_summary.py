@@ -13,27 +13,42 @@ import base64
 import hashlib
 import logging
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Flask, current_app
 
-from app import ai, results, smart, webhooks
-from app.ai import InvalidModelInput
-from app.ai.models.discharge_summary import extract_inputs
+from app import ai, smart, webhooks
+from app.ai import InvalidModelInput, Prediction
+from app.ai.guard import Guard, deadline
+from app.ai.local import LocalBackend
+from app.ai.models.discharge_summary import DischargeSummary, extract_inputs
+from app.ai.openai_compat import ChatCompletionsBackend
 from app.cds.cards import Card, Source
 from app.cds.clients import TrustedClient
-from app.cds.service import ServiceCall, cds_service
+from app.cds.service import ServiceCall, Setting, cds_service
 from app.fhir.client import Client, FhirError, FhirNotFound
 from app.fhir.compartment import Compartment, bundle_aliases
 from app.jobs import ledger
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, job_handler, submit
 from app.jobs.retry import ExponentialBackoff, RetryPolicy
+from app.smart.job_page import job_explanation
 
 log = logging.getLogger(__name__)
 
 SERVICE_ID = "discharge-summary"
+SUMMARY_MODEL = "discharge-summary"
+SETTINGS = {
+    # A draft not made within this long after the discharge is not made (or delivered) at all.
+    "DISCHARGE_SUMMARY_TTL_S": Setting(int, 86400, 60, 2_592_000),
+    # An OpenAI-compatible endpoint that drafts instead of the embedded deterministic summariser.
+    "LLM_URL": Setting("url"),
+    "LLM_MODEL": Setting(str, "gpt-4o-mini"),
+    "LLM_API_KEY": Setting(str, secret=True),
+    "LLM_TIMEOUT_S": Setting(int, 60, 1, 600),
+}
 JOB_KIND = "discharge-summary.draft"
 READY_EVENT = "discharge-summary.ready"
 LOINC_DISCHARGE_SUMMARY = {"system": "http://loinc.org", "code": "18842-5", "display": "Discharge summary"}
@@ -53,6 +68,34 @@ MAX_PAGES = 20
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
+def summary_guard(app: Flask) -> Guard:
+    """The guard in front of the summariser (``LLM_URL`` when set, else the embedded deterministic one): a
+    generative endpoint is slow by nature, so its deadline and slow-call threshold come from LLM_TIMEOUT_S."""
+    config = app.config
+    timeout = float(config["LLM_TIMEOUT_S"])
+    if config["LLM_URL"]:
+        backend = ChatCompletionsBackend(config["LLM_URL"], config["LLM_MODEL"], api_key=config["LLM_API_KEY"])
+        return ai.make_guard(app, backend, endpoint=f"llm:{config['LLM_URL']}", timeout=timeout)
+    # Not among the embedded models that `models serve` offers over KServe v2: a nested record and a sectioned
+    # text do not fit its flat tensors.
+    return ai.make_guard(app, LocalBackend([DischargeSummary()]), endpoint="summary:in-process", timeout=timeout)
+
+
+def summarise(inputs: dict[str, Any]) -> Prediction:
+    """Draft a discharge summary from extracted encounter facts through ``ai.infer``, within ``LLM_TIMEOUT_S``."""
+    with deadline(time.monotonic() + current_app.config["LLM_TIMEOUT_S"]):
+        return ai.infer(SUMMARY_MODEL, inputs)
+
+
+def summary_model_version(app: Flask) -> str:
+    """Which summariser drafts now, as ``name@version``: part of a summary job's idempotency key, so a new
+    model makes a new draft rather than reusing the old one."""
+    if app.config["LLM_URL"]:
+        return f"llm:{app.config['LLM_MODEL']}"
+    backend = ai.model_guard(app, SUMMARY_MODEL).backend
+    return f"{SUMMARY_MODEL}@{backend.model(SUMMARY_MODEL).version}"
+
+
 def job_id_for(model_version: str, fhir_server: str, encounter_id: str) -> str:
     """The idempotency key: opaque (no PHI in URLs, webhooks or logs), the same for the same discharge."""
     key = "\x1f".join((SERVICE_ID, model_version, fhir_server.rstrip("/"), encounter_id))
@@ -67,7 +110,7 @@ def _calling_client(call: ServiceCall, fhir_server: str) -> TrustedClient | None
 
 
 def _source() -> Source:
-    return Source(label=f"Clinical AI gateway: discharge summary draft ({ai.summary_model_version(current_app)})")
+    return Source(label=f"Clinical AI gateway: discharge summary draft ({summary_model_version(current_app)})")
 
 
 def _cannot_draft(why: str) -> list[Card]:
@@ -104,9 +147,8 @@ def _status_card(call: ServiceCall, job: ledger.Job) -> Card:
             "review, correct and sign. It is built only from this encounter's recorded conditions, procedures, "
             "medications and results; nothing in it is final until a clinician signs it."
         )
-    result_id = results.save_for_call(call, results.JOB, {"job_id": job.id})
-    links = [results.smart_link("Draft status and content", result_id)] if result_id else []
-    return Card(summary=summary, indicator=indicator, detail=detail, source=_source(), links=links)
+    link = call.explain({"job_id": job.id})
+    return Card(summary=summary, indicator=indicator, detail=detail, source=_source(), links=[link] if link else [])
 
 
 @cds_service(
@@ -114,6 +156,9 @@ def _status_card(call: ServiceCall, job: ledger.Job) -> Card:
     hook="encounter-discharge",
     title="Discharge summary draft",
     description="Prepares an AI draft of the discharge summary from the encounter's record, for clinician review.",
+    explanation=job_explanation(label="Draft status and content", title="Discharge summary draft"),
+    settings=SETTINGS,
+    models={SUMMARY_MODEL: summary_guard},
 )
 def discharge_summary(call: ServiceCall) -> list[Card]:
     request = call.request
@@ -128,7 +173,7 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
     if not _can_write_back(client):
         return _cannot_draft("Write-back to this EHR is not configured (no SMART Backend Services credentials).")
     app = current_app._get_current_object()
-    job_id = job_id_for(ai.summary_model_version(app), fhir_server, request.context["encounterId"])
+    job_id = job_id_for(summary_model_version(app), fhir_server, request.context["encounterId"])
     submit(
         app,
         JOB_KIND,
@@ -293,7 +338,7 @@ def _draft(app: Flask, ctx: JobContext, fhir: Client) -> dict[str, Any]:
     job, payload = ctx.job, ctx.payload
     encounter, resources = gather(fhir, payload["patient_id"], payload["encounter_id"])
     try:
-        prediction = ai.summarise(extract_inputs(encounter, resources))
+        prediction = summarise(extract_inputs(encounter, resources))
     except InvalidModelInput as exc:
         raise PermanentFailure(f"the summariser rejected the encounter's data ({type(exc).__name__})") from None
     ctx.heartbeat()

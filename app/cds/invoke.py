@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from app.ai import InferenceError, ModelUnavailable, reason_text
@@ -16,6 +17,7 @@ from app.cds.request import HookRequest
 from app.cds.service import CdsService, ServiceCall
 from app.logs import describe
 from app.metrics import FALLBACKS
+from app.results import explanation_link
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ def run_service(
         client=client,
         incomplete=prefetch.incomplete,
         encounter_keys=service.encounter_keys,
+        explainer=partial(explanation_link, service) if service.explanation is not None else None,
     )
     try:
         with model_deadline(deadline - reserve_ms / 1000):

@@ -5,15 +5,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from app.cds.cards import Card
+from app.cds.cards import Card, Link
 from app.cds.clients import TrustedClient
 from app.cds.prefetch import ALL_PAGES, FIRST_PAGE, check_template, screen, tokens
 from app.cds.request import HookRequest
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -55,6 +60,8 @@ class ServiceCall:
     incomplete: frozenset[str] = frozenset()
     encounter_keys: frozenset[str] = frozenset()
     dropped: dict[str, int] = field(init=False, default_factory=dict)
+    # Stores a result for this call's service and returns its explanation link (set by the framework: app.results).
+    explainer: Callable[[ServiceCall, Any], Link | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prefetch, self.dropped = screen(self.prefetch, self.request, self.encounter_keys)
@@ -83,9 +90,51 @@ class ServiceCall:
         """Seconds left before this call's deadline (never negative)."""
         return max(0.0, self.deadline - time.monotonic())
 
+    def explain(self, data: Any) -> Link | None:
+        """Store ``data`` as this call's result and return the SMART link to its explanation page; None when the
+        result cannot be stored now (a database outage must not cost the clinician the card) or outside a hook."""
+        return self.explainer(self, data) if self.explainer is not None else None
+
 
 CardsFunction = Callable[[ServiceCall], list[Card]]
 FallbackFunction = Callable[[ServiceCall, str], list[Card]]
+# Builds the template's variables from a stored result and the SMART launch (app.smart.pages.LaunchContext).
+ExplanationView = Callable[[Any, Any], dict[str, Any]]
+# Builds the guard in front of a model the service brings (app.ai.make_guard), once per application.
+ModelFactory = Callable[["Flask"], Any]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The page a service's cards link to: the link's label, the page title, a Jinja2 template rendered inside
+    the SMART app's common frame (``{% extends "smart/base.html" %}``), and ``view(result, context)``, which
+    turns the stored result and the launch into the template's variables.
+
+    The template is looked up in ``app/templates/`` and then in the ``templates/`` folder next to the declaring
+    module (``template_folder``, filled in at declaration), so a service can bring its one template with it."""
+
+    label: str
+    title: str
+    template: str
+    view: ExplanationView
+    template_folder: str | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An environment variable a service reads, validated at start by app.config with the others: ``type`` is
+    int, float, bool, str or ``"url"`` (an absolute http(s) URL); ``low``/``high`` bound numbers; a ``secret``
+    may also come from ``NAME_FILE``. Its value is in ``app.config[NAME]``."""
+
+    type: type | str
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in (int, float, bool, str, "url"):
+            raise ValueError(f"a setting's type is int, float, bool, str or 'url', not {self.type!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +150,9 @@ class CdsService:
     fallback: FallbackFunction | None = None
     budget_ms: int | None = None
     usage_requirements: str | None = None
+    explanation: Explanation | None = None
+    settings: Mapping[str, Setting] = field(default_factory=dict)
+    models: Mapping[str, ModelFactory] = field(default_factory=dict)
 
     @property
     def encounter_keys(self) -> frozenset[str]:
@@ -135,10 +187,18 @@ def cds_service(
     fallback: FallbackFunction | None = None,
     budget_ms: int | None = None,
     usage_requirements: str | None = None,
+    explanation: Explanation | None = None,
+    settings: Mapping[str, Setting] | None = None,
+    models: Mapping[str, ModelFactory] | None = None,
 ) -> Callable[[CardsFunction], CardsFunction]:
-    """Register the decorated function as the card builder of a CDS service."""
+    """Register the decorated function as the card builder of a CDS service, with what the service brings: the
+    page its cards link to (``explanation``), the environment variables it reads (``settings``) and the models it
+    serves itself (``models``: name to guard factory, reached through ``app.ai.infer``)."""
     if not _SERVICE_ID.match(id):
         raise ValueError(f"service id {id!r} is not URL-safe")
+    for name in settings or {}:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            raise ValueError(f"setting name {name!r} is not an environment variable name")
 
     def register(fn: CardsFunction) -> CardsFunction:
         if id in _REGISTRY and _REGISTRY[id].cards is not fn:
@@ -156,10 +216,22 @@ def cds_service(
             fallback=fallback,
             budget_ms=budget_ms,
             usage_requirements=usage_requirements,
+            explanation=_with_folder(explanation, fn),
+            settings=dict(settings or {}),
+            models=dict(models or {}),
         )
         return fn
 
     return register
+
+
+def _with_folder(explanation: Explanation | None, fn: Callable) -> Explanation | None:
+    """The explanation with its template folder: ``templates/`` next to the module that declares the service."""
+    if explanation is None or explanation.template_folder is not None:
+        return explanation
+    module_file = getattr(sys.modules.get(fn.__module__), "__file__", None)
+    folder = Path(module_file).parent / "templates" if module_file else None
+    return replace(explanation, template_folder=str(folder) if folder and folder.is_dir() else None)
 
 
 def load_services(package: str = "cds_services") -> None:
@@ -176,6 +248,18 @@ def services() -> Iterator[CdsService]:
 
 def get_service(service_id: str) -> CdsService | None:
     return _REGISTRY.get(service_id)
+
+
+def declared_settings() -> dict[str, Setting]:
+    """Every setting the services declare (they are loaded first), by variable name; a name two services declare
+    differently is a programming error."""
+    load_services()
+    found: dict[str, Setting] = {}
+    for service in _REGISTRY.values():
+        for name, setting in service.settings.items():
+            if found.setdefault(name, setting) != setting:
+                raise ValueError(f"setting {name} is declared differently by two services")
+    return found
 
 
 def unregister(service_id: str) -> CdsService | None:

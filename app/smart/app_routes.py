@@ -13,21 +13,19 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import requests
 from flask import Blueprint, Flask, Response, after_this_request, current_app, redirect, request
 from werkzeug.exceptions import HTTPException
 
+from app import results
+from app.cds.clients import FhirBase
 from app.clock import app_clock
 from app.http import pooled_session
 from app.logs import describe
-from app.smart import launch
+from app.smart import launch, pages
 from app.smart.launch import ClientSettings, DiscoveryCache, LaunchError, LaunchExpired, NoPatientContext
 from app.smart.sessions import PendingLaunchSeal, SessionStore, SmartSession, load_or_create_key
-
-if TYPE_CHECKING:
-    from app.cds.clients import FhirBase
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +166,6 @@ def callback():
 @bp.get("/app")
 def app_page():
     """The explanation page for the card's result, with the launch's patient, user and granted scopes."""
-    from app import results
-    from app.jobs import ledger
-    from app.smart import pages
-
     smart = _app()
     current = _session()
     if current is None or "token" not in current.state:
@@ -200,8 +194,7 @@ def app_page():
         raise PatientMismatch("This result was made for another EHR than the one that opened this page.")
 
     context = _launch_context(token, pages.LaunchContext)
-    job = ledger.get(engine, result.data["job_id"]) if result.kind == "job" else None
-    html = pages.render_result(result, context, job=job, csrf_token=current.state["csrf"])
+    html = pages.render_result(result, context, csrf_token=current.state["csrf"])
     return Response(html, 200, content_type="text/html; charset=utf-8")
 
 
@@ -229,7 +222,6 @@ def _launch_context(token: dict, make_context):
 @bp.post("/logout")
 def logout():
     """Sign out: the form's CSRF token must match the session's; the session is deleted and the cookie cleared."""
-    from app.smart import pages
 
     smart = _app()
     current = _session()
@@ -246,7 +238,6 @@ def logout():
 
 @bp.errorhandler(LaunchError)
 def launch_error(exc: LaunchError):
-    from app.smart import pages
 
     return Response(pages.render_error(exc.title, exc.message), exc.status, content_type="text/html; charset=utf-8")
 
@@ -254,7 +245,6 @@ def launch_error(exc: LaunchError):
 @bp.errorhandler(HTTPException)
 def http_error(exc: HTTPException):
     """An HTML page, not the CDS endpoints' OperationOutcome, for the app's own 4xx (e.g. a wrong method)."""
-    from app.smart import pages
 
     html = pages.render_error(exc.name, exc.description or exc.name)
     return Response(html, exc.code or 500, content_type="text/html; charset=utf-8")
@@ -265,7 +255,6 @@ def unexpected_error(exc: Exception):
     if isinstance(exc, HTTPException):
         return http_error(exc)
     log.error("SMART app error: %s", describe(exc))
-    from app.smart import pages
 
     html = pages.render_error("Something went wrong", "The app could not show this page. Try again from the EHR.")
     return Response(html, 500, content_type="text/html; charset=utf-8")

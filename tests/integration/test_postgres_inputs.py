@@ -277,7 +277,7 @@ def test_a_row_the_database_refuses_is_written_alone_and_reported(database_url, 
     with TableLock(database_url):
         ids = [
             writer.submit(
-                results.RISK,
+                "cardiovascular-risk",
                 {"n": i},
                 client_iss=None,
                 fhir_server=None,
@@ -302,7 +302,9 @@ def test_rows_that_meet_a_held_lock_are_written_once_it_is_free_and_links_pause_
     before = not_stored("rejected")
 
     def submit(i: int) -> str | None:
-        return writer.submit(results.RISK, {"n": i}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)
+        return writer.submit(
+            "cardiovascular-risk", {"n": i}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60
+        )
 
     with TableLock(shared_database):
         ids = [submit(i) for i in range(20)]
@@ -371,7 +373,9 @@ def test_rows_waiting_out_an_outage_longer_than_their_life_are_dropped_and_repor
     writer.RETRY_MAX_S = 0.2
     before = not_stored("expired")
     drop_database(database_url)
-    result_id = writer.submit(results.RISK, {}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=0.5)
+    result_id = writer.submit(
+        "cardiovascular-risk", {}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=0.5
+    )
     assert result_id is not None
     assert writer.flush(timeout=10)  # dropped once expired, not retried for ever
     assert not_stored("expired") == before + 1

@@ -188,9 +188,10 @@ def rendered(monkeypatch):
     calls: list[dict] = []
     real = pages.render_result
 
-    def spy(result, context, *, job=None, csrf_token=""):
-        calls.append({"result": result, "context": context, "job": job, "csrf_token": csrf_token})
-        return real(result, context, job=job, csrf_token=csrf_token)
+    def spy(result, context, *, csrf_token=""):
+        page = real(result, context, csrf_token=csrf_token)
+        calls.append({"result": result, "context": context, "csrf_token": csrf_token, "page": page})
+        return page
 
     monkeypatch.setattr(pages, "render_result", spy)
     return calls
@@ -428,9 +429,9 @@ def test_job_result_loads_its_job(gateway, ehr, rendered):
     from app.jobs import ledger
 
     ledger.enqueue(gateway.extensions["db"], "job-smart-1", "discharge-summary", {"encounter": "e1"})
-    result = store_result(gateway, patient=PATIENT_ID, kind="job", data={"job_id": "job-smart-1"})
+    result = store_result(gateway, patient=PATIENT_ID, kind="discharge-summary", data={"job_id": "job-smart-1"})
     assert launch_to_app(Browser(gateway), ehr, result).status == 200
-    assert rendered[0]["job"].id == "job-smart-1"
+    assert "Waiting to start" in rendered[0]["page"]  # the queued job's status, read from the ledger
 
 
 def test_no_app_page_without_a_completed_launch(gateway):

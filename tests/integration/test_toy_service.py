@@ -1,5 +1,6 @@
 """The CDS framework itself, through toy services and the real app: declaration, discovery, prefetch sent and
-fetched, a card function that raises, a fallback that raises, no fallback, and a service's own budget."""
+fetched, a card function that raises, a fallback that raises, no fallback, a service's own budget, and a service
+that brings its own model, explanation page and setting."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 
 import pytest
 
+from app import results
+from app.ai import model_guard
 from app.cds import service as service_registry
 from app.clock import SystemClock
+from app.config import ConfigError, load_config
+from app.smart.pages import LaunchContext, render_result
 from tests.conftest import PUBLIC_BASE_URL
 from tests.support import toy_services as toy
 from tests.support.clock import FakeClock
@@ -161,3 +166,74 @@ def test_removing_the_toy_services_leaves_the_registry_as_it_was():
         assert service_registry.get_service(toy.ECHO) is not None
     assert before == service_registry._REGISTRY
     assert service_registry.get_service(toy.ECHO) is None
+
+
+# ---- a service that brings its own model, explanation page and setting ------------------------------------------
+
+
+def explained(app, call) -> tuple[dict, dict]:
+    """One toy-explained card and its smart link."""
+    card = only_card(call(app, toy.EXPLAINED, hook_body()))
+    (link,) = card["links"]
+    return card, link
+
+
+def test_a_service_serves_its_own_model_reading_its_own_setting(make_app, toys, call):
+    app = make_app(TOY_GREETING_NUMBER="7")
+    assert app.config["TOY_GREETING_NUMBER"] == 7
+    card, _ = explained(app, call)
+    assert card["summary"] == "Toy doubled 7"
+    assert model_guard(app, toy.TOY_MODEL) is not app.extensions["ai_guard"]  # its own guard, its own breaker
+    card, _ = explained(make_app(), call)
+    assert card["summary"] == "Toy doubled 21"  # the declared default
+
+
+def test_the_framework_stores_the_result_and_links_the_services_own_page(app, call):
+    card, link = explained(app, call)
+    assert (link["label"], link["type"], link["url"]) == (
+        "How the toy answered",
+        "smart",
+        PUBLIC_BASE_URL + "/smart/launch",
+    )
+    app.extensions["results_writer"].flush()
+    result = results.load(app.extensions["db"], link["appContext"])
+    assert result.kind == toy.EXPLAINED and result.patient_id == PATIENT_ID
+    assert result.data == {"number": 21, "doubled": 42, "model": "0.1"}
+    context = LaunchContext(
+        patient={"resourceType": "Patient", "id": PATIENT_ID, "name": [{"text": "Toy Patient"}]},
+        need_patient_banner=True,
+        user="Practitioner/toy",
+        granted_scopes=frozenset(),
+    )
+    page = render_result(result, context, csrf_token="tok")
+    assert "<title>Toy: how this was made – Clinical AI gateway</title>" in page  # the common frame ...
+    assert "Toy Patient" in page and 'name="csrf_token" value="tok"' in page
+    assert "21 doubled is <strong>42</strong>" in page  # ... around the service's own template
+
+
+def test_a_bad_value_of_a_declared_setting_stops_the_start_naming_it(toys):
+    with pytest.raises(ConfigError, match=r"^TOY_GREETING_NUMBER must be between 1 and 1000 \(got 0\)$"):
+        load_config(environ={}, overrides={"TOY_GREETING_NUMBER": "0"})
+    with pytest.raises(ConfigError, match=r"^TOY_GREETING_NUMBER must be a whole number"):
+        load_config(environ={}, overrides={"TOY_GREETING_NUMBER": "many"})
+
+
+def test_the_real_services_settings_keep_their_names_defaults_and_bounds():
+    settings = load_config(environ={})
+    assert (settings["DISCHARGE_SUMMARY_TTL_S"], settings["LLM_TIMEOUT_S"], settings["LLM_MODEL"]) == (
+        86400,
+        60,
+        "gpt-4o-mini",
+    )
+    assert settings["LLM_URL"] is None and settings["LLM_API_KEY"] is None
+    with pytest.raises(ConfigError, match=r"^DISCHARGE_SUMMARY_TTL_S must be between 60 and 2592000 \(got 5\)$"):
+        load_config(environ={"DISCHARGE_SUMMARY_TTL_S": "5"})
+    with pytest.raises(ConfigError, match=r"^LLM_URL must be an absolute http/https URL"):
+        load_config(environ={"LLM_URL": "ftp://llm"})
+
+
+def test_only_a_declared_service_with_an_explanation_names_a_result(app):
+    engine = app.extensions["db"]
+    for kind in ("job", toy.ECHO, "nobody"):  # the old kind, a service without a page, no service at all
+        with pytest.raises(ValueError, match="not a declared service with an explanation"):
+            results.save(engine, kind, {}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)

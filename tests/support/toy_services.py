@@ -1,18 +1,24 @@
 """Toy CDS services, declared in one place, that exercise the framework itself rather than any clinical rule.
 
 Each one takes one path through app.cds: prefetch used or fetched, a card function that raises, a fallback that
-raises, no fallback at all (the generic fallback), and a ``budget_ms`` tighter than the hook budget. They are
-declared only inside `declared()` and removed when it ends, so the rest of the suite sees the registry unchanged.
+raises, no fallback at all (the generic fallback), and a ``budget_ms`` tighter than the hook budget. ``toy-explained``
+is a whole service in the few lines below plus one template (``templates/smart/toy_explained.html`` next to this
+module): its own model, its own explanation page and its own setting. They are declared only inside `declared()`
+and removed when it ends, so the rest of the suite sees the registry unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
-from app.ai import infer
+from flask import Flask, current_app
+
+from app.ai import infer, make_guard
+from app.ai.local import LocalBackend
 from app.cds.cards import Card, Source
-from app.cds.service import PrefetchKey, ServiceCall, cds_service, unregister
+from app.cds.service import Explanation, PrefetchKey, ServiceCall, Setting, cds_service, unregister
 
 ECHO = "toy-echo"
 RAISES = "toy-raises"
@@ -20,7 +26,10 @@ FALLBACK_RAISES = "toy-fallback-raises"
 NO_FALLBACK = "toy-no-fallback"
 BUDGET = "toy-budget"
 UNBUDGETED = "toy-unbudgeted"
-IDS = (ECHO, RAISES, FALLBACK_RAISES, NO_FALLBACK, BUDGET, UNBUDGETED)
+EXPLAINED = "toy-explained"
+IDS = (ECHO, RAISES, FALLBACK_RAISES, NO_FALLBACK, BUDGET, UNBUDGETED, EXPLAINED)
+TOY_MODEL = "toy-doubler"
+TOY_SETTING = "TOY_GREETING_NUMBER"
 
 BUDGET_MS = 300
 PATIENT_TEMPLATE = "Patient/{{context.patientId}}"
@@ -74,6 +83,36 @@ def model_cards(call: ServiceCall) -> list[Card]:
     ]
 
 
+class Doubler:
+    """The toy service's own model: doubles a number."""
+
+    name, version = TOY_MODEL, "0.1"
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"doubled": inputs["number"] * 2}
+
+
+def doubler_guard(app: Flask):
+    """The toy model in process, behind a guard of its own (registered by the service's declaration)."""
+    return make_guard(app, LocalBackend([Doubler()]), endpoint="toy:in-process", timeout=1.0)
+
+
+def explained_cards(call: ServiceCall) -> list[Card]:
+    """Asks its own model about its own setting, and links the card to its own explanation page."""
+    number = current_app.config[TOY_SETTING]
+    prediction = infer(TOY_MODEL, {"number": number})
+    link = call.explain({"number": number, "doubled": prediction.outputs["doubled"], "model": prediction.version})
+    card = Card(summary=f"Toy doubled {number}", indicator="info", source=Source(label="toy explained"))
+    if link is not None:
+        card.links.append(link)
+    return [card]
+
+
+def explained_view(result, context) -> dict[str, Any]:
+    """The toy page's variables, from the stored result."""
+    return {"toy": {"greeting": "Toy result", **result.data}}
+
+
 def declare() -> None:
     """Register every toy service (their card functions are module functions, so declaring twice is a no-op)."""
     patient = {"patient": PrefetchKey(PATIENT_TEMPLATE)}
@@ -85,6 +124,20 @@ def declare() -> None:
     cds_service(id=BUDGET, title="Toy budget", fallback=echo_fallback, budget_ms=BUDGET_MS, **common)(model_cards)
     # The same card function under the hook budget, to show that the budget above is what cut the call short.
     cds_service(id=UNBUDGETED, title="Toy unbudgeted", fallback=echo_fallback, **common)(_unbudgeted_cards)
+    cds_service(
+        id=EXPLAINED,
+        title="Toy explained",
+        fallback=echo_fallback,
+        explanation=Explanation(
+            label="How the toy answered",
+            title="Toy: how this was made",
+            template="smart/toy_explained.html",
+            view=explained_view,
+        ),
+        settings={TOY_SETTING: Setting(int, 21, 1, 1000)},
+        models={TOY_MODEL: doubler_guard},
+        **common,
+    )(explained_cards)
 
 
 def _unbudgeted_cards(call: ServiceCall) -> list[Card]:

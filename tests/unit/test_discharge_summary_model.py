@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.ai import InvalidModelInput
+from app.ai import InvalidModelInput, model_guard
 from app.ai.models import embedded_models
 from app.ai.models.discharge_inputs import age_at, concept_text, reference_id
 from app.ai.models.discharge_summary import NAME, VERSION, DischargeSummary, extract_inputs
@@ -124,7 +124,7 @@ def fixture_resources() -> tuple[dict, dict[str, list[dict]]]:
 
 
 def test_runs_behind_the_summary_guard_and_not_over_kserve(make_app):
-    guard = make_app().extensions["summary_guard"]
+    guard = model_guard(make_app(), NAME)  # the guard the discharge-summary service registers for its model
     prediction = guard.backend.infer(NAME, INPUTS)
     assert (prediction.model, prediction.version) == (NAME, VERSION)
     assert prediction.outputs == MODEL.predict(INPUTS)

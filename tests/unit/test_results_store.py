@@ -26,7 +26,7 @@ def engine(tmp_path):
     engine.dispose()
 
 
-def save(engine, data=None, *, ttl=3600, now=NOW, kind=results.RISK, patient="pat-1"):
+def save(engine, data=None, *, ttl=3600, now=NOW, kind="cardiovascular-risk", patient="pat-1"):
     return results.save(
         engine,
         kind,
@@ -59,7 +59,7 @@ def test_a_saved_result_loads_with_everything_it_was_saved_with(engine):
 
 
 def test_a_job_result_keeps_its_job_id(engine):
-    result_id = save(engine, {"job_id": "discharge-summary:enc-1"}, kind=results.JOB)
+    result_id = save(engine, {"job_id": "discharge-summary:enc-1"}, kind="discharge-summary")
     assert results.load(engine, result_id, now=NOW).data == {"job_id": "discharge-summary:enc-1"}
 
 
@@ -94,9 +94,9 @@ def test_purge_removes_only_expired_results(engine):
     assert left == [fresh] and old not in left
 
 
-def test_times_must_be_timezone_aware_and_kinds_known(engine):
-    with pytest.raises(ValueError):
-        save(engine, now=datetime(2026, 12, 1, 9, 30))
+def test_a_naive_time_is_utc_and_kinds_must_be_known(engine):
+    rid = save(engine, now=datetime(2026, 12, 1, 9, 30))
+    assert results.load(engine, rid, now=NOW).created_at == datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
     with pytest.raises(ValueError):
         save(engine, kind="something-else")
 
@@ -114,7 +114,9 @@ def test_the_migration_creates_the_table_at_revision_0004(engine):
 def test_the_background_writer_stores_what_it_was_given_in_batches(engine):
     writer = results.ResultWriter(engine, batch=50)
     ids = [
-        writer.submit("job", {"job_id": str(i)}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)
+        writer.submit(
+            "discharge-summary", {"job_id": str(i)}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60
+        )
         for i in range(120)
     ]
     writer.flush()
@@ -124,8 +126,8 @@ def test_the_background_writer_stores_what_it_was_given_in_batches(engine):
 def test_a_full_writer_queue_costs_the_link_not_the_card(engine, monkeypatch):
     writer = results.ResultWriter(engine, max_queued=1)
     monkeypatch.setattr(writer, "_start", lambda: None)  # nothing drains the queue
-    first = writer.submit("job", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
-    second = writer.submit("job", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
+    first = writer.submit("discharge-summary", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
+    second = writer.submit("discharge-summary", {}, client_iss=None, fhir_server=None, patient_id=None, ttl_seconds=60)
     assert first is not None and second is None
 
 
@@ -138,7 +140,7 @@ def not_stored(reason: str) -> float:
 
 def submit(writer, *, patient_id="p", fhir_server="https://ehr.example/fhir", data=None):
     return writer.submit(
-        results.RISK,
+        "cardiovascular-risk",
         {"risk": 0.05} if data is None else data,
         client_iss="https://ehr.example/cds",
         fhir_server=fhir_server,
@@ -198,7 +200,9 @@ def lost_at_exit() -> float:
 
 
 def queue_one(writer) -> str:
-    return writer.submit(results.RISK, {"x": 1}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)
+    return writer.submit(
+        "cardiovascular-risk", {"x": 1}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60
+    )
 
 
 def test_closing_at_exit_writes_what_is_queued(engine):
