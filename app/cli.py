@@ -15,15 +15,14 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.cli import FlaskGroup, routes_command, shell_command
 
-from app.config import ConfigError
+from app import create_app
+from app.config import ConfigError, load_config
 from app.up import up_command
 
 CONFIG_ERROR_STATUS = 2
 
 
 def _create_app() -> Flask:
-    from app import create_app
-
     try:
         return create_app()
     except ConfigError as exc:
@@ -70,8 +69,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _database_named() -> str:
     """DATABASE_URL as this command saw it, password hidden: an operator must see which database was read."""
-    from app.config import load_config
-
     return sa.make_url(load_config()["DATABASE_URL"]).render_as_string(hide_password=True)
 
 

@@ -14,11 +14,27 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
 
+from app.clock import as_utc
 from app.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """A timestamptz that always binds UTC and always reads back aware (SQLite stores no offset); a naive value
+    is UTC (``app.clock.as_utc``), in both directions."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else as_utc(value)
+
 
 feedback = sa.Table(
     "feedback",

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from flask import request
 
 from app.cds.clients import DEV_CLIENTS_FILE
+from app.http import operation_outcome
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,5 @@ def init_app(app) -> None:
     def _callers_on_this_host_only():
         forwarded = any(name in request.headers for name in _FORWARDING_HEADERS)
         if forwarded or not is_loopback(request.remote_addr):
-            from app.cds.responses import operation_outcome
-
             return operation_outcome(403, "forbidden", refusal)
         return None

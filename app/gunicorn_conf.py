@@ -8,6 +8,7 @@ stays with the worker that accepted it.
 import sys
 
 from app.config import ConfigError, load_config
+from app.development import off_host_refusal
 from app.metrics import prepare_multiprocess_dir
 
 try:
@@ -56,8 +57,6 @@ def on_starting(server):
 def when_ready(server):
     """Development-only settings work only on loopback: check the addresses gunicorn actually listens on, which
     --bind, GUNICORN_CMD_ARGS or an inherited socket may have set apart from HOST."""
-    from app.development import off_host_refusal
-
     refusal = off_host_refusal(_settings, [_listening_on(listener) for listener in server.LISTENERS])
     if refusal:
         _refuse(server, refusal)

@@ -7,8 +7,8 @@ from typing import Any
 import sqlalchemy as sa
 from flask import Blueprint, current_app, request
 
-from app.cds.responses import json_response
 from app.db import engine
+from app.http import json_response
 from app.jobs import ledger, presence
 
 bp = Blueprint("health", __name__)

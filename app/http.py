@@ -1,9 +1,23 @@
-"""Outbound HTTP: one way to build the pooled requests.Session every client of ours uses."""
+"""HTTP helpers every area shares: the pooled outbound Session, and the JSON answers of our JSON APIs (an
+OperationOutcome for every error)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
 import requests
+from flask import Blueprint, Flask, Response, current_app, request
 from requests.adapters import HTTPAdapter
+from werkzeug.exceptions import HTTPException
+
+from app.logs import describe
+
+log = logging.getLogger(__name__)
+
+_UNROUTED = "http.unrouted"  # app.extensions: URL prefix -> handler of its requests that match no route
 
 
 def pooled_session(pool_size: int = 32, hosts: int = 8) -> requests.Session:
@@ -15,3 +29,50 @@ def pooled_session(pool_size: int = 32, hosts: int = 8) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def json_response(body: Any, status: int = 200, content_type: str = "application/json") -> Response:
+    return Response(orjson.dumps(body), status=status, content_type=content_type)
+
+
+def operation_outcome(status: int, code: str, diagnostics: str, expression: str | None = None) -> Response:
+    """An OperationOutcome for a non-2xx answer (recommended by CDS Hooks 3.0; harmless in 2.0)."""
+    issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": diagnostics}
+    if expression:
+        issue["expression"] = [expression]
+    body = {"resourceType": "OperationOutcome", "issue": [issue]}
+    return json_response(body, status, "application/fhir+json")
+
+
+def http_error_outcome(exc: HTTPException) -> Response:
+    """A Flask/Werkzeug HTTP error (404, 405, 413...) as an OperationOutcome with its status."""
+    return operation_outcome(exc.code or 500, "processing", exc.description or exc.name)
+
+
+def unexpected_error_outcome(exc: Exception) -> Response:
+    """A 500 that tells the caller nothing; the log line names the exception's type and place, never its text."""
+    log.error("unhandled error: %s", describe(exc))
+    return operation_outcome(500, "exception", "Internal error")
+
+
+def operation_outcome_errors(bp: Blueprint) -> None:
+    """Answer every error of ``bp``'s routes with an OperationOutcome (call at import, before registration)."""
+    bp.register_error_handler(HTTPException, http_error_outcome)
+    bp.register_error_handler(Exception, unexpected_error_outcome)
+
+
+def answer_unrouted(app: Flask, prefix: str, handler: Callable[[HTTPException], Response]) -> None:
+    """Let ``handler`` answer requests under ``prefix`` that match no route (404, 405): Flask gives those to the
+    application's error handlers only, never to a blueprint's. Elsewhere Flask's own answer stands."""
+    handlers = app.extensions.setdefault(_UNROUTED, {})
+    if not handlers:
+        app.register_error_handler(HTTPException, _answer_unrouted)
+    handlers[prefix.rstrip("/")] = handler
+
+
+def _answer_unrouted(exc: HTTPException):
+    if request.url_rule is None:
+        for prefix, handler in current_app.extensions[_UNROUTED].items():
+            if request.path == prefix or request.path.startswith(prefix + "/"):
+                return handler(exc)
+    return exc  # Flask renders it as it would without this handler

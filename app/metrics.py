@@ -15,9 +15,10 @@ import hmac
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,6 +28,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,13 @@ RESULTS_NOT_STORED = Counter(
 )
 
 bp = Blueprint("metrics", __name__)
+_SCRAPE_COLLECTORS = "metrics.scrape_collectors"  # app.extensions: name -> factory(app) of a Collector
 
 
 @bp.get("/metrics")
 def metrics():
-    """The Prometheus text format; with several workers, the sum over all of them; job gauges from the ledger."""
-    from app.jobs.monitor import LedgerCollector
-
+    """The Prometheus text format; with several workers, the sum over all of them; then what the areas read at
+    scrape time (``collect_at_scrape``: the job gauges from the ledger)."""
     token = current_app.config["METRICS_TOKEN"]
     if token and not _bearer_matches(request.headers.get("Authorization"), token):
         return Response("metrics need Authorization: Bearer $METRICS_TOKEN\n", 401, {"WWW-Authenticate": "Bearer"})
@@ -83,9 +85,16 @@ def metrics():
         body = generate_latest(registry)
     else:
         body = generate_latest()
-    ledger_registry = CollectorRegistry()
-    ledger_registry.register(LedgerCollector(current_app.extensions["db"]))
-    return Response(body + generate_latest(ledger_registry), content_type=CONTENT_TYPE_LATEST)
+    at_scrape = CollectorRegistry()
+    for factory in current_app.extensions.get(_SCRAPE_COLLECTORS, {}).values():
+        at_scrape.register(factory(current_app))
+    return Response(body + generate_latest(at_scrape), content_type=CONTENT_TYPE_LATEST)
+
+
+def collect_at_scrape(app: Flask, name: str, factory: Callable[[Flask], Collector]) -> None:
+    """Add ``factory(app)``'s metrics to every scrape of /metrics: values read then (e.g. from the database, the
+    same in every process) rather than kept by this process. ``name`` makes adding it again a no-op."""
+    app.extensions.setdefault(_SCRAPE_COLLECTORS, {})[name] = factory
 
 
 def _bearer_matches(header: str | None, token: str) -> bool:

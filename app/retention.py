@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter
 
 from app import results
+from app.clock import utc_now
 from app.jobs import ledger, presence
 from app.logs import describe
 from app.smart import sessions
@@ -114,7 +115,7 @@ TABLE: tuple[Kept, ...] = (
 def purge_all(engine: sa.Engine, config: Mapping[str, Any], *, now: datetime | None = None) -> int:
     """Purge every entry of ``TABLE`` past its retention, in bounded batches; returns how many rows went.
     An entry that fails (the database away) is logged and the others still run."""
-    now = ledger.utc_now(now)
+    now = utc_now(now)
     removed = 0
     for kept in TABLE:
         try:

@@ -2,51 +2,20 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from flask import current_app
 
+from app.ai.breaker import CircuitBreaker
+from app.ai.guard import Guard, LateResults
+from app.ai.kserve import KServeBackend
+from app.ai.local import LocalBackend
+from app.ai.serve import init_cli
+from app.ai.types import Backend, InferenceError, InvalidModelInput, Model, ModelUnavailable, Prediction
+from app.cds.service import load_services, services
 from app.clock import SYSTEM_CLOCK, app_clock
 
-
-@dataclass(frozen=True)
-class Prediction:
-    """A model's answer, with the name and version every card that uses it must show."""
-
-    model: str
-    version: str
-    outputs: dict[str, Any]
-
-
-class InferenceError(Exception):
-    """Base of inference failures."""
-
-
-class InvalidModelInput(InferenceError):
-    """The inputs are outside what the model accepts; the caller's fault, not the model's."""
-
-
-class ModelUnavailable(InferenceError):
-    """The model could not answer (down, timed out, overloaded, unknown)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-class Model(Protocol):
-    """An embedded model: a name, a version, and a pure ``predict``."""
-
-    name: str
-    version: str
-
-    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]: ...
-
-
-class Backend(Protocol):
-    def infer(self, model: str, inputs: dict[str, Any], timeout: float | None = None) -> Prediction: ...
+__all__ = ["Backend", "InferenceError", "InvalidModelInput", "Model", "ModelUnavailable", "Prediction", "infer"]
 
 
 # What a fallback card says about why the AI result is missing, by ModelUnavailable.reason.
@@ -67,35 +36,25 @@ def reason_text(reason: str) -> str:
 
 
 def infer(model: str, inputs: dict[str, Any]) -> Prediction:
-    """Run ``model`` on ``inputs`` through the guard, within the current hook's deadline."""
-    return current_app.extensions["ai_guard"].infer(model, inputs)
+    """Run ``model`` on ``inputs`` through its guard, within the current deadline: a model a service registered
+    (``@cds_service(models=...)``) behind its own guard, any other through the configured backend's."""
+    return model_guard(current_app, model).infer(model, inputs)
 
 
-SUMMARY_MODEL = "discharge-summary"
+def model_guard(app, model: str):
+    """The guard that ``infer`` uses for ``model`` in ``app``."""
+    return app.extensions.get("ai_models", {}).get(model) or app.extensions["ai_guard"]
 
 
-def summarise(inputs: dict[str, Any]) -> Prediction:
-    """Draft a discharge summary from extracted encounter facts, through the summary model's own guard
-    (``LLM_URL`` when set, else the embedded deterministic summariser), within ``LLM_TIMEOUT_S``."""
-    from app.ai.guard import deadline
-
-    with deadline(time.monotonic() + current_app.config["LLM_TIMEOUT_S"]):
-        return current_app.extensions["summary_guard"].infer(SUMMARY_MODEL, inputs)
-
-
-def summary_model_version(app) -> str:
-    """Which summariser drafts now, as ``name@version``: part of a summary job's idempotency key, so a new
-    model makes a new draft rather than reusing the old one."""
-    config = app.config
-    if config["LLM_URL"]:
-        return f"llm:{config['LLM_MODEL']}"
-    backend = app.extensions["summary_guard"].backend
-    return f"{SUMMARY_MODEL}@{backend.model(SUMMARY_MODEL).version}"
+def register_model(app, model: str, guard) -> None:
+    """Serve ``model`` through ``guard`` (a Guard in front of its own backend) instead of the configured backend."""
+    models = app.extensions.setdefault("ai_models", {})
+    if model in models:
+        raise ValueError(f"model {model!r} is registered twice")
+    models[model] = guard
 
 
 def _breaker(name: str, config, slow_call_seconds: float, host_state=None, clock=SYSTEM_CLOCK):
-    from app.ai.breaker import CircuitBreaker
-    from app.ai.guard import Guard
 
     return CircuitBreaker(
         name,
@@ -113,28 +72,16 @@ def _breaker(name: str, config, slow_call_seconds: float, host_state=None, clock
     )
 
 
-def _summary_guard(config, host_state, clock=SYSTEM_CLOCK):
-    """The guard in front of the summariser: a generative endpoint is slow by nature, so its deadline and
-    slow-call threshold come from LLM_TIMEOUT_S, not from the hook budget."""
-    from app.ai.guard import Guard, LateResults
+def make_guard(app, backend: Backend, *, endpoint: str, timeout: float):
+    """A guard for a model a service brings: its own circuit breaker (named by ``endpoint``, shared across
+    processes like the others; slow calls at 80 % of ``timeout``), bulkhead, and ``timeout`` as both its
+    default deadline and its call timeout. No late results: such a model is not called against a hook budget."""
 
-    timeout = float(config["LLM_TIMEOUT_S"])
-    if config["LLM_URL"]:
-        from app.ai.openai_compat import ChatCompletionsBackend
-
-        backend = ChatCompletionsBackend(config["LLM_URL"], config["LLM_MODEL"], api_key=config["LLM_API_KEY"])
-        name = f"llm:{config['LLM_URL']}"
-    else:
-        from app.ai.local import LocalBackend
-        from app.ai.models.discharge_summary import DischargeSummary
-
-        # Not among the embedded models that `models serve` offers over KServe v2: a nested record and a
-        # sectioned text do not fit its flat tensors.
-        backend, name = LocalBackend([DischargeSummary()]), "summary:in-process"
+    clock = app_clock(app)
     return Guard(
         backend,
-        _breaker(name, config, slow_call_seconds=timeout * 0.8, host_state=host_state, clock=clock),
-        max_in_flight=config["AI_MAX_IN_FLIGHT"],
+        _breaker(endpoint, app.config, timeout * 0.8, app.extensions.get("host_state"), clock),
+        max_in_flight=app.config["AI_MAX_IN_FLIGHT"],
         late_results=LateResults(ttl_seconds=0, clock=clock),
         default_timeout=timeout,
         call_timeout=timeout,
@@ -144,18 +91,14 @@ def _summary_guard(config, host_state, clock=SYSTEM_CLOCK):
 def make_backend(config) -> Backend:
     """The backend ``AI_BACKEND`` names: embedded models in process, or a KServe v2 server at ``AI_URL``."""
     if config["AI_BACKEND"] == "kserve":
-        from app.ai.kserve import KServeBackend
-
         return KServeBackend(config["AI_URL"])
-    from app.ai.local import LocalBackend
 
     return LocalBackend.with_embedded_models()
 
 
 def init_app(app) -> None:
-    """Install the configured backend behind its guard, once per application; register ``flask models``."""
-    from app.ai.guard import Guard, LateResults
-    from app.ai.serve import init_cli
+    """Install the configured backend behind its guard, and each model a service brings behind its own, once per
+    application; register ``flask models``."""
 
     config = app.config
     backend = make_backend(config)
@@ -177,5 +120,8 @@ def init_app(app) -> None:
         default_timeout=config["HOOK_BUDGET_MS"] / 1000,
         call_timeout=config["AI_CALL_TIMEOUT_MS"] / 1000,
     )
-    app.extensions["summary_guard"] = _summary_guard(config, host_state, clock)
+    load_services()
+    for service in services():
+        for model, factory in service.models.items():
+            register_model(app, model, factory(app))
     init_cli(app)

@@ -22,8 +22,8 @@ from typing import Any, NoReturn
 import orjson
 import pybreaker
 
-from app.ai import Backend, InvalidModelInput, ModelUnavailable, Prediction
 from app.ai.breaker import CircuitBreaker, Permit
+from app.ai.types import Backend, InvalidModelInput, ModelUnavailable, Prediction
 from app.clock import SYSTEM_CLOCK, Clock
 from app.logs import describe
 from app.metrics import AI_CALL_SECONDS, AI_CALLS, BREAKER_STATE, BREAKER_TRANSITIONS

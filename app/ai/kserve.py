@@ -18,8 +18,8 @@ import orjson
 import requests
 
 from app import http
-from app.ai import InvalidModelInput, ModelUnavailable, Prediction
 from app.ai.remote import bad_response, json_object, transport_failure
+from app.ai.types import InvalidModelInput, ModelUnavailable, Prediction
 
 POOL_SIZE = 32
 READY_TIMEOUT = 1.0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.ai import Model, ModelUnavailable, Prediction
+from app.ai.models import embedded_models
+from app.ai.types import Model, ModelUnavailable, Prediction
 
 
 class LocalBackend:
@@ -15,8 +16,6 @@ class LocalBackend:
 
     @classmethod
     def with_embedded_models(cls) -> LocalBackend:
-        from app.ai.models import embedded_models
-
         return cls(embedded_models())
 
     def model(self, name: str) -> Model:

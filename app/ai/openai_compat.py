@@ -13,9 +13,9 @@ import orjson
 import requests
 
 from app import http
-from app.ai import InvalidModelInput, ModelUnavailable, Prediction
 from app.ai.models.discharge_summary import NAME, SECTION_TITLES
 from app.ai.remote import bad_response, json_object, transport_failure
+from app.ai.types import InvalidModelInput, ModelUnavailable, Prediction
 
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 3.0

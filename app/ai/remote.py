@@ -6,7 +6,7 @@ import orjson
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from app.ai import ModelUnavailable
+from app.ai.types import ModelUnavailable
 
 
 def transport_failure(exc: requests.RequestException) -> ModelUnavailable:

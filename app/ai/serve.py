@@ -16,8 +16,9 @@ from flask.cli import AppGroup
 from werkzeug.exceptions import HTTPException
 
 from app import limits
-from app.ai import InvalidModelInput, Model
 from app.ai.kserve import decode_tensors, encode_tensors
+from app.ai.models import embedded_models
+from app.ai.types import InvalidModelInput, Model
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ def _parse_infer_request(raw: bytes) -> tuple[str | None, dict[str, Any], list[s
 def create_model_server(models: list[Model] | None = None) -> Flask:
     """A v2 server (health, model metadata and readiness, inference) for ``models``, default the embedded ones."""
     if models is None:
-        from app.ai.models import embedded_models
-
         models = embedded_models()
     registry = {m.name: m for m in models}
     server = Flask(__name__)

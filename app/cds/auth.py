@@ -19,6 +19,7 @@ from app.cds.clients import (
     SIGNING_ALGORITHMS,
     ClientRegistry,
     TrustedClient,
+    TrustedClients,
     has_private_material,
     verification_algorithms,
 )
@@ -62,7 +63,7 @@ class ClientAuthenticator:
 
     def __init__(
         self,
-        clients: ClientRegistry,
+        clients: ClientRegistry | TrustedClients,
         public_base_url: str,
         replay: ReplayCache,
         session: requests.Session | None = None,
@@ -75,7 +76,7 @@ class ClientAuthenticator:
         self._base = public_base_url.rstrip("/")
         self._replay = replay
         self._leeway = leeway_seconds
-        self._inline = {c.iss: _KeySet(c.jwks) for c in clients if c.jwks is not None}
+        self._inline: tuple[ClientRegistry | None, dict[str, _KeySet]] = (None, {})
         self._remote = _RemoteKeySets(session or requests.Session(), jwks_refetch_floor_seconds, http_timeout, clock)
 
     def authenticate(self, authorization_header: str | None, path: str) -> Principal:
@@ -85,26 +86,35 @@ class ClientAuthenticator:
             token = _bearer_token(authorization_header)
             header, unverified = _peek(token)
             iss = unverified.get("iss")
-            client = self._clients.get(iss) if isinstance(iss, str) else None
+            registry = self._clients.current()  # one version of the clients file for the whole check
+            client = registry.get(iss) if isinstance(iss, str) else None
             if client is None:
                 raise ClientNotTrusted("unknown_issuer")
             _check_claim_types(unverified)
-            claims = _verify(token, self._key(client, header), self._base + path, iss, self._leeway)
+            claims = _verify(token, self._key(registry, client, header), self._base + path, iss, self._leeway)
             return self._principal(client, claims)
         except ClientNotTrusted as exc:
             log.warning("client JWT rejected: %s (iss %s)", exc.reason, _printable(iss))
             raise
 
-    def _key(self, client: TrustedClient, header: Mapping[str, Any]) -> PyJWK:
+    def _key(self, registry: ClientRegistry, client: TrustedClient, header: Mapping[str, Any]) -> PyJWK:
         """The client's key for the token's kid, bound to the token's alg only if the key's type allows it."""
         if client.jwks is not None:
-            keys = self._inline[client.iss]  # keys come from the file; a jku header is not followed
+            keys = self._inline_key_sets(registry)[client.iss]  # keys come from the file; a jku is not followed
         else:
             assert client.jwks_url is not None
             if "jku" in header and header["jku"] != client.jwks_url:
                 raise ClientNotTrusted("jku_mismatch")
             keys = self._remote.key_set(client.jwks_url, header["kid"])
         return keys.key(header["kid"], header["alg"])
+
+    def _inline_key_sets(self, registry: ClientRegistry) -> dict[str, _KeySet]:
+        """The inline JWK Sets of ``registry``'s clients, parsed once per version of the clients file."""
+        parsed_for, key_sets = self._inline
+        if parsed_for is not registry:
+            key_sets = {c.iss: _KeySet(c.jwks) for c in registry if c.jwks is not None}
+            self._inline = (registry, key_sets)  # one assignment: a concurrent call sees a whole pair
+        return key_sets
 
     def _principal(self, client: TrustedClient, claims: Mapping[str, Any]) -> Principal:
         jti = claims["jti"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,6 +16,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
+
+log = logging.getLogger(__name__)
 
 DEV_CLIENTS_FILE = Path(__file__).resolve().parent / "dev_clients.json"
 
@@ -195,11 +200,99 @@ class ClientRegistry:
     def get(self, iss: str) -> TrustedClient | None:
         return self._by_iss.get(iss)
 
+    def current(self) -> ClientRegistry:
+        """Itself: a fixed registry is its own current version (as ``TrustedClients.current`` reads the file)."""
+        return self
+
     def __iter__(self) -> Iterator[TrustedClient]:
         return iter(self._by_iss.values())
 
     def __len__(self) -> int:
         return len(self._by_iss)
+
+
+class TrustedClients:
+    """The trusted clients as CDS_CLIENTS_FILE says now: one per application (``trusted_clients(app)``), read by
+    the client authenticator, the SMART launch and webhooks alike.
+
+    ``current()`` re-reads the file when it was replaced or its size or modification time changed. A new version
+    is validated whole before it replaces the old one in a single assignment, so every caller gets one complete
+    version or the other; an invalid or unreadable change keeps the clients loaded before, with one ERROR line
+    per change. Iterating or ``get`` reads ``current()`` (a call that needs one version throughout keeps it)."""
+
+    def __init__(self, path: str | Path, refuse: Callable[[Path], str | None] | None = None):
+        """``refuse(path)`` says why a new version may not be used here (a development-only file on a service
+        reachable from other hosts), or None; the version loaded at start was checked with the other settings."""
+        self.path = Path(path)
+        self._refuse = refuse
+        stamp = self._stamp()  # before reading: a change while we read is seen on the next call
+        self._loaded: tuple[tuple[int, ...] | None, ClientRegistry] = (stamp, ClientRegistry.from_file(self.path))
+        self._reload_lock = threading.Lock()
+
+    def current(self) -> ClientRegistry:
+        """The registry for the file as it is now (one ``stat`` when it did not change)."""
+        stamp, registry = self._loaded
+        if self._stamp() == stamp:
+            return registry
+        with self._reload_lock:  # one reader reloads; the others wait for it rather than parse the file too
+            stamp, registry = self._loaded
+            now = self._stamp()
+            if now == stamp:
+                return registry
+            try:
+                fresh = ClientRegistry.from_file(self.path)
+            except ValueError as exc:  # the message names the file and the field, never a key or a secret
+                log.error(
+                    "CDS_CLIENTS_FILE changed but cannot be used (%s); keeping the %d clients loaded before",
+                    exc,
+                    len(registry),
+                )
+                self._loaded = (now, registry)
+                return registry
+            refusal = self._refuse(self.path) if self._refuse else None
+            if refusal:
+                log.error(
+                    "CDS_CLIENTS_FILE changed to a file refused here (%s); keeping the %d clients loaded before",
+                    refusal,
+                    len(registry),
+                )
+                self._loaded = (now, registry)
+                return registry
+            log.info("CDS_CLIENTS_FILE reloaded: %d trusted clients", len(fresh))
+            self._loaded = (now, fresh)
+            return fresh
+
+    def get(self, iss: str) -> TrustedClient | None:
+        return self.current().get(iss)
+
+    def __iter__(self) -> Iterator[TrustedClient]:
+        return iter(self.current())
+
+    def __len__(self) -> int:
+        return len(self.current())
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        """What tells a changed file: device, inode (a replace by rename), size, modification time; None when
+        it cannot be read."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+_EXTENSION = "trusted_clients"
+
+
+def install_trusted_clients(app, refuse: Callable[[Path], str | None] | None = None) -> TrustedClients:
+    """Load CDS_CLIENTS_FILE (an invalid file stops the start) as the application's one ``TrustedClients``."""
+    clients = app.extensions[_EXTENSION] = TrustedClients(app.config["CDS_CLIENTS_FILE"], refuse)
+    return clients
+
+
+def trusted_clients(app) -> TrustedClients:
+    """The application's trusted clients (installed by the CDS area's setup)."""
+    return app.extensions[_EXTENSION]
 
 
 class _Loader:

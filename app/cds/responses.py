@@ -1,24 +1,15 @@
-"""JSON answers of the CDS endpoints: fast serialisation, OperationOutcome for every error, CORS everywhere."""
+"""The CDS endpoints' own HTTP answers: CORS (on every answer, errors included) and an OperationOutcome for each
+of the area's errors. ``json_response`` and ``operation_outcome`` live in ``app.http`` (re-exported here)."""
 
 from __future__ import annotations
 
-from typing import Any
+from flask import Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
 
-import orjson
-from flask import Response, current_app, request
+from app.cds.errors import CdsError, ClientNotTrusted
+from app.http import http_error_outcome, json_response, operation_outcome
 
-
-def json_response(body: Any, status: int = 200, content_type: str = "application/json") -> Response:
-    return Response(orjson.dumps(body), status=status, content_type=content_type)
-
-
-def operation_outcome(status: int, code: str, diagnostics: str, expression: str | None = None) -> Response:
-    """An OperationOutcome for a non-2xx answer (recommended by CDS Hooks 3.0; harmless in 2.0)."""
-    issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": diagnostics}
-    if expression:
-        issue["expression"] = [expression]
-    body = {"resourceType": "OperationOutcome", "issue": [issue]}
-    return json_response(body, status, "application/fhir+json")
+__all__ = ["add_cors_headers", "cds_error", "json_response", "operation_outcome", "unrouted_error"]
 
 
 def add_cors_headers(response: Response) -> Response:
@@ -37,3 +28,18 @@ def add_cors_headers(response: Response) -> Response:
     if request.method == "OPTIONS":
         response.headers["Access-Control-Max-Age"] = "600"
     return response
+
+
+def cds_error(exc: CdsError) -> Response:
+    """The OperationOutcome for one of the area's errors; the reason (never PHI) goes to the call's audit record."""
+    if "audit" in g:
+        g.audit["error"] = getattr(exc, "reason", None) or exc.expression or exc.code
+    response = operation_outcome(exc.status, exc.code, exc.diagnostics, exc.expression)
+    if isinstance(exc, ClientNotTrusted):
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def unrouted_error(exc: HTTPException) -> Response:
+    """A 404 or 405 under a CDS path that matched no route: an OperationOutcome with CORS, as the routes answer."""
+    return add_cors_headers(http_error_outcome(exc))

@@ -7,16 +7,22 @@ import time
 from flask import Blueprint, current_app, g, request
 
 from app.audit import audit
-from app.cds.errors import UnknownService
+from app.cds.errors import CdsError, UnknownService
 from app.cds.feedback import parse_feedback, store_feedback
 from app.cds.invoke import run_service
 from app.cds.request import parse_hook_request
-from app.cds.responses import json_response
+from app.cds.responses import add_cors_headers, cds_error
 from app.cds.service import get_service, services
 from app.db import engine
+from app.http import json_response, operation_outcome_errors
 from app.metrics import HOOK_SECONDS
 
 bp = Blueprint("cds", __name__)
+# Errors and CORS for these routes only (the SMART app and the admin API answer their own way); requests under
+# /cds-services that match no route are answered the same way by ``responses.unrouted_error`` (see setup).
+operation_outcome_errors(bp)
+bp.register_error_handler(CdsError, cds_error)
+bp.after_request(add_cors_headers)
 
 
 def _state():

@@ -1,4 +1,4 @@
-"""Shared state of the CDS endpoints, built once per application, and their error handlers."""
+"""Shared state of the CDS endpoints, built once per application, and their registration."""
 
 from __future__ import annotations
 
@@ -7,23 +7,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from flask import current_app, g
-from werkzeug.exceptions import HTTPException
+from flask import current_app
 
 from app.audit import audit
 from app.cds.auth import ClientAuthenticator, Principal
 from app.cds.cards import Card, cards_response
-from app.cds.clients import ClientRegistry
-from app.cds.errors import CdsError, ClientNotTrusted
+from app.cds.clients import TrustedClients, install_trusted_clients
 from app.cds.prefetch import FhirAccess, PrefetchResolver, fhir_access
 from app.cds.replay import make_replay_cache
 from app.cds.request import HookRequest
-from app.cds.responses import add_cors_headers, operation_outcome
+from app.cds.responses import unrouted_error
+from app.cds.routes import bp
 from app.cds.service import load_services
 from app.clock import SYSTEM_CLOCK, Clock, app_clock
-from app.fhir.client import pooled_session
+from app.development import off_host_refusal
 from app.host_state import HostState
-from app.logs import describe
+from app.http import answer_unrouted, pooled_session
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,14 @@ AUTH_OFF_LABEL = " [UNAUTHENTICATED: CDS_AUTH=off, development only]"
 class CdsState:
     """What the CDS endpoints share for the application's lifetime."""
 
-    def __init__(self, config: dict[str, Any], host_state: HostState | None = None, clock: Clock = SYSTEM_CLOCK):
-        self.clients = ClientRegistry.from_file(config["CDS_CLIENTS_FILE"])
+    def __init__(
+        self,
+        config: dict[str, Any],
+        clients: TrustedClients,
+        host_state: HostState | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
+        self.clients = clients  # the application's one registry, re-read when CDS_CLIENTS_FILE changes
         self.auth_on = config["CDS_AUTH"]
         self.allow_anonymous = config["FHIR_ALLOW_ANONYMOUS"]
         self.fhir_timeout = float(config["FHIR_TIMEOUT_S"])
@@ -52,7 +57,8 @@ class CdsState:
         if principal is not None:
             allows = principal.client.allows_fhir_server
         else:
-            allows = lambda url: any(c.allows_fhir_server(url) for c in self.clients)  # noqa: E731
+            registry = self.clients.current()
+            allows = lambda url: any(c.allows_fhir_server(url) for c in registry)  # noqa: E731
         return fhir_access(request, allows, self.allow_anonymous, self.session, self.fhir_timeout)
 
     def fetch_auditor(self, call_record: dict[str, Any]):
@@ -67,37 +73,17 @@ class CdsState:
         return cards_response(cards)
 
 
-def _handle_cds_error(exc: CdsError):
-    if "audit" in g:
-        g.audit["error"] = getattr(exc, "reason", None) or exc.expression or exc.code
-    response = operation_outcome(exc.status, exc.code, exc.diagnostics, exc.expression)
-    if isinstance(exc, ClientNotTrusted):
-        response.headers["WWW-Authenticate"] = "Bearer"
-    return response
-
-
-def _handle_http_error(exc: HTTPException):
-    return operation_outcome(exc.code or 500, "processing", exc.description or exc.name)
-
-
-def _handle_unexpected(exc: Exception):
-    log.error("unhandled error: %s", describe(exc))
-    return operation_outcome(500, "exception", "Internal error")
-
-
 def init_app(app) -> None:
     """Load the declared services, build the shared state, register the endpoints and error handlers."""
-    from app.cds.routes import bp
-
     load_services()
-    state = CdsState(app.config, app.extensions.get("host_state"), app_clock(app))
+    # A file that is development-only is refused on reload as it would be at start (app/development.py).
+    refuse = lambda path: off_host_refusal({**app.config, "CDS_CLIENTS_FILE": str(path)})  # noqa: E731
+    clients = install_trusted_clients(app, refuse)
+    state = CdsState(app.config, clients, app.extensions.get("host_state"), app_clock(app))
     app.extensions["cds"] = state
     if not state.auth_on:
         log.warning("CDS_AUTH=off: client authentication is DISABLED; never run this way with real patients")
     if state.allow_anonymous:
         log.warning("FHIR_ALLOW_ANONYMOUS=1: fetching from allowlisted FHIR servers without a token (development)")
     app.register_blueprint(bp)
-    app.register_error_handler(CdsError, _handle_cds_error)
-    app.register_error_handler(HTTPException, _handle_http_error)
-    app.register_error_handler(Exception, _handle_unexpected)
-    app.after_request(add_cors_headers)
+    answer_unrouted(app, "/cds-services", unrouted_error)

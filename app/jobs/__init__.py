@@ -5,9 +5,10 @@ from __future__ import annotations
 
 def init_app(app) -> None:
     """The job status endpoint, the operators' admin API and ``flask jobs``."""
-    from app.jobs.cli import init_cli
-    from app.jobs.routes import admin, bp
+    # Imported here, not at the top, on purpose: every area imports ``app.jobs.ledger`` or ``app.jobs.registry``
+    # (which runs this package first), and none of them should drag in the endpoints and the CLI.
+    from app.jobs import cli, monitor, routes
 
-    app.register_blueprint(bp)
-    app.register_blueprint(admin)
-    init_cli(app)
+    routes.init_app(app)
+    monitor.init_app(app)
+    cli.init_cli(app)

@@ -17,16 +17,16 @@ from app.jobs import ledger, presence
 from app.jobs.canary import CANARY
 from app.jobs.registry import job_kinds, submit
 from app.jobs.views import job_summary
+from app.jobs.worker import Worker, new_worker_id
+from app.metrics import mark_process_dead, prepare_multiprocess_dir
 
 
 def init_cli(app: Flask) -> None:
-    from app.webhooks.cli import init_webhooks_cli
+    """``flask jobs``; other areas add their own commands to the group (the webhooks area its ``webhooks``)."""
 
     @app.cli.group("jobs")
     def jobs_group():
         """Asynchronous jobs: workers, the dead letter queue, webhook endpoints."""
-
-    init_webhooks_cli(app, jobs_group)
 
     @jobs_group.command("worker")
     @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Claim loops.")
@@ -66,9 +66,6 @@ def init_cli(app: Flask) -> None:
         metrics_port: int | None,
     ) -> None:
         """Run jobs until SIGTERM/SIGINT; the job in hand is finished or, after --grace, handed back."""
-        from app.jobs.worker import Worker, new_worker_id
-        from app.metrics import mark_process_dead, prepare_multiprocess_dir
-
         prepare_multiprocess_dir(app.config["INSTANCE_PATH"])
         metrics_server = _serve_metrics(app.config["HOST"], metrics_port) if metrics_port else None
         os.nice(nice)

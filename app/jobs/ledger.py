@@ -5,7 +5,8 @@ One table is both queue and record. A job's id is its idempotency key. Workers c
 (id, lease_owner, attempts), so a worker whose lease lapsed (the sweep put the job back in the queue, and
 another worker may hold it now) cannot overwrite the newer attempt.
 PostgreSQL claims with ``FOR UPDATE SKIP LOCKED``; SQLite serialises claims with ``BEGIN IMMEDIATE``.
-All times are timezone-aware UTC; every function that reads the clock accepts ``now`` for tests.
+All times are timezone-aware UTC (``app.clock.utc_now``; ``UTCDateTime`` and ``utc_now`` are re-exported here for
+older imports); every function that reads the clock accepts ``now`` for tests.
 
 At any depth, every hot statement reads an index in order and touches a bounded number of rows: a claim
 takes the head of the queue (``ix_jobs_queue``, or one lookup per kind in ``ix_jobs_queue_by_kind``), the
@@ -22,13 +23,14 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import metadata
+from app.clock import utc_now
+from app.db import UTCDateTime, metadata
 from app.jobs import events
 from app.jobs.retry import DEFAULT_POLICY
 
@@ -58,25 +60,6 @@ WORKER_LOCK_PAUSES = (0.001, 0.005)
 
 FENCED = "fenced"
 LEASE_LOST = "LeaseExpired: worker lost"
-
-
-class UTCDateTime(sa.types.TypeDecorator):
-    """A timestamptz that always binds UTC and always reads back aware (SQLite stores no offset)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("job ledger times must be timezone-aware")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 jobs = sa.Table(
@@ -155,15 +138,6 @@ def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
     """The default policy's delay after failed attempt number ``attempt`` (``retry.DEFAULT_BACKOFF``), for callers
     that know no job kind's policy; the worker passes the kind's own delay as ``retry_in``."""
     return DEFAULT_POLICY.delay(attempt, {}, rng)
-
-
-def utc_now(now: datetime | None = None) -> datetime:
-    """``now`` (which must be timezone-aware) in UTC, or the current time: one clock for every table we keep."""
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    return now.astimezone(UTC)
 
 
 @contextmanager

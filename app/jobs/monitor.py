@@ -4,6 +4,7 @@ counters, and the DLQ alert."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -13,10 +14,12 @@ from prometheus_client.core import GaugeMetricFamily
 
 from app.jobs import ledger, presence
 from app.logs import describe
+from app.metrics import collect_at_scrape
 
 log = logging.getLogger(__name__)
 
 DLQ_ALERT_EVENT = "jobs.dead-letter-alert"
+_ALERT_LISTENERS = "jobs.dead_letter_alert_listeners"  # app.extensions: name -> listener(app, event_id, data)
 
 JOB_RUNS = Counter(
     "gateway_job_runs_total", "Job attempts run by workers, by kind and how they ended", ["kind", "outcome"]
@@ -81,9 +84,8 @@ def check_dead_letters(app: Flask, now: datetime | None = None) -> int | None:
     """Alert when the dead letter queue holds ``DLQ_ALERT_THRESHOLD`` jobs or more: an ERROR log event every
     check, and a webhook event to subscribers of ``jobs.dead-letter-alert`` once per threshold level per day
     (its event id repeats within the day, so every worker checking deduplicates to one delivery).
-    Returns the level alerted (dead // threshold), or None when below the threshold."""
-    from app.webhooks import emit
-
+    Returns the level alerted (dead // threshold), or None when below the threshold. The webhook is sent by the
+    listeners that areas add with ``on_dead_letter_alert`` (the webhooks area does)."""
     threshold = app.config["DLQ_ALERT_THRESHOLD"]
     dead = ledger.counts(app.extensions["db"])[ledger.DEAD]
     if dead < threshold:
@@ -95,11 +97,19 @@ def check_dead_letters(app: Flask, now: datetime | None = None) -> int | None:
         threshold,
     )
     day = (now or datetime.now(UTC)).strftime("%Y-%m-%d")
-    emit(
-        app,
-        DLQ_ALERT_EVENT,
-        f"dlq-alert-{day}-{level * threshold}",
-        {"dead": dead, "threshold": threshold, "level": level * threshold},
-        client_iss=None,
-    )
+    event_id = f"dlq-alert-{day}-{level * threshold}"
+    data = {"dead": dead, "threshold": threshold, "level": level * threshold}
+    for listener in app.extensions.get(_ALERT_LISTENERS, {}).values():
+        listener(app, event_id, data)
     return level
+
+
+def on_dead_letter_alert(app: Flask, name: str, listener: Callable[[Flask, str, dict], object]) -> None:
+    """Call ``listener(app, event_id, data)`` whenever ``check_dead_letters`` alerts (``name`` makes adding it
+    again a no-op). The event id repeats within a day and level, so listeners can deduplicate on it."""
+    app.extensions.setdefault(_ALERT_LISTENERS, {})[name] = listener
+
+
+def init_app(app: Flask) -> None:
+    """Report the ledger's gauges on every scrape of /metrics."""
+    collect_at_scrape(app, "jobs.ledger", lambda app: LedgerCollector(app.extensions["db"]))

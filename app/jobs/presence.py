@@ -24,9 +24,9 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.db import metadata
+from app.clock import utc_now
+from app.db import UTCDateTime, metadata
 from app.jobs import ledger
-from app.jobs.ledger import UTCDateTime, utc_now
 from app.logs import describe
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from typing import Any
 
 from flask import Flask
 
+from app.audit import audit
 from app.jobs import ledger
 from app.jobs.retry import DEFAULT_POLICY, RetryPolicy
 
@@ -57,8 +58,6 @@ class JobContext:
 
     def audit(self, event: str, **fields: Any) -> None:
         """An audit record of something this job did, tagged with the job (id, kind, attempt)."""
-        from app.audit import audit
-
         audit(self.app).record(event, job=self.job.id, kind=self.job.kind, attempt=self.job.attempts, **fields)
 
     def fhir_auditor(self, **who: Any) -> Callable[[dict[str, Any]], None]:

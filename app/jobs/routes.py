@@ -8,12 +8,18 @@ import re
 from flask import Blueprint, abort, current_app, request
 
 from app.audit import audit
-from app.cds.responses import json_response, operation_outcome
+from app.cds.errors import CdsError
+from app.cds.responses import add_cors_headers, cds_error, unrouted_error
+from app.http import answer_unrouted, http_error_outcome, json_response, operation_outcome, operation_outcome_errors
 from app.jobs import ledger
 from app.jobs.registry import job_kind
 from app.jobs.views import job_summary
 
 bp = Blueprint("jobs", __name__)
+# The job status is read by the CDS clients, authenticated as their hook calls are: the same errors and CORS.
+operation_outcome_errors(bp)
+bp.register_error_handler(CdsError, cds_error)
+bp.after_request(add_cors_headers)
 
 # What a job id or kind can be: no control characters (PostgreSQL cannot even compare a NUL), bounded.
 _NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")
@@ -58,6 +64,7 @@ def _require_admin():
 
 admin = Blueprint("jobs_admin", __name__, url_prefix="/admin/jobs")
 admin.before_request(_require_admin)
+operation_outcome_errors(admin)  # OperationOutcome errors, but no CORS: operators call it, never a browser app
 
 
 @admin.after_request
@@ -102,3 +109,11 @@ def requeue(job_id: str):
     if not ledger.requeue(_engine(), job_id):
         abort(409, description=f"Job {job_id!r} is {job.state}, not dead: only dead jobs are requeued")
     return json_response(job_summary(ledger.get(_engine(), job_id)))
+
+
+def init_app(app) -> None:
+    """Register the job status endpoint and the admin API, with their answers to paths that match no route."""
+    app.register_blueprint(bp)
+    app.register_blueprint(admin)
+    answer_unrouted(app, "/jobs", unrouted_error)
+    answer_unrouted(app, admin.url_prefix, http_error_outcome)

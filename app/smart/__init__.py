@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify
 
+from app.cds.clients import TrustedClient
 from app.http import pooled_session
 from app.smart.backend import BackendAuthError, BackendAuthTimeout, BackendServicesClient
 from app.smart.keys import KeyStore, NoSigningKey
-
-if TYPE_CHECKING:  # app.cds imports a lot; only the type is needed here
-    from app.cds.clients import TrustedClient
 
 __all__ = [
     "BackendAuthError",
@@ -109,6 +106,8 @@ def init_app(app: Flask) -> None:
     app.extensions[_BACKENDS] = {"lock": threading.Lock(), "clients": {}, "session": pooled_session()}
     app.register_blueprint(jwks_bp)
     _register_cli(app)
+    # Imported here, not at the top, on purpose: the jobs and retention import ``app.smart.sessions`` and
+    # ``app.smart.keys`` (which runs this package first) and need none of the app's routes, pages and templates.
     from app.smart import app_routes
 
     app_routes.init_app(app)

@@ -13,12 +13,14 @@ import re
 import tempfile
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from app.clock import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +105,6 @@ def _new_private_key(alg: str) -> PrivateKey:
     raise ValueError(f"unsupported signing algorithm {alg!r} (use one of {', '.join(ALGORITHMS)})")
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _as_utc(now: datetime | None) -> datetime:
-    """``now`` (a naive value is taken as UTC), or the current time."""
-    if now is None:
-        return _utcnow()
-    return now if now.tzinfo else now.replace(tzinfo=UTC)
-
-
 class KeyStore:
     """Private keys in ``directory`` (0700; each key a 0600 PEM file) and an index (``keys.json``) naming the
     active key per algorithm and when retired keys stop being published. Readers in other processes pick up a
@@ -133,7 +124,7 @@ class KeyStore:
 
     def records(self, now: datetime | None = None) -> list[KeyRecord]:
         """The published keys (active, or retiring after ``now``), newest first."""
-        now = _as_utc(now)
+        now = utc_now(now)
         return [r for r in self._load() if r.published(now)]
 
     def signing_key(self, alg: str) -> tuple[str, PrivateKey]:
@@ -172,7 +163,7 @@ class KeyStore:
     def ensure(self) -> bool:
         """Generate keys only when there is no usable set (and prune expired ones); True when it generated."""
         with self._write_lock():
-            now = _utcnow()
+            now = utc_now()
             self._prune_locked(now)
             if self.usable():
                 return False
@@ -183,12 +174,12 @@ class KeyStore:
         """New RS384 and ES384 keys become the active signing keys; the previous active keys stay published for
         the grace period, and keys past their retire_at are deleted. Returns the new kids."""
         with self._write_lock():
-            return self._generate_locked(_as_utc(now))
+            return self._generate_locked(utc_now(now))
 
     def prune(self, now: datetime | None = None) -> list[str]:
         """Delete keys whose retire_at has passed; returns their kids."""
         with self._write_lock():
-            return self._prune_locked(_as_utc(now))
+            return self._prune_locked(utc_now(now))
 
     def _prune_locked(self, now: datetime) -> list[str]:
         records = self._read_index()

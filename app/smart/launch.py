@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import jwt
@@ -23,10 +23,8 @@ import requests
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
+from app.cds.clients import FhirBase
 from app.logs import describe
-
-if TYPE_CHECKING:
-    from app.cds.clients import FhirBase
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
-from app.db import metadata
-from app.jobs.ledger import UTCDateTime
+from app.clock import utc_now
+from app.db import UTCDateTime, metadata
 
 KEY_FILE = "smart-sessions.fernet"
 
@@ -102,7 +102,7 @@ class SessionStore:
 
     def create(self, state: dict[str, Any], *, now: datetime | None = None) -> SmartSession:
         """A new session holding ``state``; expired rows are purged on the way."""
-        now = now or datetime.now(UTC)
+        now = utc_now(now)
         token = new_cookie_token()
         with self.engine.begin() as conn:
             conn.execute(sa.delete(smart_sessions).where(smart_sessions.c.expires_at <= now))
@@ -117,7 +117,7 @@ class SessionStore:
         """The live session for a cookie token, or None."""
         if not token:
             return None
-        now = now or datetime.now(UTC)
+        now = utc_now(now)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(smart_sessions).where(smart_sessions.c.id == session_id(token))).first()
         if row is None or row.expires_at <= now:

@@ -11,14 +11,25 @@ from datetime import UTC, datetime
 
 from flask import Flask
 
-from app.webhooks.endpoints import disable, enable, endpoints, is_disabled
+from app.jobs.monitor import DLQ_ALERT_EVENT, on_dead_letter_alert
+from app.jobs.registry import submit
+from app.webhooks.cli import init_webhooks_cli
+from app.webhooks.delivery import KIND  # importing delivery registers the ``webhook.deliver`` job handler
+from app.webhooks.endpoints import current_registry, disable, enable, endpoints, is_disabled, subscribers
 
 __all__ = ["disable", "emit", "enable", "endpoints", "init_app", "is_disabled"]
 
 
 def init_app(app: Flask) -> None:
-    """Register the ``webhook.deliver`` job handler."""
-    from app.webhooks import delivery  # noqa: F401 - importing it registers the handler
+    """Send the dead letter queue alert to its subscribers, and add ``webhooks`` to ``flask jobs`` (registered
+    by the jobs area first)."""
+    on_dead_letter_alert(app, "webhooks", _send_dead_letter_alert)
+    init_webhooks_cli(app, app.cli.commands["jobs"])
+
+
+def _send_dead_letter_alert(app: Flask, event_id: str, data: dict) -> None:
+    """The operators' alert goes to the subscribers of every client (``client_iss=None``)."""
+    emit(app, DLQ_ALERT_EVENT, event_id, data, client_iss=None)
 
 
 def delivery_job_id(endpoint_id: str, event_id: str) -> str:
@@ -46,10 +57,6 @@ def emit(
     payload (ids and a URL, never PHI); ``full_data`` is merged in for endpoints configured with
     ``"payload": "full"``. ``expires_in`` (seconds) stops deliveries that have become clinically stale.
     Returns how many deliveries were newly enqueued (0 for an event emitted before)."""
-    from app.jobs.registry import submit
-    from app.webhooks.delivery import KIND
-    from app.webhooks.endpoints import current_registry, subscribers
-
     now = datetime.now(UTC)
     bodies = {
         "thin": event_body(event_type, data, now),

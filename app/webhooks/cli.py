@@ -9,7 +9,8 @@ from flask import Flask
 
 from app.audit import audit
 from app.jobs import ledger
-from app.webhooks.endpoints import dead_deliveries, enable, endpoints, with_url
+from app.webhooks.delivery import dead_deliveries
+from app.webhooks.endpoints import enable, endpoints, with_url
 
 
 def init_webhooks_cli(app: Flask, jobs_group: click.Group) -> None:

@@ -14,8 +14,10 @@ import logging
 import time
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 
+from app.jobs import ledger
 from app.jobs.registry import JobContext, PermanentFailure, RetryLater, job_handler
 from app.jobs.retry import RetryPolicy, ScheduleBackoff
 from app.webhooks.addresses import RefusedDestination, ResolutionFailed, check
@@ -45,10 +47,7 @@ def deliver(ctx: JobContext) -> dict:
         raise PermanentFailure(f"endpoint {endpoint}: the event expired before it could be delivered")
     if is_disabled(ctx.engine, endpoint):
         raise PermanentFailure(f"endpoint {endpoint} disabled; re-enable it and requeue to deliver")
-    try:
-        subscriber = find(ctx.app, payload["client_iss"], payload["url"])
-    except (OSError, ValueError) as exc:
-        raise _again(ctx, f"CDS_CLIENTS_FILE cannot be loaded ({type(exc).__name__})") from None
+    subscriber = find(ctx.app, payload["client_iss"], payload["url"])  # an unusable file: the previous version
     if subscriber is None:
         raise PermanentFailure(f"endpoint {endpoint} is no longer configured in CDS_CLIENTS_FILE")
     timeout = config["WEBHOOK_TIMEOUT_S"]
@@ -114,3 +113,15 @@ def _again(ctx: JobContext, reason: str, retry_after: float | None = None) -> Ex
     if ctx.job.attempts >= ctx.job.max_attempts:
         return PermanentFailure(f"{reason}; gave up after {ctx.job.attempts} attempts")
     return RetryLater(retry_after, reason)
+
+
+def dead_deliveries(engine: sa.Engine, endpoint_id: str) -> list[str]:
+    """Ids of the dead-lettered deliveries to an endpoint (its id is part of theirs), for a requeue."""
+    prefix = f"webhook:{endpoint_id}:"
+    query = sa.select(ledger.jobs.c.id).where(
+        ledger.jobs.c.state == ledger.DEAD,
+        ledger.jobs.c.kind == KIND,
+        ledger.jobs.c.id.startswith(prefix, autoescape=True),
+    )
+    with engine.connect() as conn:
+        return list(conn.execute(query.order_by(ledger.jobs.c.id)).scalars())

@@ -1,26 +1,25 @@
 """Webhook endpoints: their ids, the subscribers configured in CDS_CLIENTS_FILE, and the disabled state we keep.
 
 An endpoint is one (client issuer, URL) pair. Its configuration (secret, events, payload) lives in the
-clients file and is read afresh when it changes, so a rotated secret takes effect on the next attempt; the
+clients file and is read afresh when it changes (``app.cds.clients.TrustedClients``, the registry the CDS
+endpoints authenticate with), so a rotated secret takes effect on the next attempt; the
 only state we keep is whether it was disabled (a 410 Gone from the receiver) until an operator re-enables it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.cds.clients import ClientRegistry
-from app.db import metadata
-from app.jobs.ledger import UTCDateTime
+from app.cds.clients import ClientRegistry, trusted_clients
+from app.clock import utc_now
+from app.db import UTCDateTime, metadata
 
 webhook_endpoints = sa.Table(
     "webhook_endpoints",
@@ -78,23 +77,10 @@ def subscribers(registry: ClientRegistry, client_iss: str | None = None) -> list
     return found
 
 
-_cache_lock = threading.Lock()
-_cache: dict[str, tuple[tuple[int, int], ClientRegistry]] = {}
-
-
 def current_registry(app: Flask) -> ClientRegistry:
-    """The clients file as it is now: re-read whenever its modification time or size changes."""
-    path = app.config["CDS_CLIENTS_FILE"]
-    stat = os.stat(path)
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    with _cache_lock:
-        cached = _cache.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-    registry = ClientRegistry.from_file(path)
-    with _cache_lock:
-        _cache[path] = (stamp, registry)
-    return registry
+    """The clients file as it is now: the application's one registry, re-read when the file changes (an invalid
+    change keeps the clients loaded before, see ``app.cds.clients.TrustedClients``)."""
+    return trusted_clients(app).current()
 
 
 def find(app: Flask, client_iss: str, url: str) -> Subscriber | None:
@@ -117,7 +103,7 @@ def disable(
     now: datetime | None = None,
 ) -> None:
     """Stop delivering to an endpoint (deliveries to it dead-letter) until :func:`enable`."""
-    now = now or datetime.now(UTC)
+    now = utc_now(now)
     values = {"disabled_at": now, "disabled_reason": reason, "updated_at": now}
     statement = (
         _upsert(engine)
@@ -133,7 +119,7 @@ def enable(engine: sa.Engine, endpoint_id: str, *, now: datetime | None = None) 
     statement = (
         webhook_endpoints.update()
         .where(webhook_endpoints.c.id == endpoint_id, webhook_endpoints.c.disabled_at.is_not(None))
-        .values(disabled_at=None, disabled_reason=None, updated_at=now or datetime.now(UTC))
+        .values(disabled_at=None, disabled_reason=None, updated_at=utc_now(now))
         .returning(webhook_endpoints.c.id)
     )
     with engine.begin() as conn:
@@ -151,19 +137,6 @@ def with_url(app: Flask, url: str, client_iss: str | None = None) -> list[tuple[
         for row in conn.execute(query):
             found.setdefault(row.id, row.client_iss)
     return sorted(found.items())
-
-
-def dead_deliveries(engine: sa.Engine, endpoint_id: str) -> list[str]:
-    """Ids of the dead-lettered deliveries to an endpoint (its id is part of theirs), for a requeue."""
-    from app.jobs.ledger import DEAD, jobs
-    from app.webhooks.delivery import KIND
-
-    prefix = f"webhook:{endpoint_id}:"
-    query = sa.select(jobs.c.id).where(
-        jobs.c.state == DEAD, jobs.c.kind == KIND, jobs.c.id.startswith(prefix, autoescape=True)
-    )
-    with engine.connect() as conn:
-        return list(conn.execute(query.order_by(jobs.c.id)).scalars())
 
 
 def is_disabled(engine: sa.Engine, endpoint_id: str) -> bool:

@@ -4,9 +4,10 @@ receiver's Retry-After."""
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 
+from app.clock import as_utc, utc_now
 from app.jobs.retry import RetryPolicy, ScheduleBackoff
 
 JITTER = 0.2  # +-20 %, so that many deliveries failing together do not all come back at the same moment
@@ -33,7 +34,5 @@ def retry_after_seconds(value: str | None, cap: float, now: datetime | None = No
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        seconds = (as_utc(when) - utc_now(now)).total_seconds()  # an HTTP-date without a zone is UTC (GMT)
     return min(max(seconds, 0.0), cap)

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import results
+from app.clock import utc_now
 from app.db import make_engine
 from app.jobs import ledger
 from app.jobs.maintenance import Maintenance
@@ -191,7 +192,7 @@ def test_the_migration_counts_the_jobs_that_were_already_there(tmp_path):
 def test_workers_purge_jobs_and_explanation_results_past_their_retention(make_app):
     app = make_app(JOB_RETENTION_S=60, DEAD_JOB_RETENTION_S=3600)
     engine = app.extensions["db"]
-    now = ledger.utc_now()
+    now = utc_now()
     for job_id, state, age in [
         ("old-done", "succeeded", 120),
         ("new-done", "succeeded", 10),
@@ -203,7 +204,7 @@ def test_workers_purge_jobs_and_explanation_results_past_their_retention(make_ap
             conn.execute(update.values(state=state, updated_at=now - timedelta(seconds=age)))
     results.save(
         engine,
-        results.RISK,
+        "cardiovascular-risk",
         {},
         client_iss=None,
         fhir_server=None,
@@ -211,7 +212,9 @@ def test_workers_purge_jobs_and_explanation_results_past_their_retention(make_ap
         ttl_seconds=60,
         now=now - timedelta(seconds=120),
     )
-    kept = results.save(engine, results.RISK, {}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60)
+    kept = results.save(
+        engine, "cardiovascular-risk", {}, client_iss=None, fhir_server=None, patient_id="p", ttl_seconds=60
+    )
     assert Maintenance(app).purge() == 2
     remaining = {job.id for state in ledger.STATES for job in ledger.find(engine, state)}
     assert remaining == {"new-done", "old-dead"}, "dead jobs are kept longer, for the operators"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from app.jobs import ledger
+from app.clock import utc_now
 from app.jobs.canary import CANARY
 from app.jobs.presence import Presence
 from app.jobs.registry import submit
@@ -55,9 +55,7 @@ def test_a_live_worker_makes_due_jobs_ready(make_app):
 def test_a_lost_worker_counts_as_none(make_app):
     app = make_app()
     submit(app, CANARY, "waiting", {})
-    Presence(app.extensions["db"], "host:2:abc", [CANARY], interval=1).beat(
-        now=ledger.utc_now() - timedelta(seconds=10)
-    )
+    Presence(app.extensions["db"], "host:2:abc", [CANARY], interval=1).beat(now=utc_now() - timedelta(seconds=10))
     status, body = readyz(app, strict=True)
     assert (status, body["status"], body["checks"]["workers"]) == (503, "degraded", "none live; 1 jobs queued")
 

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from app import results, retention
+from app.clock import utc_now
 from app.config import load_config
 from app.jobs import ledger, presence
 from app.jobs.worker import Worker
@@ -45,7 +46,7 @@ def purged(what: str) -> float:
 def seed(app) -> dict[str, set[str]]:
     """Rows of every table in the retention table, some past their retention and some within; the ids of each."""
     engine = app.extensions["db"]
-    now = ledger.utc_now()
+    now = utc_now()
     old: dict[str, set[str]] = {"jobs": set(), "ai_results": set(), "smart_sessions": set(), "job_workers": set()}
     kept: dict[str, set[str]] = {key: set() for key in old}
     for job_id, state, age, keep in [
@@ -64,7 +65,7 @@ def seed(app) -> dict[str, set[str]]:
     def result(stored_ago: float) -> str:
         return results.save(
             engine,
-            results.RISK,
+            "cardiovascular-risk",
             {"patient": PATIENT},
             client_iss=None,
             fhir_server=None,
@@ -171,7 +172,7 @@ def test_a_purge_that_deletes_nothing_logs_nothing(app, caplog):
 
 def test_a_backlog_goes_in_bounded_batches(app):
     engine = app.extensions["db"]
-    now = ledger.utc_now()
+    now = utc_now()
     for i in range(25):
         ledger.enqueue(engine, f"b-{i}", "alpha", {})
     with engine.begin() as conn:

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 
+from app.clock import utc_now
 from app.jobs import ledger
 from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, job_handler, submit
 from app.jobs.retry import ExponentialBackoff, RetryPolicy
@@ -116,7 +117,7 @@ def test_an_operator_requeue_is_logged(app, capsys):
 
 def test_a_lapsed_lease_and_a_stale_job_are_logged_by_the_sweep(app, capsys):
     engine = app.extensions["db"]
-    now = ledger.utc_now()
+    now = utc_now()
     ledger.enqueue(engine, "lapsed", "test.events", {}, now=now)
     ledger.claim(engine, "host:9:gone/0", lease_seconds=1, now=now)
     ledger.enqueue(engine, "stale", "test.events", {}, expires_at=now + timedelta(seconds=1), now=now)
@@ -138,7 +139,7 @@ def test_a_lapsed_lease_and_a_stale_job_are_logged_by_the_sweep(app, capsys):
 
 def test_a_job_on_its_last_attempt_whose_worker_died_is_a_dead_letter(app, capsys):
     engine = app.extensions["db"]
-    now = ledger.utc_now()
+    now = utc_now()
     ledger.enqueue(engine, "killer", "test.events", {}, max_attempts=1, now=now)
     ledger.claim(engine, "host:9:gone/0", lease_seconds=1, now=now)
     capsys.readouterr()

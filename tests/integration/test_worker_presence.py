@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from app.clock import utc_now
 from app.jobs import ledger, presence
 from app.jobs.canary import CANARY
 from app.jobs.maintenance import Maintenance
@@ -104,7 +105,7 @@ def test_a_beat_without_a_database_is_logged_not_raised(make_app):
 def test_housekeeping_purges_rows_a_day_after_they_went_quiet(app):
     engine = app.extensions["db"]
     old = Presence(engine, "host:6:old", ["k"], interval=5)
-    old.beat(now=ledger.utc_now() - timedelta(seconds=presence.RETENTION_SECONDS + 60))
+    old.beat(now=utc_now() - timedelta(seconds=presence.RETENTION_SECONDS + 60))
     current = Presence(engine, "host:6:new", ["k"], interval=5)
     current.beat()
     assert Maintenance(app).purge() == 1
@@ -141,7 +142,7 @@ def test_metrics_say_how_many_workers_are_live(app):
 def test_jobs_workers_lists_live_lost_and_stopped_workers(app):
     engine = app.extensions["db"]
     live = Presence(engine, "host:8:live", ["k"], interval=60).start()
-    Presence(engine, "host:8:lost", ["k"], interval=0.1).beat(now=ledger.utc_now() - timedelta(seconds=10))
+    Presence(engine, "host:8:lost", ["k"], interval=0.1).beat(now=utc_now() - timedelta(seconds=10))
     stopped = Presence(engine, "host:8:stopped", ["k"], interval=60).start()
     stopped.stop()
     try:

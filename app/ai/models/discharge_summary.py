@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from app.ai import InvalidModelInput
 from app.ai.models.discharge_inputs import extract_inputs, format_number
+from app.ai.types import InvalidModelInput
 
 __all__ = ["NAME", "VERSION", "DischargeSummary", "extract_inputs", "summarise"]
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from app.ai import InvalidModelInput
+from app.ai.types import InvalidModelInput
 
 NAME = "ascvd-pce"
 VERSION = "2013.1"
