@@ -9,8 +9,6 @@ statin is active.
 
 from __future__ import annotations
 
-import calendar
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
@@ -18,7 +16,7 @@ from typing import Any
 
 from app.ai import Prediction, infer
 from app.ai.models.pce import BORDERLINE, HIGH, INTERMEDIATE, LOW, out_of_range, risk_category
-from app.cds.cards import Action, Card, Link, Source, Suggestion, escape_markdown
+from app.cds.cards import Action, Card, Indicator, Link, Source, Suggestion, escape_markdown
 from app.cds.service import Explanation, PrefetchKey, ServiceCall, cds_service
 from app.fhir.codes import (
     ASCVD,
@@ -29,6 +27,9 @@ from app.fhir.codes import (
     HDL,
     LOINC,
     NON_SMOKER,
+    OMB_BLACK,
+    OMB_HISPANIC,
+    OMB_WHITE,
     RXNORM,
     SMOKING_STATUS,
     SMOKING_UNKNOWN,
@@ -37,6 +38,7 @@ from app.fhir.codes import (
     SYSTOLIC_BP,
     TOTAL_CHOLESTEROL,
     UCUM,
+    US_CORE_RACE,
     CodeSet,
     classify,
 )
@@ -45,13 +47,16 @@ from app.fhir.record import (
     Read,
     Reader,
     Record,
+    age_on,
     answer,
     concept_text,
+    deceased,
     number,
     onset,
     quantity,
     ref,
     short,
+    us_core_category,
     years_before,
 )
 from app.results import StoredResult
@@ -63,7 +68,6 @@ ESTIMATOR_URL = "https://tools.acc.org/ascvd-risk-estimator-plus/"
 ESTIMATOR_LABEL = "ACC/AHA ASCVD Risk Estimator Plus"
 GUIDELINE_LABEL = "ACC/AHA Pooled Cohort Equations 2013"
 EXPLANATION_LABEL = "Explain this result: inputs, dates, model"
-US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 OLD_AFTER_YEARS = 2
 
 # The LOINC codes that can carry each observation-based input, stored with the result so that the explanation
@@ -76,23 +80,19 @@ LOINC_BY_INPUT = {
 }
 
 
-def _observation_search(*codes: str) -> str:
-    tokens = ",".join(f"{LOINC}|{code}" for code in codes)
-    return f"Observation?patient={{{{context.patientId}}}}&code={tokens}&_sort=-date&_count=5"
+def _observation_search(codes: CodeSet) -> PrefetchKey:
+    search = f"Observation?patient={{{{context.patientId}}}}&code={codes.search_token()}&_sort=-date&_count=5"
+    return PrefetchKey(search, required=False, pages="first")
 
 
 # The observation searches sort newest first, so their first page holds the values used: no next page is read.
 # Conditions and medications need every page (diabetes, ASCVD or a statin may be on any of them).
 PREFETCH = {
     "patient": PrefetchKey("Patient/{{context.patientId}}", required=True),
-    "totalCholesterol": PrefetchKey(
-        _observation_search(*LOINC_BY_INPUT["total_cholesterol"]), required=False, pages="first"
-    ),
-    "hdl": PrefetchKey(_observation_search(*LOINC_BY_INPUT["hdl"]), required=False, pages="first"),
-    "bloodPressure": PrefetchKey(
-        _observation_search(*BP_PANEL.in_system(LOINC), *SYSTOLIC_BP.in_system(LOINC)), required=False, pages="first"
-    ),
-    "smoking": PrefetchKey(_observation_search(*LOINC_BY_INPUT["smoker"]), required=False, pages="first"),
+    "totalCholesterol": _observation_search(TOTAL_CHOLESTEROL),
+    "hdl": _observation_search(HDL),
+    "bloodPressure": _observation_search(BP_PANEL | SYSTOLIC_BP),
+    "smoking": _observation_search(SMOKING_STATUS),
     "conditions": PrefetchKey("Condition?patient={{context.patientId}}", required=False),
     "medications": PrefetchKey("MedicationRequest?patient={{context.patientId}}&status=active", required=False),
 }
@@ -251,24 +251,11 @@ def _read_latest(inputs: PceInputs, reading: _Reading, record: Record, today: da
 
 
 def _age(inputs: PceInputs, birth_date: Any, today: date) -> None:
-    text = birth_date.strip() if isinstance(birth_date, str) else ""
-    match = re.fullmatch(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?", text)
-    if not match:
-        inputs.problems.append(Problem("age", "no usable birth date in the record"))
+    age = age_on(birth_date, today)
+    if isinstance(age, str):
+        inputs.problems.append(Problem("age", age))
         return
-    year, month, day = int(match.group(1)), match.group(2), match.group(3)
-    try:
-        earliest = date(year, int(month or 1), int(day or 1))
-        last_month = int(month or 12)
-        latest = earliest if day else date(year, last_month, calendar.monthrange(year, last_month)[1])
-    except ValueError:
-        inputs.problems.append(Problem("age", f"birth date {short(text, 12)!r} is not a valid date"))
-        return
-
-    def years(born: date) -> int:
-        return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
-
-    youngest, oldest = years(latest), years(earliest)
+    youngest, oldest, text = age.least, age.most, age.written
     if youngest == oldest:
         inputs.findings["age"] = Finding(youngest, "years", None, "Patient.birthDate", text)
         return
@@ -283,26 +270,16 @@ def _age(inputs: PceInputs, birth_date: Any, today: date) -> None:
 
 
 def _race(inputs: PceInputs, patient: dict[str, Any]) -> None:
-    codes, text = [], ""
-    for extension in patient.get("extension") or ():
-        if not isinstance(extension, dict) or extension.get("url") != US_CORE_RACE:
-            continue
-        for part in extension.get("extension") or ():
-            if not isinstance(part, dict):
-                continue
-            if part.get("url") == "ombCategory" and isinstance(part.get("valueCoding"), dict):
-                codes.append(str(part["valueCoding"].get("code")))
-            elif part.get("url") == "text" and isinstance(part.get("valueString"), str):
-                text = part["valueString"]
+    codes, text = us_core_category(patient, US_CORE_RACE)
     shown = short(text or ", ".join(codes) or "not recorded", 60)
-    if "2054-5" in codes:
-        note = "" if set(codes) == {"2054-5"} else "several races recorded: the African-American equations are used"
+    if OMB_BLACK in codes:
+        note = "" if set(codes) == {OMB_BLACK} else "several races recorded: the African-American equations are used"
         inputs.findings["race"] = Finding("african-american", "", None, "Patient US Core race", shown, note)
-    elif codes and set(codes) == {"2106-3"}:
+    elif codes and set(codes) == {OMB_WHITE}:
         inputs.findings["race"] = Finding("white", "", None, "Patient US Core race", shown)
     else:
-        if "2135-2" in codes:
-            why = "race recorded as 2135-2, which is an ethnicity (Hispanic or Latino), not a race"
+        if OMB_HISPANIC in codes:
+            why = f"race recorded as {OMB_HISPANIC}, which is an ethnicity (Hispanic or Latino), not a race"
         else:
             listed = short(", ".join(codes), 40)
             why = f"race code {listed} is neither white nor African American" if codes else "no race recorded"
@@ -315,7 +292,7 @@ def _read_patient(inputs: PceInputs, patient: dict[str, Any] | None, today: date
         inputs.problems.append(Problem("patient", "the patient record could not be read"))
         return
     inputs.patient_id = patient.get("id") if isinstance(patient.get("id"), str) else inputs.patient_id
-    if patient.get("deceasedBoolean") is True or patient.get("deceasedDateTime"):
+    if deceased(patient):
         inputs.problems.append(Problem("deceased", "the patient is recorded as deceased"))
     _age(inputs, patient.get("birthDate"), today)
     gender = patient.get("gender")
@@ -336,18 +313,20 @@ def _condition_finding(condition: dict[str, Any]) -> Finding:
     return Finding(True, "", when.day if when else None, ref(condition), text)
 
 
+def _any_of(found: list[Finding], source: str, none: str) -> Finding:
+    """A yes/no input: yes, dated by the first record found and citing them all, or no (``none`` says what)."""
+    if found:
+        return Finding(True, "", found[0].date, ", ".join(f.source for f in found), "; ".join(f.text for f in found))
+    return Finding(False, "", None, source, none)
+
+
 def _read_conditions(inputs: PceInputs, record: Record, unavailable: bool) -> None:
     inputs.ascvd = [_condition_finding(c) for c in record.active_conditions(ASCVD)]
     if unavailable:
         inputs.problems.append(Problem("diabetes", "conditions could not be fetched, so diabetes is unknown"))
         return
     diabetic = [_condition_finding(c) for c in record.active_conditions(DIABETES)]
-    if diabetic:
-        first = diabetic[0]
-        text = "; ".join(d.text for d in diabetic)
-        inputs.findings["diabetes"] = Finding(True, "", first.date, ", ".join(d.source for d in diabetic), text)
-    else:
-        inputs.findings["diabetes"] = Finding(False, "", None, "Condition", "no active diabetes condition")
+    inputs.findings["diabetes"] = _any_of(diabetic, "Condition", "no active diabetes condition")
 
 
 def _read_medications(inputs: PceInputs, record: Record, unavailable: bool) -> None:
@@ -370,12 +349,8 @@ def _read_medications(inputs: PceInputs, record: Record, unavailable: bool) -> N
         drug_class = classify(use.concept, BP_LOWERING)
         if drug_class:
             lowering.append(Finding(True, date=day, source=use.ref, text=f"{name} [{drug_class.name}]"))
-    if lowering:
-        sources, text = ", ".join(f.source for f in lowering), "; ".join(f.text for f in lowering)
-        inputs.findings["treated_hypertension"] = Finding(True, date=lowering[0].date, source=sources, text=text)
-    else:
-        text = "no active blood-pressure-lowering medication"
-        inputs.findings["treated_hypertension"] = Finding(False, source="MedicationRequest", text=text)
+    none = "no active blood-pressure-lowering medication"
+    inputs.findings["treated_hypertension"] = _any_of(lowering, "MedicationRequest", none)
 
 
 # ---- extraction ----------------------------------------------------------------------------------------------
@@ -436,9 +411,9 @@ def _note_incomplete(inputs: PceInputs, keys: list[str]) -> None:
 
 def inputs_from_call(call: ServiceCall, today: date) -> PceInputs:
     """``extract_inputs`` over a hook call's resolved prefetch."""
-    patients = [r for r in call.resources("patient") if r.get("resourceType") == "Patient"]
+    patient = Record.from_call(call, ("patient",)).patient
     record = Record.from_call(call, (*OBSERVATION_KEYS, "conditions", "medications"))
-    inputs = _extract(patients[0] if patients else None, record, today, set(call.unavailable), set(call.incomplete))
+    inputs = _extract(patient, record, today, set(call.unavailable), set(call.incomplete))
     inputs.patient_id = call.request.patient_id  # suggestions name the patient in context, whatever a resource says
     return inputs
 
@@ -498,6 +473,14 @@ def _findings_section(inputs: PceInputs) -> list[str]:
     return lines
 
 
+def _note_lines(problems: Iterable[Problem]) -> list[str]:
+    return [f"\nNote: {escape_markdown(p.message)}" for p in problems]
+
+
+def _bullets(problems: Iterable[Problem]) -> list[str]:
+    return [f"- {escape_markdown(p.message)}" for p in problems]
+
+
 def _ascvd_lines(inputs: PceInputs) -> list[str]:
     if not inputs.ascvd:
         return []
@@ -539,7 +522,7 @@ def statin_proposal(patient_id: str, risk_text: str) -> dict[str, Any]:
 def _risk_detail(inputs: PceInputs, prediction: Prediction, risk_text: str, category: str) -> str:
     lines = [f"**10-year risk of a first ASCVD event: {risk_text} ({category}).**", "", "Inputs used:"]
     lines += _findings_section(inputs) + _ascvd_lines(inputs)
-    lines += [f"\nNote: {escape_markdown(p.message)}" for p in inputs.notes]
+    lines += _note_lines(inputs.notes)
     if category in (INTERMEDIATE, HIGH) and not inputs.ascvd:
         lines.append(_guidance(category, inputs))
     else:
@@ -561,10 +544,21 @@ def _statin_suggestion(patient_id: str, risk_text: str) -> Suggestion:
     return Suggestion(label=STATIN_PROPOSAL["label"], actions=[action], isRecommended=True)
 
 
+def _card(summary: str, indicator: Indicator, detail: str, source_note: str, **more: Any) -> Card:
+    """A card citing the guideline (``source_note`` in brackets) and linking to the ACC/AHA estimator."""
+    source = Source(label=f"{GUIDELINE_LABEL} ({source_note})", url=GUIDELINE_URL)
+    links = [Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)]
+    return Card(summary=summary, indicator=indicator, detail=detail, source=source, links=links, **more)
+
+
+def _percent(risk: float) -> str:
+    return f"{risk * 100:.1f} %"
+
+
 def _risk_card(inputs: PceInputs, prediction: Prediction) -> Card:
     risk = float(prediction.outputs["risk"])
     category = risk_category(risk)
-    risk_text = f"{risk * 100:.1f} %"
+    risk_text = _percent(risk)
     summary = f"10-year ASCVD risk {risk_text} ({category})"
     if inputs.ascvd:
         summary += ": not for primary prevention, ASCVD on record"
@@ -577,14 +571,13 @@ def _risk_card(inputs: PceInputs, prediction: Prediction) -> Card:
         and inputs.patient_id
     ):
         suggestions.append(_statin_suggestion(inputs.patient_id, risk_text))
-    return Card(
-        summary=summary,
-        indicator="info" if category in (LOW, BORDERLINE) else "warning",
-        detail=_risk_detail(inputs, prediction, risk_text, category),
-        source=Source(label=f"{GUIDELINE_LABEL} ({prediction.model} {prediction.version})", url=GUIDELINE_URL),
+    return _card(
+        summary,
+        "info" if category in (LOW, BORDERLINE) else "warning",
+        _risk_detail(inputs, prediction, risk_text, category),
+        f"{prediction.model} {prediction.version}",
         suggestions=suggestions,
         selectionBehavior="at-most-one" if suggestions else None,
-        links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
     )
 
 
@@ -619,20 +612,14 @@ def _no_risk_card(inputs: PceInputs) -> Card:
     prefix = "10-year ASCVD risk not calculated: "
     room = 139 - len(prefix) - len(more)
     summary = prefix + (first if len(first) <= room else first[: room - 1] + "…") + more
-    lines = ["**Why the risk was not calculated:**"] + [f"- {escape_markdown(p.message)}" for p in blocking]
+    lines = ["**Why the risk was not calculated:**"] + _bullets(blocking)
     if inputs.findings:
         lines += ["", "**Found in the record:**"] + _findings_section(inputs)
-    lines += [f"\nNote: {escape_markdown(p.message)}" for p in inputs.notes]
+    lines += _note_lines(inputs.notes)
     lines += _ascvd_lines(inputs)
     if not any(p.input == "deceased" for p in blocking):
         lines.append(f"\nOnce these are resolved, the risk can be estimated with the {ESTIMATOR_LABEL}.")
-    return Card(
-        summary=summary,
-        indicator="info",
-        detail="\n".join(lines),
-        source=Source(label=f"{GUIDELINE_LABEL} (not calculated)", url=GUIDELINE_URL),
-        links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
-    )
+    return _card(summary, "info", "\n".join(lines), "not calculated")
 
 
 def build_cards(inputs: PceInputs, prediction: Prediction | None) -> list[Card]:
@@ -660,18 +647,12 @@ def fallback(call: ServiceCall, reason: str) -> list[Card]:
         if inputs.findings:
             lines += ["", "**Values found in the record:**"] + _findings_section(inputs)
         if inputs.blocking:
-            lines += ["", "**Missing or not usable:**"] + [f"- {escape_markdown(p.message)}" for p in inputs.blocking]
-        lines += [f"\nNote: {escape_markdown(p.message)}" for p in inputs.notes if p.input == INCOMPLETE]
+            lines += ["", "**Missing or not usable:**"] + _bullets(inputs.blocking)
+        lines += _note_lines(p for p in inputs.notes if p.input == INCOMPLETE)
     except Exception:  # the fallback must answer even when the record cannot be read
         inputs = None
         lines.append("\nThe record's values could not be listed.")
-    card = Card(
-        summary=summary,
-        indicator="info",
-        detail="\n".join(lines),
-        source=Source(label=f"{GUIDELINE_LABEL} (AI result unavailable: {short(reason, 40)})", url=GUIDELINE_URL),
-        links=[Link(label=ESTIMATOR_LABEL, url=ESTIMATOR_URL)],
-    )
+    card = _card(summary, "info", "\n".join(lines), f"AI result unavailable: {short(reason, 40)}")
     return _with_explanation(call, [card], explanation(inputs, None, made_at=made_at, fallback_reason=str(reason)))
 
 
@@ -702,10 +683,13 @@ def _input_entry(name: str, finding: Finding) -> dict[str, Any]:
     }
 
 
+def _cited(finding: Finding) -> dict[str, Any]:
+    return {"text": finding.text, "source": finding.source, "date": _day(finding.date)}
+
+
 def _statin_entry(inputs: PceInputs) -> dict[str, Any]:
     if inputs.statins:
-        items = [{"text": s.text, "source": s.source, "date": _day(s.date)} for s in inputs.statins]
-        return {"status": "active", "items": items}
+        return {"status": "active", "items": [_cited(s) for s in inputs.statins]}
     return {"status": "none" if inputs.statin_status_known else "unknown", "items": []}
 
 
@@ -734,14 +718,14 @@ def explanation(
     return {
         "made_at": made_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
         "risk": risk,
-        "risk_text": f"{risk * 100:.1f} %" if risk is not None else None,
+        "risk_text": _percent(risk) if risk is not None else None,
         "category": risk_category(risk) if risk is not None else None,
         "record_read": record_read,
         "inputs": [_input_entry(name, inputs.findings[name]) for name in MODEL_INPUTS if name in inputs.findings],
         "missing": [{"input": p.input, "label": LABELS.get(p.input, p.input), "message": p.message} for p in blocking],
         "notes": [p.message for p in inputs.notes],
         "statin": _statin_entry(inputs),
-        "ascvd": [{"text": c.text, "source": c.source, "date": _day(c.date)} for c in inputs.ascvd],
+        "ascvd": [_cited(c) for c in inputs.ascvd],
         "model": model,
         "guideline": {"label": GUIDELINE_LABEL, "url": GUIDELINE_URL},
         "estimator": {"label": ESTIMATOR_LABEL, "url": ESTIMATOR_URL},

@@ -24,6 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.host_state import HostState, HostStateError
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,14 @@ class HostReplayCache:
 
     PURGE_EVERY_S = 10.0
 
-    def __init__(self, state: HostState):
+    def __init__(self, state: HostState, clock: Clock = SYSTEM_CLOCK):
         self._state = state
+        self._clock = clock
         self.remembers_since = state.started_at
         self._next_purge = 0.0
 
     def first_use(self, key: str, ttl_seconds: int) -> bool:
-        now = time.time()
+        now = self._clock.now()
         try:
             with self._state.write() as conn:
                 # A key whose time is up may be recorded again, as a new key would be.
@@ -157,8 +159,15 @@ class SharedReplayCache:
     says so. Redis being down costs one short timeout per ``retry_after_seconds`` (one caller probes) and one
     WARNING per outage; the host file being unusable raises StoreUnavailable (the call is refused)."""
 
-    def __init__(self, host: HostReplayCache, redis_cache: RedisReplayCache | None, retry_after_seconds: float = 15.0):
+    def __init__(
+        self,
+        host: HostReplayCache,
+        redis_cache: RedisReplayCache | None,
+        retry_after_seconds: float = 15.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
         self._host = host
+        self._clock = clock
         self._redis = redis_cache
         self._retry_after = retry_after_seconds
         self._lock = threading.Lock()
@@ -190,7 +199,7 @@ class SharedReplayCache:
         if not self._redis_down:
             return True
         with self._lock:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             if now < self._next_try:
                 return False
             self._next_try = now + self._retry_after  # this caller probes; the others keep to the host file
@@ -198,12 +207,12 @@ class SharedReplayCache:
 
     def _went_down(self, exc: Exception) -> None:
         with self._lock:
-            self._next_try = time.monotonic() + self._retry_after
+            self._next_try = self._clock.monotonic() + self._retry_after
             if self._redis_down:
                 return
             self._redis_down = True
             # Other hosts go on recording in Redis: a token they saw may come here now, unseen by our file.
-            self._lost_redis_at = time.time()
+            self._lost_redis_at = self._clock.now()
         log.warning(
             "Redis unreachable for the jti replay cache (%s); this host's file only, retry every %.0f s",
             exc,

@@ -19,6 +19,12 @@ UCUM = "http://unitsofmeasure.org"
 ICD10 = ("http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10")
 CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+US_CORE_ETHNICITY = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
+# OMB categories (CDC race and ethnicity code system, urn:oid:2.16.840.1.113883.6.238) that services test for.
+OMB_WHITE = "2106-3"
+OMB_BLACK = "2054-5"
+OMB_HISPANIC = "2135-2"  # an ethnicity, sometimes recorded as a race
 
 
 def codings(concept: Any) -> list[dict[str, Any]]:
@@ -68,6 +74,10 @@ class CodeSet:
     def in_system(self, system: str) -> tuple[str, ...]:
         """This set's codes in ``system``, in the order listed (for search parameters)."""
         return self.codes.get(system, ())
+
+    def search_token(self) -> str:
+        """The set as a FHIR token search value, ``system|code`` joined by commas (prefixes are not searchable)."""
+        return ",".join(f"{system}|{code}" for system, codes in self.codes.items() for code in codes)
 
     def matches_coding(self, coding: Any) -> bool:
         if not isinstance(coding, dict) or not coding.get("code"):

@@ -11,13 +11,14 @@ CHOLESTEROL))``, ``record.active_conditions(DIABETES)``, ``record.active_medicat
 
 from __future__ import annotations
 
+import calendar
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from app.fhir.codes import CONDITION_CLINICAL, UCUM, CodeSet, DrugClass, codes_in, codings
+from app.fhir.codes import CONDITION_CLINICAL, UCUM, US_CORE_RACE, CodeSet, DrugClass, codes_in, codings
 
 # Observations that say they are wrong or did not happen; one definition for every reader.
 RETRACTED_OBSERVATION = frozenset({"entered-in-error", "cancelled"})
@@ -485,6 +486,64 @@ class MedicationUse:
 
     def is_a(self, kind: CodeSet | DrugClass) -> bool:
         return self.concept is not None and kind.matches(self.concept)
+
+
+# ---- the patient ------------------------------------------------------------------------------------------------
+
+_BIRTH_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+@dataclass(frozen=True)
+class Age:
+    """Whole years on a day from a birth date that may be partial (``1960``, ``1960-05``): the fewest and the most
+    the patient can have, equal when the birth date is complete or the day rules the difference out."""
+
+    least: int
+    most: int
+    written: str  # the birth date as the record wrote it
+
+
+def age_on(birth_date: Any, day: date) -> Age | str:
+    """The patient's age on ``day`` from ``Patient.birthDate``, or why it cannot be read."""
+    written = birth_date.strip() if isinstance(birth_date, str) else ""
+    match = _BIRTH_DATE.fullmatch(written)
+    if not match:
+        return "no usable birth date in the record"
+    year, month, dom = int(match.group(1)), match.group(2), match.group(3)
+    try:
+        earliest = date(year, int(month or 1), int(dom or 1))
+        last_month = int(month or 12)
+        latest = earliest if dom else date(year, last_month, calendar.monthrange(year, last_month)[1])
+    except ValueError:
+        return f"birth date {short(written, 12)!r} is not a valid date"
+
+    def years(born: date) -> int:
+        return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
+
+    return Age(years(latest), years(earliest), written)
+
+
+def deceased(patient: dict[str, Any]) -> bool:
+    """True when the Patient is recorded as deceased (``deceasedBoolean`` true or any ``deceasedDateTime``)."""
+    return patient.get("deceasedBoolean") is True or bool(patient.get("deceasedDateTime"))
+
+
+def us_core_category(patient: dict[str, Any], url: str = US_CORE_RACE) -> tuple[list[str], str]:
+    """The OMB category codes and the text of a US Core race (or, with ``US_CORE_ETHNICITY``, ethnicity)
+    extension, in record order; ``([], "")`` when it is absent."""
+    codes, written = [], ""
+    for extension in patient.get("extension") or ():
+        if not isinstance(extension, dict) or extension.get("url") != url:
+            continue
+        for part in extension.get("extension") or ():
+            if not isinstance(part, dict):
+                continue
+            coding = part.get("valueCoding")
+            if part.get("url") == "ombCategory" and isinstance(coding, dict) and text(str(coding.get("code") or "")):
+                codes.append(text(str(coding["code"])))
+            elif part.get("url") == "text" and isinstance(part.get("valueString"), str):
+                written = part["valueString"]
+    return codes, written
 
 
 # ---- the record -------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ One table is both queue and record. A job's id is its idempotency key. Workers c
 (id, lease_owner, attempts), so a worker whose lease lapsed (the sweep put the job back in the queue, and
 another worker may hold it now) cannot overwrite the newer attempt.
 PostgreSQL claims with ``FOR UPDATE SKIP LOCKED``; SQLite serialises claims with ``BEGIN IMMEDIATE``.
-All times are timezone-aware UTC (``app.clock.utc_now``; ``UTCDateTime`` and ``utc_now`` are re-exported here for
-older imports); every function that reads the clock accepts ``now`` for tests.
+All times are timezone-aware UTC (``app.clock.utc_now``, columns typed ``app.db.UTCDateTime``); every function
+that reads the clock accepts ``now`` for tests.
 
 At any depth, every hot statement reads an index in order and touches a bounded number of rows: a claim
 takes the head of the queue (``ix_jobs_queue``, or one lookup per kind in ``ix_jobs_queue_by_kind``), the

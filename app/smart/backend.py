@@ -13,6 +13,7 @@ import jwt
 import requests
 
 from app import http
+from app.clock import SYSTEM_CLOCK, Clock
 from app.smart.keys import ALGORITHMS, KeyStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class BackendServicesClient:
         session: requests.Session | None = None,
         timeout: float = 5.0,
         refresh_margin: float = REFRESH_MARGIN_S,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         if alg not in ALGORITHMS:
             raise ValueError(f"alg must be one of {', '.join(ALGORITHMS)} (got {alg!r})")
@@ -62,6 +64,7 @@ class BackendServicesClient:
         self.refresh_margin = refresh_margin
         self.granted_scope: str | None = None
         self._keys = keys
+        self._clock = clock  # the token's renewal time; the assertion's iat stays on the EHR's shared wall clock
         self._session = session or http.pooled_session()
         self._lock = threading.Lock()
         self._token: str | None = None
@@ -87,7 +90,7 @@ class BackendServicesClient:
     def access_token(self) -> str:
         """The cached access token, or a new one when it is missing or close to expiry (one refresh at a time)."""
         with self._lock:
-            if self._token is None or time.monotonic() >= self._renew_at:
+            if self._token is None or self._clock.monotonic() >= self._renew_at:
                 self._token = None
                 self._fetch()
             return self._token  # type: ignore[return-value]
@@ -123,7 +126,7 @@ class BackendServicesClient:
             "client_assertion_type": ASSERTION_TYPE,
             "client_assertion": self.assertion(),
         }
-        started = time.monotonic()
+        started = self._clock.monotonic()
         try:
             response = self._session.post(
                 self.token_url,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -58,13 +57,14 @@ def test_claim_takes_the_oldest_due_job(engine):
     assert ledger.claim(engine, "w", now=at(10)) is None
 
 
-def _drain(url: str, worker_id: str, start_at: float = 0.0) -> list[str]:
+def _drain(url: str, worker_id: str, start=None) -> list[str]:
     """A worker: claim and complete until nothing is left. Module level so that spawned processes can run it;
-    they all start at ``start_at`` (a time.time()) so that they really race."""
+    they all pass the ``start`` barrier together so that they really race."""
     engine = make_engine(url)
     with engine.connect():  # connect (and set SQLite's pragmas) before the race, not during it
         pass
-    time.sleep(max(0.0, start_at - time.time()))
+    if start is not None:
+        start.wait(timeout=60)
     claimed = []
     try:
         while (job := ledger.claim(engine, worker_id)) is not None:
@@ -89,10 +89,10 @@ def test_racing_threads_never_claim_the_same_job(engine, database_url):
     for job_id in sorted(ids):
         ledger.enqueue(engine, job_id, "score", {"n": job_id})
     results: dict[str, list[str]] = {}
-    start_at = time.time() + 1.0
+    start = threading.Barrier(4)
 
     def worker(name: str) -> None:
-        results[name] = _drain(database_url, name, start_at)
+        results[name] = _drain(database_url, name, start)
 
     threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(4)]
     for thread in threads:
@@ -108,9 +108,10 @@ def test_racing_processes_never_claim_the_same_job(engine, database_url):
     ids = {f"job-{i}" for i in range(50)}
     for job_id in sorted(ids):
         ledger.enqueue(engine, job_id, "score", {"n": job_id})
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        start_at = time.time() + 3
-        per_worker = pool.starmap(_drain, [(database_url, f"p{i}", start_at) for i in range(4)])
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Manager() as manager, spawn.Pool(4) as pool:
+        start = manager.Barrier(4)
+        per_worker = pool.starmap(_drain, [(database_url, f"p{i}", start) for i in range(4)])
     assert sum(1 for claims in per_worker if claims) > 1, "the workers did not overlap"
     _assert_each_completed_once(engine, [job for claims in per_worker for job in claims], ids)
 

@@ -70,7 +70,7 @@ def drain(app, rounds: int = 50) -> list:
         outcomes += done
         if not done and not _waiting(app):
             break
-        time.sleep(0.03)
+        time.sleep(0.03)  # backoffs fall due on the worker's real clock (the Worker takes no clock yet)
     return outcomes
 
 
@@ -145,8 +145,8 @@ def test_retry_later_waits_as_long_as_asked(app):
 
 
 def test_an_expired_job_is_never_run(app):
-    submit(app, "test.echo", "stale", {}, expires_in=0.05)
-    time.sleep(0.1)
+    submit(app, "test.echo", "stale", {}, expires_in=60)
+    ledger.sweep(app.extensions["db"], now=datetime.now(UTC) + timedelta(seconds=61))  # a minute later
     drain(app)
     assert ledger.get(app.extensions["db"], "stale").state == "expired"
     assert CALLS["stale"] == 0
@@ -159,7 +159,14 @@ def test_the_lease_is_kept_alive_while_a_long_job_works(app):
     first = Worker(app, lease_seconds=0.6)
     runner = threading.Thread(target=first.run_once)
     runner.start()
-    time.sleep(1.5)  # more than two lease lengths
+    wait_for(lambda: CALLS["long"] > 0, "the long job never started")
+    first_lease = ledger.get(engine, "long").lease_expires_at
+    # The heartbeat thread renews on the real clock: wait until it has carried the lease two lengths on.
+    wait_for(
+        lambda: ledger.get(engine, "long").lease_expires_at >= first_lease + timedelta(seconds=1.2),
+        "the lease was not renewed",
+        timeout=10,
+    )
     taken_over = Worker(app, lease_seconds=0.6).run_once()
     RELEASE.set()  # before asserting, so that a wrongful takeover fails instead of hanging
     assert taken_over is None  # nobody could take it over

@@ -21,6 +21,7 @@ from app.ai.kserve import KServeBackend, encode_tensors, pooled_session
 from app.ai.models.pce import NAME, VERSION, PooledCohortEquations
 from app.ai.serve import create_model_server
 from tests.conftest import require
+from tests.support.assertions import wait_for
 from tests.support.fault_server import FaultModelServer
 from tests.support.processes import free_port
 
@@ -37,7 +38,6 @@ INPUTS = {
     "diabetes": False,
 }
 TIMEOUT = 0.3
-MARGIN = 0.25  # scheduling slack on a busy 2-core machine
 
 
 def expected_outputs(inputs=INPUTS) -> dict:
@@ -219,21 +219,22 @@ def test_healthy_fault_server_answers_like_the_model(fault_server, fault_backend
 @pytest.mark.parametrize("mode", ["slow", "hang", "stall"])
 def test_no_answer_times_out_within_the_socket_timeout(fault_server, fault_backend, mode):
     """``stall`` times out while the body streams, which requests reports as a ConnectionError, not a Timeout."""
-    fault_server.set_mode(mode, delay_ms=1000)
+    fault_server.set_mode(mode, delay_ms=5000)
 
     result, elapsed = call(fault_backend)
 
     assert isinstance(result, ModelUnavailable) and result.reason == "timeout"
-    assert TIMEOUT <= elapsed < TIMEOUT + MARGIN
+    # Kept on purpose, generous: the server would answer after 5 s; giving up well before shows the 0.3 s
+    # timeout ended the call, not the server's pace (nor the backend's 5 s default).
+    assert TIMEOUT <= elapsed < 2.0
 
 
 def test_slow_answer_within_the_timeout_succeeds(fault_server, fault_backend):
     fault_server.set_mode("slow", delay_ms=100)
 
-    result, elapsed = call(fault_backend, timeout=1.0)
+    result, _ = call(fault_backend, timeout=1.0)
 
     assert result.outputs == expected_outputs()
-    assert 0.1 <= elapsed < 1.0
 
 
 def test_trickle_is_not_bounded_by_socket_timeouts(fault_server, fault_backend):
@@ -248,6 +249,8 @@ def test_trickle_is_not_bounded_by_socket_timeouts(fault_server, fault_backend):
         stopper.cancel()
 
     assert isinstance(result, ModelUnavailable)
+    # Kept on purpose: this documents the transport's limit (the call outlives its 0.3 s timeout by far) that
+    # the guard's own deadline exists for; the upper bound is generous.
     assert 1.5 < elapsed < 5.0
 
 
@@ -263,20 +266,18 @@ def test_trickle_is_not_bounded_by_socket_timeouts(fault_server, fault_backend):
 def test_broken_answers_map_to_their_reason_at_once(fault_server, fault_backend, mode, reason):
     fault_server.set_mode(mode)
 
-    result, elapsed = call(fault_backend)
+    result, _ = call(fault_backend)
 
-    assert isinstance(result, ModelUnavailable) and result.reason == reason
-    assert elapsed < MARGIN
-    assert fault_server.calls == 1
+    assert isinstance(result, ModelUnavailable) and result.reason == reason  # not "timeout": no waiting
+    assert fault_server.calls == 1  # and no retry
 
 
 def test_refused_connection_is_unavailable_and_reaches_nothing(fault_server, fault_backend):
     fault_server.set_mode("refuse")
 
-    result, elapsed = call(fault_backend)
+    result, _ = call(fault_backend)
 
     assert isinstance(result, ModelUnavailable) and result.reason == "unavailable"
-    assert elapsed < MARGIN
     assert fault_server.calls == 0
 
 
@@ -302,7 +303,9 @@ def test_ready_is_false_while_the_server_hangs(fault_server, fault_backend):
     started = time.monotonic()
 
     assert fault_backend.ready(NAME) is False
-    assert time.monotonic() - started < 1.0 + MARGIN
+    # Kept on purpose, generous: the server hangs for 60 s and the backend's timeout is 5 s; ending well before
+    # shows ready() used its own short (1 s) timeout.
+    assert time.monotonic() - started < 3.0
 
 
 def test_stopping_does_not_wait_for_hung_or_trickling_connections():
@@ -310,16 +313,18 @@ def test_stopping_does_not_wait_for_hung_or_trickling_connections():
     server.start()
     backend = KServeBackend(server.url)
     clients = []
-    for mode in ("hang", "stall", "trickle"):
+    for count, mode in enumerate(("hang", "stall", "trickle"), start=1):
         server.set_mode(mode)
         clients.append(threading.Thread(target=call, args=(backend, INPUTS, 10.0), daemon=True))
         clients[-1].start()
-        time.sleep(0.2)
+        wait_for(lambda n=count: server.calls == n, f"the {mode} request did not reach the server")
 
     started = time.monotonic()
     server.stop()
 
-    assert time.monotonic() - started < 1.5
+    # Kept on purpose, generous: the clients would wait 10 s and a hang lasts 60 s; stopping well before
+    # shows stop() closed the open connections instead of waiting for them.
+    assert time.monotonic() - started < 3.0
     for client in clients:
         client.join(timeout=2.0)
         assert not client.is_alive()

@@ -143,7 +143,7 @@ def test_a_slow_server_times_out_within_the_timeout(llm):
     release = threading.Event()
 
     def slow(request: Request) -> Response:
-        release.wait(5)
+        release.wait(10)
         return Response(json.dumps(completion()), content_type="application/json")
 
     llm.expect_oneshot_request(PATH, method="POST").respond_with_handler(slow)
@@ -155,7 +155,9 @@ def test_a_slow_server_times_out_within_the_timeout(llm):
         release.set()
     elapsed = time.monotonic() - started
     assert isinstance(exc, ModelUnavailable) and exc.reason == "timeout"
-    assert elapsed < timeout + 0.5
+    # Kept on purpose, generous: the server would answer after 10 s; giving up well before shows the call's own
+    # 0.5 s timeout ended it, not the server's pace.
+    assert elapsed < 2.5
 
 
 def test_nothing_listening_is_unavailable():

@@ -11,6 +11,7 @@ import pytest
 from werkzeug import Response
 
 from tests.conftest import LOCAL_BASE_URL
+from tests.support.assertions import wait_for
 from tests.support.tokens import clients_document
 
 SERVICE = "/cds-services/cardiovascular-risk"
@@ -83,10 +84,9 @@ def test_absent_prefetch_is_fetched_and_gives_the_same_card(seeded, call, hook_b
 
 
 def test_fhir_server_down_gives_412_for_the_required_key(call, hook_body):
-    response, elapsed = call(without_prefetch(hook_body, "http://127.0.0.1:9/fhir"))
+    response, _ = call(without_prefetch(hook_body, "http://127.0.0.1:9/fhir"))
     assert response.status_code == 412
     assert response.get_json()["issue"][0]["expression"] == ["prefetch.patient"]
-    assert elapsed < 1.0
 
 
 def test_fhir_server_down_with_patient_sent_degrades_and_says_what_is_missing(call, hook_body):
@@ -101,12 +101,14 @@ def test_fhir_server_down_with_patient_sent_degrades_and_says_what_is_missing(ca
 
 def test_slow_fhir_server_is_cut_off_at_the_deadline(httpserver, call, hook_body):
     def slow(_request):
-        time.sleep(2)
+        time.sleep(2)  # the server's pace, not a clock
 
     httpserver.expect_request("/fhir/Patient/gw-test-patient-1").respond_with_handler(slow)
     response, elapsed = call(without_prefetch(hook_body, httpserver.url_for("/fhir")))
     assert response.status_code == 412
-    assert elapsed < 0.5 + 0.15  # the 500 ms hook budget, not the server's 2 s
+    # Kept on purpose, generous: the server takes 2 s and FHIR_TIMEOUT_S is 5 s; answering well before shows the
+    # 500 ms hook budget cut the fetch off.
+    assert elapsed < 1.5
 
 
 def test_fhir_server_outside_the_allowlist_is_never_contacted(
@@ -270,13 +272,12 @@ def test_with_the_fhir_server_down_the_sent_page_is_used_and_the_card_says_it_ma
     _, first = paged
     down = "http://127.0.0.1:9/fhir/R4"
 
-    response, elapsed = call(with_paged_conditions(hook_body, moved(first, down), down))
+    response, _ = call(with_paged_conditions(hook_body, moved(first, down), down))
 
     card = response.get_json()["cards"][0]
     assert card["summary"].startswith("10-year ASCVD risk") and "not calculated" not in card["summary"]
     assert "**Diabetes:** no" in card["detail"]
     assert "Note: Conditions may be incomplete: not every page could be read from the EHR" in card["detail"]
-    assert elapsed < 1.0
     (record,) = audit_records("hook")
     assert record["prefetch_incomplete"] == ["conditions"]
 
@@ -288,7 +289,7 @@ def test_with_the_fhir_server_too_slow_the_sent_page_is_used_and_the_card_says_i
     release = threading.Event()
 
     def slow_page(_request):
-        release.wait(5)
+        release.wait(10)
         return Response(json.dumps({"resourceType": "Bundle", "type": "searchset"}), content_type="application/json")
 
     httpserver.expect_request("/fhir/Condition").respond_with_handler(slow_page)
@@ -297,11 +298,14 @@ def test_with_the_fhir_server_too_slow_the_sent_page_is_used_and_the_card_says_i
         response, elapsed = call(with_paged_conditions(hook_body, moved(first, slow), slow))
     finally:
         release.set()
+        wait_for(lambda: len(httpserver.log) == 1, "the slow page was not answered after its release")
 
     card = response.get_json()["cards"][0]
     assert "not calculated" not in card["summary"]
     assert "Conditions may be incomplete" in card["detail"]
-    assert elapsed < 0.5 + 0.15  # the hook's budget, not the server's pace
+    # Kept on purpose, generous: the server takes 10 s and FHIR_TIMEOUT_S is 5 s; answering well before shows
+    # the 500 ms hook budget ended the wait.
+    assert elapsed < 2.5
 
 
 def test_when_the_fhir_server_may_not_be_called_the_sent_page_is_used_and_the_card_says_so(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import sqlite3
 import stat
 import threading
@@ -13,10 +14,10 @@ import time
 import uuid
 from pathlib import Path
 
+import jwt
 import pytest
 import redis
 
-from app.cds import replay
 from app.cds.replay import (
     HostReplayCache,
     MemoryReplayCache,
@@ -26,6 +27,8 @@ from app.cds.replay import (
     make_replay_cache,
 )
 from app.host_state import HostState
+from tests.support.assertions import wait_for
+from tests.support.clock import FakeClock
 from tests.support.redis_server import redis_is_up
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -40,12 +43,43 @@ def fresh_key() -> str:
     return f"test-{uuid.uuid4()}"
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
+class RefusingRedis:
+    """A port that accepts a connection and closes it at once (Redis down), counting the connections: how often
+    the cache probed Redis."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self):
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.1)
+        self.url = f"redis://127.0.0.1:{self._socket.getsockname()[1]}/0"
+        self._connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self._connections += 1
+            conn.close()
+
+    def connections(self) -> int:
+        """Connections accepted so far (a refused probe has been answered once the client call returned)."""
+        return self._connections
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._socket.close()
+
+
+@pytest.fixture
+def refusing_redis():
+    server = RefusingRedis()
+    yield server
+    server.close()
 
 
 def test_memory_cache_accepts_a_key_once():
@@ -59,9 +93,9 @@ def test_memory_cache_forgets_a_key_after_its_ttl():
     clock = FakeClock()
     cache = MemoryReplayCache(clock=clock)
     assert cache.first_use("a", 10)
-    clock.now += 9.9
+    clock.advance(9.9)
     assert not cache.first_use("a", 10)
-    clock.now += 0.2
+    clock.advance(0.2)
     assert cache.first_use("a", 10)
 
 
@@ -71,7 +105,7 @@ def test_memory_cache_purges_expired_keys_so_memory_stays_bounded():
     for i in range(1000):
         cache.first_use(f"old-{i}", 5)
     assert len(cache) == 1000
-    clock.now += 6
+    clock.advance(6)
     cache.first_use("new", 5)
     assert len(cache) == 1
     assert len(cache._heap) == 1
@@ -117,32 +151,39 @@ def test_redis_cache_sets_the_ttl_on_the_key():
     assert 40 <= ttl <= 42
 
 
-def shared(tmp_path, url: str | None, retry_after_seconds: float = 15.0) -> SharedReplayCache:
+def shared(
+    tmp_path, url: str | None, retry_after_seconds: float = 15.0, clock: FakeClock | None = None
+) -> SharedReplayCache:
     """One process's cache: this host's file (``tmp_path``) and, with ``url``, Redis."""
     redis_cache = RedisReplayCache(url) if url else None
-    return SharedReplayCache(HostReplayCache(HostState(tmp_path / "h.db")), redis_cache, retry_after_seconds)
+    if clock is None:
+        return SharedReplayCache(HostReplayCache(HostState(tmp_path / "h.db")), redis_cache, retry_after_seconds)
+    host = HostReplayCache(HostState(tmp_path / "h.db"), clock=clock)
+    return SharedReplayCache(host, redis_cache, retry_after_seconds, clock=clock)
 
 
-def test_a_closed_redis_port_costs_little_and_replays_are_still_refused(tmp_path):
-    started = time.perf_counter()
-    cache = shared(tmp_path, CLOSED_PORT_URL)
-    assert time.perf_counter() - started < 1.0
+def test_a_down_redis_is_probed_once_per_back_off_and_replays_are_still_refused(tmp_path, refusing_redis):
+    cache = shared(tmp_path, refusing_redis.url, clock=FakeClock(wall=time.time()))
+    assert refusing_redis.connections() == 0, "making the cache does not connect"
     key = fresh_key()
-    timings = []
     for expected in (True, False, False):
-        started = time.perf_counter()
         assert cache.first_use(key, 60) is expected
-        timings.append(time.perf_counter() - started)
-    assert max(timings) < 0.25, "one short timeout at most"
+    assert cache.first_use(fresh_key(), 60) is True
+    wait_for(lambda: refusing_redis.connections() >= 1, "Redis never probed")
+    assert refusing_redis.connections() == 1, "one probe, no retries, none again within the back-off"
 
 
-def test_redis_is_tried_again_after_the_back_off_without_hanging(tmp_path):
-    cache = shared(tmp_path, CLOSED_PORT_URL, retry_after_seconds=0.05)
+def test_redis_is_tried_again_after_the_back_off(tmp_path, refusing_redis):
+    clock = FakeClock(wall=time.time())
+    cache = shared(tmp_path, refusing_redis.url, retry_after_seconds=15, clock=clock)
     cache.first_use(fresh_key(), 60)
-    time.sleep(0.06)
-    started = time.perf_counter()
-    assert cache.first_use(fresh_key(), 60)  # this call probes the closed port again
-    assert time.perf_counter() - started < 0.5
+    clock.advance(14)
+    assert cache.first_use(fresh_key(), 60)
+    wait_for(lambda: refusing_redis.connections() >= 1, "Redis never probed")
+    assert refusing_redis.connections() == 1
+    clock.advance(1)
+    assert cache.first_use(fresh_key(), 60)  # this call probes Redis again
+    wait_for(lambda: refusing_redis.connections() == 2, "Redis not probed again after the back-off")
 
 
 def test_redis_down_is_logged_once_at_warning_not_per_call(tmp_path, caplog):
@@ -178,22 +219,24 @@ def test_a_token_seen_on_another_host_is_refused_here(tmp_path):
 
 @needs_redis
 def test_losing_redis_starts_a_new_memory_and_coming_back_needs_none(tmp_path, monkeypatch):
-    cache = shared(tmp_path, REDIS_URL, retry_after_seconds=0.05)
+    clock = FakeClock(wall=time.time())
+    cache = shared(tmp_path, REDIS_URL, retry_after_seconds=15, clock=clock)
     assert cache.first_use(fresh_key(), 60)
     before = cache.remembers_since
+    clock.advance(1)
 
     def down(*args, **kwargs):
         raise redis.ConnectionError("simulated outage")
 
     monkeypatch.setattr(cache._redis, "_script", down)
-    went_down = time.time()
+    went_down = clock.now()
     during = fresh_key()
     assert cache.first_use(during, 60) is True
     assert cache.first_use(during, 60) is False
     assert cache.remembers_since >= went_down > before, "other hosts went on recording in Redis meanwhile"
     monkeypatch.undo()
 
-    time.sleep(0.06)
+    clock.advance(15)
     assert cache.first_use(fresh_key(), 60) is True  # Redis used again
     assert cache.first_use(during, 60) is False, "what this host saw meanwhile is in its file"
     assert not cache._redis_down
@@ -262,25 +305,23 @@ def test_host_cache_accepts_a_key_once_across_instances_on_the_same_file(tmp_pat
     assert second.first_use(fresh_key(), 60) is True
 
 
-def test_host_cache_accepts_a_key_again_once_its_time_is_up(tmp_path, monkeypatch):
-    cache = HostReplayCache(HostState(tmp_path / "h.db"))
-    now = [time.time()]
-    monkeypatch.setattr(replay.time, "time", lambda: now[0])
+def test_host_cache_accepts_a_key_again_once_its_time_is_up(tmp_path):
+    clock = FakeClock(wall=time.time())
+    cache = HostReplayCache(HostState(tmp_path / "h.db"), clock=clock)
     assert cache.first_use("a", 10)
-    now[0] += 9
+    clock.advance(9)
     assert not cache.first_use("a", 10)
-    now[0] += 2
+    clock.advance(2)
     assert cache.first_use("a", 10)
 
 
-def test_host_cache_purges_expired_keys(tmp_path, monkeypatch):
+def test_host_cache_purges_expired_keys(tmp_path):
     state = HostState(tmp_path / "h.db")
-    cache = HostReplayCache(state)
-    now = [time.time()]
-    monkeypatch.setattr(replay.time, "time", lambda: now[0])
+    clock = FakeClock(wall=time.time())
+    cache = HostReplayCache(state, clock=clock)
     for i in range(100):
         cache.first_use(f"old-{i}", 5)
-    now[0] += HostReplayCache.PURGE_EVERY_S + 6
+    clock.advance(HostReplayCache.PURGE_EVERY_S + 6)
     cache.first_use("new", 5)
     assert state.read("SELECT count(*) FROM jti") == [(1,)]
 
@@ -313,7 +354,7 @@ def test_a_new_host_file_remembers_only_from_its_creation(tmp_path):
     assert HostState(path).started_at == first.started_at, "an existing file keeps its start"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    time.sleep(0.01)
+    # No sleep: creating the file takes far longer than time.time()'s resolution.
     assert HostState(path).started_at > first.started_at
 
 
@@ -365,7 +406,10 @@ def test_a_redis_restart_does_not_reopen_the_replay_window(tmp_path, signing_key
         redis.Redis.from_url(own_redis.url).save()
     token = signing_key.token(base + "/cds-services")
     on_this_host.authenticate(f"Bearer {token}", "/cds-services")
-    time.sleep(1.1)  # the restart comes after the token was issued (iat has whole seconds)
+    # iat has whole seconds: wait until Redis's own clock (which dates the restart) is past the token's second.
+    issued = jwt.decode(token, options={"verify_signature": False})["iat"]
+    server = redis.Redis.from_url(own_redis.url)
+    wait_for(lambda: server.time()[0] > issued, "Redis's clock did not reach the next second", timeout=3)
     own_redis.stop()
     own_redis.start()
     with pytest.raises(ClientNotTrusted) as refused:

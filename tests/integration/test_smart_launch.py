@@ -383,6 +383,8 @@ def test_expired_access_token_is_refreshed_once(gateway, ehr, result_id, rendere
     browser = Browser(gateway)
     assert launch_to_app(browser, ehr, result_id).status == 200
     first = session_state(gateway, browser)["token"]
+    # Still a clock: /smart/app asks launch.needs_refresh without a ``now`` (app_routes.py does not read the
+    # app's clock yet), so the token's 2 s must really pass. See the report for the app change that removes it.
     time.sleep(2.2)
 
     page = browser.get("/smart/app")
@@ -402,7 +404,7 @@ def test_failed_refresh_shows_the_expired_page(gateway, ehr, result_id):
     browser = Browser(gateway)
     assert launch_to_app(browser, ehr, result_id).status == 200
     ehr.refuse_refresh = True
-    time.sleep(2.2)
+    time.sleep(2.2)  # still a clock, as in test_expired_access_token_is_refreshed_once
 
     page = browser.get("/smart/app")
     assert page.status == 401 and "expired" in page.text.lower()

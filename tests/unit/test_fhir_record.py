@@ -15,6 +15,8 @@ from app.fhir.codes import (
     STATIN,
     SYSTOLIC_BP,
     TOTAL_CHOLESTEROL,
+    US_CORE_ETHNICITY,
+    US_CORE_RACE,
     CodeSet,
     classify,
 )
@@ -319,3 +321,73 @@ def test_the_latest_of_many_observations_in_any_order():
     latest = Record(observations[::-1]).latest(TOTAL_CHOLESTEROL, MG_DL)
     assert latest.reading.day == date(2005, 6, 22)
     assert latest.reading.when.moment.tzinfo == UTC
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "least", "most"),
+    [
+        ("1960-05-15", 66, 66),
+        (" 1960-05-16 ", 65, 65),  # the day before the birthday
+        ("1960-05", 65, 66),  # born in May 1960: 65 or 66 on 15 May 2026
+        ("1960-04", 66, 66),  # a whole month already past
+        ("1960", 65, 66),
+        ("2000-02-29", 26, 26),
+    ],
+)
+def test_age_on_a_day_from_a_full_or_partial_birth_date(birth_date, least, most):
+    age = fr.age_on(birth_date, date(2026, 5, 15))
+    assert (age.least, age.most, age.written) == (least, most, birth_date.strip())
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "why"),
+    [
+        (None, "no usable birth date in the record"),
+        (19600515, "no usable birth date in the record"),
+        ("1960-05-15T10:00:00Z", "no usable birth date in the record"),
+        ("15/05/1960", "no usable birth date in the record"),
+        ("1960-02-30", "birth date '1960-02-30' is not a valid date"),
+        ("1960-13", "birth date '1960-13' is not a valid date"),
+    ],
+)
+def test_an_unreadable_birth_date_says_why(birth_date, why):
+    assert fr.age_on(birth_date, date(2026, 5, 15)) == why
+
+
+def test_deceased_by_flag_or_date():
+    assert fr.deceased({"deceasedBoolean": True}) and fr.deceased({"deceasedDateTime": "2025-01-01"})
+    assert not fr.deceased({"deceasedBoolean": False}) and not fr.deceased({"deceasedBoolean": "true"})
+    assert not fr.deceased({})
+
+
+def _us_core(url, *parts):
+    return {"url": url, "extension": list(parts)}
+
+
+def test_us_core_race_and_ethnicity_categories_and_text():
+    patient = {
+        "resourceType": "Patient",
+        "extension": [
+            "not an extension",
+            {"url": "http://example.org/other", "valueString": "x"},
+            _us_core(
+                US_CORE_RACE,
+                {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3"}},
+                {"url": "ombCategory", "valueCoding": {"code": "2054-5"}},
+                {"url": "ombCategory", "valueCoding": {"display": "no code"}},
+                {"url": "detailed", "valueCoding": {"code": "2108-9"}},
+                {"url": "text", "valueString": "White and Black"},
+                "malformed part",
+            ),
+            _us_core(US_CORE_ETHNICITY, {"url": "ombCategory", "valueCoding": {"code": "2135-2"}}),
+        ],
+    }
+    assert fr.us_core_category(patient) == (["2106-3", "2054-5"], "White and Black")
+    assert fr.us_core_category(patient, US_CORE_ETHNICITY) == (["2135-2"], "")
+    assert fr.us_core_category({"resourceType": "Patient"}) == ([], "")
+
+
+def test_a_code_set_as_a_token_search_keeps_its_order_across_systems():
+    both = CodeSet.of("panel", "http://loinc.org", ("85354-9",)) | CodeSet.of("sbp", SNOMED, ("271649006",))
+    assert both.search_token() == "http://loinc.org|85354-9,http://snomed.info/sct|271649006"
+    assert HDL.search_token() == "http://loinc.org|2085-9,http://loinc.org|14646-4"

@@ -4,7 +4,6 @@ allowlist entry), what an https EHR's configuration must hold, and the sealed pe
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import requests
@@ -22,19 +21,13 @@ from app.smart.launch import (
     fetch_configuration,
 )
 from app.smart.sessions import PendingLaunchSeal, SessionStore
+from tests.support.assertions import wait_for
+from tests.support.clock import FakeClock
 
 ISS = "https://ehr.example.org/fhir"
 WELL_KNOWN = ISS + "/.well-known/smart-configuration"
 BASE = FhirBase(ISS, ISS)
 CONFIG = SmartConfiguration("https://ehr.example.org/authorize", "https://ehr.example.org/token", frozenset({"S256"}))
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Fetches:
@@ -49,13 +42,6 @@ class Fetches:
         if isinstance(self.answer, BaseException):
             raise self.answer
         return self.answer
-
-
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 # ---- the cache ------------------------------------------------------------------------------------------------
@@ -78,7 +64,7 @@ def test_concurrent_launches_wait_for_the_one_fetch_in_flight():
     assert entered.wait(5)
     for thread in threads[1:]:
         thread.start()
-    wait_until(lambda: cache.waiting(BASE) == 7)
+    wait_for(lambda: cache.waiting(BASE) == 7, "the launches are not all waiting for the fetch")
     release.set()
     for thread in threads:
         thread.join(5)
@@ -86,31 +72,31 @@ def test_concurrent_launches_wait_for_the_one_fetch_in_flight():
 
 
 def test_a_configuration_is_kept_for_its_ttl_then_read_again():
-    clock = Clock()
+    clock = FakeClock()
     cache, fetch = DiscoveryCache(ttl_s=300, clock=clock), Fetches()
     for _ in range(50):
         assert cache.get(BASE, fetch, wait_s=1) == CONFIG
-    clock.now += 301
+    clock.advance(301)
     cache.get(BASE, fetch, wait_s=1)
     assert fetch.calls == 2
 
 
 def test_a_failure_is_shown_again_without_asking_until_its_ttl_passes():
-    clock = Clock()
+    clock = FakeClock()
     cache = DiscoveryCache(failure_ttl_s=30, clock=clock)
     fetch = Fetches(DiscoveryFailed("The EHR's SMART configuration at x answered HTTP 500."))
     for _ in range(50):
         with pytest.raises(DiscoveryFailed, match="answered HTTP 500"):
             cache.get(BASE, fetch, wait_s=1)
     assert fetch.calls == 1
-    clock.now += 31
+    clock.advance(31)
     fetch.answer = CONFIG
     assert cache.get(BASE, fetch, wait_s=1) == CONFIG
     assert fetch.calls == 2
 
 
 def test_bases_on_many_ports_of_one_entry_cost_at_most_the_budget_a_minute():
-    clock = Clock()
+    clock = FakeClock()
     cache, fetch = DiscoveryCache(fetches_per_minute=10, clock=clock), Fetches()
     entry = "http://localhost:*"
     for port in range(1000, 1010):
@@ -120,7 +106,7 @@ def test_bases_on_many_ports_of_one_entry_cost_at_most_the_budget_a_minute():
     assert cache.get(FhirBase("http://localhost:1000", entry), fetch, wait_s=1) == CONFIG  # cached: no fetch
     assert cache.get(FhirBase(ISS, ISS), fetch, wait_s=1) == CONFIG  # another entry has its own budget
     assert fetch.calls == 11
-    clock.now += 61
+    clock.advance(61)
     cache.get(FhirBase("http://localhost:2000", entry), fetch, wait_s=1)
     assert fetch.calls == 12
 

@@ -8,7 +8,6 @@ import sqlalchemy as sa
 
 from app.clock import as_utc, utc_now
 from app.db import UTCDateTime
-from app.jobs import ledger
 from app.smart.keys import KeyStore
 from app.webhooks.schedule import retry_after_seconds
 
@@ -41,10 +40,6 @@ def test_the_column_type_stores_naive_as_utc_and_reads_back_aware(tmp_path):
     noon = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
     assert rows == {1: noon, 2: noon, 3: None}
     assert rows[1].tzinfo is UTC and rows[2].tzinfo is UTC
-
-
-def test_the_helpers_still_answer_from_their_old_home():
-    assert ledger.UTCDateTime is UTCDateTime and ledger.utc_now is utc_now
 
 
 def test_the_key_store_and_the_retry_after_reading_follow_the_same_rule(tmp_path):
