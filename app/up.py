@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import click
@@ -28,34 +27,35 @@ def commands(worker_args: tuple[str, ...] = ()) -> dict[str, list[str]]:
 
 def run_together(named_commands: dict[str, list[str]], stop_timeout: float) -> int:
     """Start every command; return once all have exited: 0 after a stop signal, else the first one's status."""
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: the handler runs in the main thread, possibly while that thread holds
+    # the Event's lock inside Event.wait, and Event.set would then wait for it forever (seen: make run hung).
+    stopping: list[int] = []
 
-    def on_signal(_signum, _frame):
-        stop.set()
+    def on_signal(signum, _frame):
+        stopping.append(signum)
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    # Kept until the process exits: a late stop signal (make forwards its own) must not kill this process with the
+    # default action while it waits for the others to stop.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     processes = {
         name: subprocess.Popen(argv, start_new_session=True)  # noqa: S603 - our own commands, no shell
         for name, argv in named_commands.items()
     }
-    try:
-        first_exit: tuple[str, int] | None = None
-        while not stop.is_set():
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    first_exit = (name, process.returncode)
-                    break
-            if first_exit:
+    first_exit: tuple[str, int] | None = None
+    while not stopping:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                first_exit = (name, process.returncode)
                 break
-            stop.wait(POLL_S)
         if first_exit:
-            name, status = first_exit
-            click.echo(f"gateway up: the {name} exited (status {status}); stopping the others", err=True)
-        _stop_all(processes, stop_timeout)
-        return (first_exit[1] or 1) if first_exit else 0
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            break
+        time.sleep(POLL_S)  # the handler runs during the sleep; the flag is seen within POLL_S
+    if first_exit:
+        name, status = first_exit
+        click.echo(f"gateway up: the {name} exited (status {status}); stopping the others", err=True)
+    _stop_all(processes, stop_timeout)
+    return (first_exit[1] or 1) if first_exit else 0
 
 
 def _stop_all(processes: dict[str, subprocess.Popen], timeout: float) -> None:
