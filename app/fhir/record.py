@@ -315,8 +315,23 @@ def elements(observation: dict[str, Any], codes: CodeSet) -> list[dict[str, Any]
     return found
 
 
+class _Observed:
+    """What a reading and a skipped observation both tell: which resource, and on which day."""
+
+    resource: dict[str, Any]
+    when: When | None
+
+    @property
+    def ref(self) -> str:
+        return ref(self.resource)
+
+    @property
+    def day(self) -> date | None:
+        return self.when.day if self.when else None
+
+
 @dataclass(frozen=True)
-class Reading:
+class Reading(_Observed):
     """One observation's value, with the observation and when it was made."""
 
     value: Any
@@ -325,30 +340,14 @@ class Reading:
     resource: dict[str, Any]
     when: When | None
 
-    @property
-    def ref(self) -> str:
-        return ref(self.resource)
-
-    @property
-    def day(self) -> date | None:
-        return self.when.day if self.when else None
-
 
 @dataclass(frozen=True)
-class Skipped:
+class Skipped(_Observed):
     """An observation newer than the one used (or, when none was usable, any) whose value could not be used."""
 
     resource: dict[str, Any]
     when: When | None
     reason: str
-
-    @property
-    def ref(self) -> str:
-        return ref(self.resource)
-
-    @property
-    def day(self) -> date | None:
-        return self.when.day if self.when else None
 
 
 @dataclass(frozen=True)
