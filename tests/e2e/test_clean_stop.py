@@ -16,37 +16,11 @@ import pytest
 import requests
 
 from tests.support.fault_server import FaultModelServer
-from tests.support.processes import ROOT, free_port, healthy
+from tests.support.processes import ROOT, alive, descendants, free_port, healthy
 from tests.support.tokens import clients_document
 
 MODEL_DELAY_MS = 400  # every hook call is still in flight this long after it started
 STOP_WITHIN_S = 5.0
-
-
-def descendants(pid: int) -> set[int]:
-    """Every living process below ``pid`` (they may sit in sessions of their own, so not by process group)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture

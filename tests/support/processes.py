@@ -77,3 +77,40 @@ def start_worker(env: dict[str, str], *args: str, log_path: Path | None = None) 
         stderr=output,
         start_new_session=True,
     )
+
+
+def _parents() -> dict[int, list[int]]:
+    """Each process's children, from /proc (a parent may start them in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    return _parents().get(pid, [])
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, not by process group (sessions of their own are followed too)."""
+    tree, found, todo = _parents(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

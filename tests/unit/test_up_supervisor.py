@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tests.support.assertions import wait_for
+from tests.support.processes import children
 
 SUPERVISOR = textwrap.dedent(
     """
@@ -21,20 +22,6 @@ SUPERVISOR = textwrap.dedent(
     sys.exit(run_together({"web server": sleeper, "job worker": sleeper}, stop_timeout=5))
     """
 )
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (the supervisor starts its children in sessions of their own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def test_repeated_stop_signals_never_hang_the_supervisor():
