@@ -227,9 +227,12 @@ class SharedReplayCache:
         log.info("Redis reachable again; the jti replay cache is shared across hosts again")
 
 
-def make_replay_cache(redis_url: str | None, host_state: HostState | None) -> ReplayCache:
+def make_replay_cache(redis_url: str | None, host_state: HostState | None, clock: Clock = SYSTEM_CLOCK) -> ReplayCache:
     """This host's state file, and Redis as well when REDIS_URL is set; without a host state (apps built for a
-    unit test) a per-process memory."""
+    unit test) a per-process memory. ``clock`` is the application's: when remembered keys lapse, when a lost
+    Redis is tried again (a token's own exp is checked on wall time by the authenticator, and Redis keeps its
+    keys on its own clock)."""
     if host_state is None:
-        return MemoryReplayCache()
-    return SharedReplayCache(HostReplayCache(host_state), RedisReplayCache(redis_url) if redis_url else None)
+        return MemoryReplayCache(clock=clock.monotonic)
+    redis_cache = RedisReplayCache(redis_url) if redis_url else None
+    return SharedReplayCache(HostReplayCache(host_state, clock=clock), redis_cache, clock=clock)

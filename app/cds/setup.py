@@ -45,7 +45,10 @@ class CdsState:
         self.fhir_timeout = float(config["FHIR_TIMEOUT_S"])
         self.session = pooled_session()
         self.authenticator = ClientAuthenticator(
-            self.clients, config["PUBLIC_BASE_URL"], make_replay_cache(config["REDIS_URL"], host_state), clock=clock
+            self.clients,
+            config["PUBLIC_BASE_URL"],
+            make_replay_cache(config["REDIS_URL"], host_state, clock),
+            clock=clock,
         )
         self.resolver = PrefetchResolver(ThreadPoolExecutor(max_workers=32, thread_name_prefix="prefetch"))
 

@@ -8,11 +8,12 @@ What is purged and when is declared once, in ``app.retention.TABLE``.
 from __future__ import annotations
 
 import logging
-import time
+from datetime import UTC, datetime
 
 from flask import Flask
 
 from app import retention
+from app.clock import Clock, app_clock
 from app.jobs import ledger
 from app.logs import describe
 
@@ -24,16 +25,18 @@ FOLD_ROUNDS = 5  # batches of pending count changes folded per sweep, at most
 
 
 class Maintenance:
-    """The housekeeping one worker does: ``run_due()`` between jobs does what is due and returns at once."""
+    """The housekeeping one worker does: ``run_due()`` between jobs does what is due and returns at once.
+    Rounds and the times swept and purged against are read from ``clock`` (the application's by default)."""
 
-    def __init__(self, app: Flask):
+    def __init__(self, app: Flask, *, clock: Clock | None = None):
         self.engine = app.extensions["db"]
         self.config = app.config
-        self._next_sweep = 0.0
-        self._next_purge = 0.0
+        self.clock = clock or app_clock(app)
+        self._next_sweep = float("-inf")
+        self._next_purge = float("-inf")
 
     def run_due(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_SECONDS
             self._step("sweep", self.sweep)
@@ -42,7 +45,7 @@ class Maintenance:
             self._step("purge", self.purge)
 
     def sweep(self) -> None:
-        ledger.sweep(self.engine)
+        ledger.sweep(self.engine, self._now())
         for _ in range(FOLD_ROUNDS):
             if ledger.fold_counts(self.engine) < ledger.FOLD_BATCH:
                 break
@@ -50,7 +53,10 @@ class Maintenance:
     def purge(self) -> int:
         """Everything past its retention (``app.retention.TABLE``), in batches, within a few seconds (a drain of
         hundreds of jobs a second leaves tens of thousands a minute to delete); returns how many rows went."""
-        return retention.purge_all(self.engine, self.config)
+        return retention.purge_all(self.engine, self.config, now=self._now())
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.now(), UTC)
 
     def _step(self, name: str, step) -> None:
         try:

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from app import results
 from app.cds.clients import FhirBase
-from app.clock import app_clock
+from app.clock import Clock, app_clock
 from app.http import pooled_session
 from app.logs import describe
 from app.smart import launch, pages
@@ -73,6 +73,7 @@ class SmartApp:
     http: requests.Session
     discovery: DiscoveryCache
     client: ClientSettings
+    clock: Clock  # the app's: token refresh, id_token times, session and pending-launch lifetimes
 
 
 def _app() -> SmartApp:
@@ -155,7 +156,7 @@ def callback():
             _clear_cookie(response, cookie)
             return response
 
-    token = launch.complete(pending, request.args.to_dict(), settings=smart.client)
+    token = launch.complete(pending, request.args.to_dict(), settings=smart.client, now=smart.clock.now())
     session = smart.store.create({"token": token, "csrf": secrets.token_urlsafe(32)})
     smart.store.delete(request.cookies.get(COOKIE_NAME))
     response = redirect("/smart/app", 302)
@@ -171,9 +172,10 @@ def app_page():
     if current is None or "token" not in current.state:
         raise LaunchExpired(_EXPIRED)
     token = current.state["token"]
-    if launch.needs_refresh(token):
+    now = smart.clock.now()
+    if launch.needs_refresh(token, now):
         try:
-            token = launch.refresh(token, settings=smart.client)
+            token = launch.refresh(token, settings=smart.client, now=now)
         except LaunchExpired:
             smart.store.delete(current.token)
             raise
@@ -273,17 +275,19 @@ def init_app(app: Flask) -> None:
     if _STATE in app.extensions:
         return
     fernet = load_or_create_key(Path(app.config["KEYS_DIR"]))
+    clock = app_clock(app)
     app.extensions[_STATE] = SmartApp(
-        store=SessionStore(app.extensions["db"], fernet, int(app.config["SMART_SESSION_TTL_S"])),
-        pending=PendingLaunchSeal(fernet, PENDING_LAUNCH_TTL_S),
+        store=SessionStore(app.extensions["db"], fernet, int(app.config["SMART_SESSION_TTL_S"]), clock=clock),
+        pending=PendingLaunchSeal(fernet, PENDING_LAUNCH_TTL_S, clock=clock),
         http=pooled_session(),
-        discovery=DiscoveryCache(clock=app_clock(app).monotonic),
+        discovery=DiscoveryCache(clock=clock.monotonic),
         client=ClientSettings(
             client_id=app.config["SMART_CLIENT_ID"],
             client_secret=app.config.get("SMART_CLIENT_SECRET"),
             redirect_uri=app.config["PUBLIC_BASE_URL"].rstrip("/") + "/smart/callback",
             timeout=float(app.config["FHIR_TIMEOUT_S"]),
         ),
+        clock=clock,
     )
     app.register_blueprint(bp)
     app.after_request(_security_headers)

@@ -39,6 +39,7 @@ DISCOVERY_MAX_BYTES = 256 * 1024
 WELL_KNOWN = "/.well-known/smart-configuration"
 MAX_PARAMETER_CHARS = 2048  # iss and launch: they end up in a redirect URL
 REFRESH_LEEWAY_S = 30.0
+ID_TOKEN_LEEWAY_S = 5.0  # the EHR's clock and ours may differ a little
 # Members of the token response kept in the session (S-5); anything else the EHR sends is dropped.
 TOKEN_MEMBERS = (
     "access_token",
@@ -397,11 +398,15 @@ def begin(
     return url, pending
 
 
-def complete(pending: dict[str, Any] | None, args: dict[str, str], *, settings: ClientSettings) -> dict[str, Any]:
+def complete(
+    pending: dict[str, Any] | None, args: dict[str, str], *, settings: ClientSettings, now: float | None = None
+) -> dict[str, Any]:
     """Check the callback's ``state`` against this browser's pending launch, then exchange the code (S-4).
 
-    Returns the token state to keep server-side (S-5, S-7).
+    Returns the token state to keep server-side (S-5, S-7). ``now`` (wall seconds, the app's clock) times the
+    id_token's checks and the access token's refresh.
     """
+    now = time.time() if now is None else now
     stored = (pending or {}).get("state")
     given = args.get("state") or ""
     if not stored or not hmac.compare_digest(stored.encode(), given.encode()):
@@ -429,14 +434,17 @@ def complete(pending: dict[str, Any] | None, args: dict[str, str], *, settings: 
         raise TokenExchangeFailed("The EHR's token response had no access token. Start again from the EHR.")
     if not patient_reference_id(token.get("patient")):
         raise NoPatientContext(NO_PATIENT)
-    return {**token_state(token, pending), "user": fhir_user(token.get("id_token"), pending, settings)}
+    return {**token_state(token, pending, now), "user": fhir_user(token.get("id_token"), pending, settings, now)}
 
 
-def fhir_user(id_token: str | None, pending: dict[str, Any], settings: ClientSettings) -> str | None:
+def fhir_user(
+    id_token: str | None, pending: dict[str, Any], settings: ClientSettings, now: float | None = None
+) -> str | None:
     """The user: the ``fhirUser`` claim of the validated ``id_token`` (S-5), or None when the EHR sent none.
 
     The signature is checked with the keys at the discovery's ``jwks_uri``, ``aud`` must be our client id and
-    ``iss`` the discovery's issuer; a token that fails any check stops the launch (someone is not who they say).
+    ``iss`` the discovery's issuer, and ``exp``/``iat`` against ``now`` (wall seconds); a token that fails any
+    check stops the launch (someone is not who they say).
     """
     if not id_token:
         return None
@@ -451,14 +459,32 @@ def fhir_user(id_token: str | None, pending: dict[str, Any], settings: ClientSet
             algorithms=ID_TOKEN_ALGORITHMS,
             audience=settings.client_id,
             issuer=pending.get("issuer") or None,
-            options={"require": ["exp", "iat", "sub"], "verify_iss": bool(pending.get("issuer"))},
-            leeway=5,
+            # PyJWT reads only the system clock: the times are checked below, on ours.
+            options={
+                "require": ["exp", "iat", "sub"],
+                "verify_iss": bool(pending.get("issuer")),
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
         )
+        _check_times(claims, time.time() if now is None else now, ID_TOKEN_LEEWAY_S)
     except jwt.PyJWTError as exc:
         log.warning("SMART id_token rejected: %s", describe(exc))
         raise TokenExchangeFailed("The EHR's identity token could not be verified. Start again from the EHR.") from None
     user = claims.get("fhirUser") or claims.get("profile")
     return user if isinstance(user, str) else None
+
+
+def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """``exp`` not passed and ``iat`` (and ``nbf`` when sent) not ahead of ``now``, give or take ``leeway``."""
+    times = {name: claims[name] for name in ("exp", "iat", "nbf") if name in claims}
+    if not all(isinstance(value, int | float) and not isinstance(value, bool) for value in times.values()):
+        raise jwt.InvalidTokenError("exp, iat and nbf must be numbers")
+    if now >= times["exp"] + leeway:
+        raise jwt.ExpiredSignatureError("Signature has expired")
+    if max(times["iat"], times.get("nbf", times["iat"])) > now + leeway:
+        raise jwt.ImmatureSignatureError("The token is not yet valid (iat or nbf)")
 
 
 def token_state(token: dict[str, Any], pending: dict[str, Any], now: float | None = None) -> dict[str, Any]:
@@ -481,13 +507,15 @@ def _expires_in(token: dict[str, Any]) -> float | None:
 
 
 def needs_refresh(state: dict[str, Any], now: float | None = None) -> bool:
+    """Whether the access token is due for refresh at ``now`` (wall seconds; the system clock when None)."""
     refresh_after = state.get("refresh_after")
     return refresh_after is not None and (time.time() if now is None else now) >= refresh_after
 
 
-def refresh(state: dict[str, Any], *, settings: ClientSettings) -> dict[str, Any]:
+def refresh(state: dict[str, Any], *, settings: ClientSettings, now: float | None = None) -> dict[str, Any]:
     """A fresh access token with the refresh token (S-7); the launch context is kept, a new refresh token
-    replaces the old one. Raises LaunchExpired when there is none or the EHR refuses."""
+    replaces the old one, and the next refresh falls due from ``now`` (wall seconds). Raises LaunchExpired when
+    there is none or the EHR refuses."""
     if not state.get("refresh_token"):
         raise LaunchExpired("This launch has expired. Start again from the EHR.")
     try:
@@ -498,7 +526,7 @@ def refresh(state: dict[str, Any], *, settings: ClientSettings) -> dict[str, Any
         raise LaunchExpired("This launch has expired. Start again from the EHR.") from None
     if not token.get("access_token"):
         raise LaunchExpired("This launch has expired. Start again from the EHR.")
-    merged = {**state, **token_state(token, state)}
+    merged = {**state, **token_state(token, state, now)}
     if _expires_in(token) is None:
         merged.pop("refresh_after", None)
     return merged

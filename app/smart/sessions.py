@@ -18,14 +18,14 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
-from app.clock import utc_now
+from app.clock import SYSTEM_CLOCK, Clock, utc_now
 from app.db import UTCDateTime, metadata
 
 KEY_FILE = "smart-sessions.fernet"
@@ -84,12 +84,17 @@ class SmartSession:
 
 
 class SessionStore:
-    """Create, read, replace and delete sessions; expired or undecryptable rows read as absent."""
+    """Create, read, replace and delete sessions; expired or undecryptable rows read as absent. Lifetimes run on
+    ``clock`` (wall time: the rows are shared by every process)."""
 
-    def __init__(self, engine: sa.Engine, fernet: Fernet, ttl_s: int):
+    def __init__(self, engine: sa.Engine, fernet: Fernet, ttl_s: int, *, clock: Clock = SYSTEM_CLOCK):
         self.engine = engine
         self.fernet = fernet
         self.ttl = timedelta(seconds=ttl_s)
+        self.clock = clock
+
+    def _now(self, now: datetime | None) -> datetime:
+        return utc_now(now) if now is not None else datetime.fromtimestamp(self.clock.now(), UTC)
 
     def _seal(self, state: dict[str, Any]) -> str:
         return self.fernet.encrypt(json.dumps(state, separators=(",", ":")).encode("utf-8")).decode("ascii")
@@ -102,7 +107,7 @@ class SessionStore:
 
     def create(self, state: dict[str, Any], *, now: datetime | None = None) -> SmartSession:
         """A new session holding ``state``; expired rows are purged on the way."""
-        now = utc_now(now)
+        now = self._now(now)
         token = new_cookie_token()
         with self.engine.begin() as conn:
             conn.execute(sa.delete(smart_sessions).where(smart_sessions.c.expires_at <= now))
@@ -117,7 +122,7 @@ class SessionStore:
         """The live session for a cookie token, or None."""
         if not token:
             return None
-        now = utc_now(now)
+        now = self._now(now)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(smart_sessions).where(smart_sessions.c.id == session_id(token))).first()
         if row is None or row.expires_at <= now:
@@ -162,27 +167,28 @@ def purge_expired(engine: sa.Engine, *, now: datetime, batch: int = 1000, budget
 
 
 class PendingLaunchSeal:
-    """Seals a pending launch into a cookie value and opens it again within ``ttl_s`` seconds.
+    """Seals a pending launch into a cookie value and opens it again within ``ttl_s`` seconds of ``clock``.
 
     The marker keeps a sealed session state (same key) from passing for a pending launch.
     """
 
     _KIND = "smart-pending-launch"
 
-    def __init__(self, fernet: Fernet, ttl_s: int):
+    def __init__(self, fernet: Fernet, ttl_s: int, *, clock: Clock = SYSTEM_CLOCK):
         self.fernet = fernet
         self.ttl_s = ttl_s
+        self.clock = clock
 
     def seal(self, pending: dict[str, Any], *, now: int | None = None) -> str:
         plain = json.dumps({"kind": self._KIND, "pending": pending}, separators=(",", ":")).encode("utf-8")
-        return self.fernet.encrypt_at_time(plain, int(time.time()) if now is None else now).decode("ascii")
+        return self.fernet.encrypt_at_time(plain, int(self.clock.now()) if now is None else now).decode("ascii")
 
     def open(self, sealed: str | None, *, now: int | None = None) -> dict[str, Any] | None:
         """The pending launch, or None when ``sealed`` is missing, changed, from another purpose or too old."""
         if not sealed:
             return None
         try:
-            at = int(time.time()) if now is None else now
+            at = int(self.clock.now()) if now is None else now
             content = json.loads(self.fernet.decrypt_at_time(sealed.encode("ascii"), self.ttl_s, at))
         except (InvalidToken, ValueError):
             return None

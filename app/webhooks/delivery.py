@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 
+from app.clock import app_clock
 from app.jobs import ledger
 from app.jobs.registry import JobContext, PermanentFailure, RetryLater, job_handler
 from app.jobs.retry import RetryPolicy, ScheduleBackoff
@@ -43,7 +44,8 @@ def deliver(ctx: JobContext) -> dict:
     """Deliver the stored event body to its endpoint, signed with the endpoint's current secrets."""
     payload, job, config = ctx.payload, ctx.job, ctx.app.config
     endpoint = payload["endpoint_id"]
-    if job.expires_at is not None and datetime.now(UTC) >= job.expires_at:
+    now = app_clock(ctx.app).now()  # wall seconds: the expiry is the ledger's, the signature's time the receiver's
+    if job.expires_at is not None and datetime.fromtimestamp(now, UTC) >= job.expires_at:
         raise PermanentFailure(f"endpoint {endpoint}: the event expired before it could be delivered")
     if is_disabled(ctx.engine, endpoint):
         raise PermanentFailure(f"endpoint {endpoint} disabled; re-enable it and requeue to deliver")
@@ -60,7 +62,7 @@ def deliver(ctx: JobContext) -> dict:
 
     body = payload["body"]
     headers = {
-        **signed_headers(payload["event_id"], int(time.time()), body, subscriber.secrets),
+        **signed_headers(payload["event_id"], int(now), body, subscriber.secrets),
         "content-type": "application/json",
         "user-agent": USER_AGENT,
     }

@@ -21,6 +21,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from app.smart.app_routes import CONTENT_SECURITY_POLICY
 from app.smart.launch import SCOPE
 from tests.conftest import PUBLIC_BASE_URL
+from tests.support.clock import FakeClock
 from tests.support.processes import free_port
 from tests.support.smart_ehr import SmartEhr
 from tests.support.tokens import clients_document
@@ -155,6 +156,20 @@ def gateway(make_app, tmp_path, signing_key, ehr):
     clients.write_text(json.dumps(clients_document(signing_key, [ehr.fhir_base])))
     app = make_app(CDS_CLIENTS_FILE=str(clients))
     return app
+
+
+@pytest.fixture
+def clock():
+    # Wall time starts at the real time: the EHR double stamps its id_tokens (iat, exp) with the system clock.
+    return FakeClock(wall=time.time())
+
+
+@pytest.fixture
+def clocked_gateway(make_app, tmp_path, signing_key, ehr, clock):
+    """The gateway on ``clock``: token refresh, id_token times and session lifetimes move only when a test says."""
+    clients = tmp_path / "smart-clients.json"
+    clients.write_text(json.dumps(clients_document(signing_key, [ehr.fhir_base])))
+    return make_app(CDS_CLIENTS_FILE=str(clients), CLOCK=clock)
 
 
 @pytest.fixture
@@ -378,14 +393,17 @@ def test_narrower_granted_scopes_reach_the_page(gateway, ehr, result_id, rendere
         context.fhir_get(f"Observation?patient={PATIENT_ID}")
 
 
-def test_expired_access_token_is_refreshed_once(gateway, ehr, result_id, rendered):
-    ehr.token_lifetime_s = 2
+def test_expired_access_token_is_refreshed_once(clocked_gateway, clock, ehr, rendered):
+    gateway = clocked_gateway
+    ehr.token_lifetime_s = 600  # refreshed REFRESH_LEEWAY_S (30 s) before it ends: 570 s after the sign-in
+    result_id = store_result(gateway, patient=PATIENT_ID)
     browser = Browser(gateway)
     assert launch_to_app(browser, ehr, result_id).status == 200
     first = session_state(gateway, browser)["token"]
-    # Still a clock: /smart/app asks launch.needs_refresh without a ``now`` (app_routes.py does not read the
-    # app's clock yet), so the token's 2 s must really pass. See the report for the app change that removes it.
-    time.sleep(2.2)
+    clock.advance(569)
+    assert browser.get("/smart/app").status == 200
+    assert ehr.token_count("refresh_token") == 0  # not due yet
+    clock.advance(2)
 
     page = browser.get("/smart/app")
     assert page.status == 200
@@ -399,16 +417,38 @@ def test_expired_access_token_is_refreshed_once(gateway, ehr, result_id, rendere
     assert ehr.token_count("refresh_token") == 1
 
 
-def test_failed_refresh_shows_the_expired_page(gateway, ehr, result_id):
-    ehr.token_lifetime_s = 2
+def test_failed_refresh_shows_the_expired_page(clocked_gateway, clock, ehr):
+    gateway = clocked_gateway
+    ehr.token_lifetime_s = 600
     browser = Browser(gateway)
-    assert launch_to_app(browser, ehr, result_id).status == 200
+    assert launch_to_app(browser, ehr, store_result(gateway, patient=PATIENT_ID)).status == 200
     ehr.refuse_refresh = True
-    time.sleep(2.2)  # still a clock, as in test_expired_access_token_is_refreshed_once
+    clock.advance(571)
 
     page = browser.get("/smart/app")
     assert page.status == 401 and "expired" in page.text.lower()
     assert browser.get("/smart/app").status == 401  # the session is gone
+
+
+def test_an_id_token_expired_on_the_app_clock_stops_the_launch(clocked_gateway, clock, ehr):
+    """The id_token's exp is checked on the app's clock (which tests move), not only on the system's."""
+    result_id = store_result(clocked_gateway, patient=PATIENT_ID)
+    browser = Browser(clocked_gateway)
+    url = callback_url(browser, ehr, result_id)
+    clock.advance(400)  # the double's id_token lives 300 s from the code exchange, which comes next
+    page = browser.follow(url)
+    assert page.status == 502 and "identity token could not be verified" in page.text
+    assert ehr.token_count("authorization_code") == 1 and browser.cookie() is None
+
+
+def test_a_session_ends_on_the_app_clock(clocked_gateway, clock, ehr):
+    result_id = store_result(clocked_gateway, patient=PATIENT_ID)
+    browser = Browser(clocked_gateway)
+    assert launch_to_app(browser, ehr, result_id).status == 200
+    clock.advance(3599)  # SMART_SESSION_TTL_S is 3600 s
+    assert browser.get("/smart/app").status == 200
+    clock.advance(1)
+    assert browser.get("/smart/app").status == 401
 
 
 def test_unknown_app_context_shows_404(gateway, ehr):
@@ -568,7 +608,7 @@ def test_concurrent_launches_share_one_discovery(gateway, ehr):
     deadline = time.monotonic() + 10
     while cache.waiting(base) < 11:  # one fetch in flight, the other launches wait for it
         assert time.monotonic() < deadline, f"{cache.waiting(base)} launches waiting, {ehr.discovery_count()} fetches"
-        time.sleep(0.01)
+        time.sleep(0.01)  # a bounded poll for the launch threads to reach the wait (not a clock)
     ehr.release_discovery()
     for thread in threads:
         thread.join(10)

@@ -7,13 +7,13 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from werkzeug import Response
 
+from app.clock import app_clock
 from app.jobs import ledger
 from app.jobs.registry import JobContext, PermanentFailure
 from app.jobs.worker import Worker
@@ -21,6 +21,7 @@ from app.webhooks import emit, enable, endpoints, init_app, is_disabled
 from app.webhooks.delivery import KIND, deliver
 from app.webhooks.endpoints import endpoint_id
 from tests.conftest import LOCAL_BASE_URL
+from tests.support.clock import FakeClock
 from tests.support.tokens import TEST_ISSUER, clients_document
 
 EVENT = "discharge-summary.ready"
@@ -33,7 +34,6 @@ def new_secret() -> str:
 
 @dataclass
 class Call:
-    at: float
     headers: dict
     body: str
 
@@ -48,7 +48,7 @@ class Receiver:
 
     def __call__(self, request):
         with self.lock:
-            self.calls.append(Call(time.monotonic(), dict(request.headers), request.get_data(as_text=True)))
+            self.calls.append(Call(dict(request.headers), request.get_data(as_text=True)))
             status, headers, stall = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if stall:
             time.sleep(stall)  # the receiver hangs (a slow server, not a clock): the delivery's timeout must end it
@@ -60,8 +60,14 @@ def answer(status: int, headers: dict | None = None, stall: float = 0) -> tuple:
 
 
 @pytest.fixture
-def build(make_app, tmp_path, signing_key):
-    """An app whose trusted client subscribes ``hooks``; fast retries, loopback receivers allowed."""
+def clock():
+    # Wall time starts at the real time: receivers check a signature's timestamp against the system clock.
+    return FakeClock(wall=time.time())
+
+
+@pytest.fixture
+def build(make_app, tmp_path, signing_key, clock):
+    """An app whose trusted client subscribes ``hooks``; fast retries, loopback receivers allowed; on ``clock``."""
 
     def factory(hooks: list[dict], extra_clients: tuple = (), **overrides):
         document = clients_document(signing_key, ["http://127.0.0.1:*"])
@@ -75,6 +81,7 @@ def build(make_app, tmp_path, signing_key):
             "PUBLIC_BASE_URL": LOCAL_BASE_URL,  # the switch works only with the service on this host
             "WEBHOOK_RETRY_SCHEDULE": "0.05,0.05,0.05",  # config reads it as text, as from the environment
             "WEBHOOK_TIMEOUT_S": 0.5,
+            "CLOCK": clock,
         }
         app = make_app(**(config | overrides))
         init_app(app)
@@ -91,18 +98,25 @@ def job_id_for(url: str, event_id: str, iss: str = TEST_ISSUER) -> str:
     return f"webhook:{endpoint_id(iss, url)}:{event_id}"
 
 
-def drive(app, job_id: str, seconds: float = 3.0) -> ledger.Job:
-    """Run due delivery jobs until ``job_id`` ends (or ``seconds`` pass)."""
+def due_now(app) -> FakeClock:
+    """The app's clock, brought up to the system clock: emit() and requeue stamp jobs with the system clock, so
+    jobs made so far are due to the workers (a jump forward, never a wait)."""
+    clock = app_clock(app)
+    clock.advance(max(0.0, time.time() - clock.now()))
+    return clock
+
+
+def drive(app, job_id: str, rounds: int = 30) -> ledger.Job:
+    """Run due delivery jobs until ``job_id`` ends, moving the clock 0.1 s between rounds (past a retry of the
+    0.05 s schedule with its jitter); bounded."""
     worker = Worker(app, kinds=[KIND], lease_seconds=5)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    clock = due_now(app)
+    for _ in range(rounds):
         worker.run_until_idle(max_jobs=20)
         job = ledger.get(app.extensions["db"], job_id)
         if job is not None and job.state in TERMINAL:
             return job
-        # Retries become due on the worker's real clock (WEBHOOK_RETRY_SCHEDULE 0.05 s, Retry-After): the Worker
-        # takes no clock yet, so this bounded poll waits for them.
-        time.sleep(0.02)
+        clock.advance(0.1)
     return ledger.get(app.extensions["db"], job_id)
 
 
@@ -117,7 +131,15 @@ def test_retries_honour_retry_after_and_every_try_is_signed_with_the_same_id(bui
     app = build([subscription(url, secret)])
 
     assert emit(app, EVENT, "evt-retry", thin(), client_iss=TEST_ISSUER) == 1
-    job = drive(app, job_id_for(url, "evt-retry"), seconds=4)
+    worker, clock = Worker(app, kinds=[KIND], lease_seconds=5), due_now(app)
+    for tries in (1, 2):
+        assert [o.state for o in worker.run_until_idle()] == [ledger.QUEUED]
+        assert len(receiver.calls) == tries
+        clock.advance(0.95)  # the receiver asked for 1 s (the schedule's 0.05 s would be due by now)
+        assert worker.run_until_idle() == [] and len(receiver.calls) == tries
+        clock.advance(0.1)
+    assert [o.state for o in worker.run_until_idle()] == [ledger.SUCCEEDED]
+    job = ledger.get(app.extensions["db"], job_id_for(url, "evt-retry"))
 
     assert job.state == ledger.SUCCEEDED
     assert job.result == {
@@ -134,8 +156,6 @@ def test_retries_honour_retry_after_and_every_try_is_signed_with_the_same_id(bui
         assert "gateway" in call.headers["User-Agent"]
         body = Webhook(secret).verify(call.body, call.headers)
         assert body["type"] == EVENT and body["data"] == thin()
-    assert receiver.calls[1].at - receiver.calls[0].at >= 0.95
-    assert receiver.calls[2].at - receiver.calls[1].at >= 0.95
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(receiver.calls[0].body.replace("job-1", "job-2"), receiver.calls[0].headers)
 
@@ -288,8 +308,8 @@ def test_an_expired_delivery_is_never_sent(build, httpserver):
     app = build([subscription(url, new_secret())])
 
     emit(app, EVENT, "evt-late", thin(), client_iss=TEST_ISSUER, expires_in=60)
-    ledger.sweep(app.extensions["db"], now=datetime.now(UTC) + timedelta(seconds=61))  # a minute later
-    assert drive(app, job_id_for(url, "evt-late"), seconds=0.3).state == ledger.EXPIRED
+    due_now(app).advance(61)  # a minute later, the worker's housekeeping sweeps it away first
+    assert drive(app, job_id_for(url, "evt-late"), rounds=1).state == ledger.EXPIRED
     assert receiver.calls == []
 
 
@@ -301,7 +321,7 @@ def test_the_handler_itself_refuses_a_job_past_its_expiry(build, httpserver):
     emit(app, EVENT, "evt-stale", thin(), client_iss=TEST_ISSUER, expires_in=60)
     claimed = ledger.claim(app.extensions["db"], "test-worker", kinds=[KIND])
 
-    stale = replace(claimed, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    due_now(app).advance(60)  # on the app's clock, which the handler reads: the expiry has come
     with app.app_context(), pytest.raises(PermanentFailure, match="expired"):
-        deliver(JobContext(app, stale))
+        deliver(JobContext(app, claimed))
     assert receiver.calls == []
