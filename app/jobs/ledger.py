@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -324,8 +324,11 @@ def claim(
     kinds: Iterable[str] | None = None,
     now: datetime | None = None,
     sweep_first: bool = True,
+    priorities: Mapping[str, int] | None = None,
 ) -> Job | None:
-    """Take the oldest due job (of ``kinds``) for ``worker_id``; None when none is due.
+    """Take the oldest due job (of ``kinds``) for ``worker_id``; None when none is due. With ``priorities``
+    (kind to number, lower first; 0 when not named), a due job of a lower number is taken before any older
+    one of a higher number: population batch parts never hold up a clinician's discharge draft.
 
     One index lookup per kind (the head of that kind's queue), then one update: the cost does not grow with
     the backlog. Stale jobs and jobs at their last attempt are never claimed. ``sweep_first`` ends lapsed
@@ -335,10 +338,15 @@ def claim(
     with _write_transaction(engine) as conn:
         if sweep_first:
             swept = _sweep(conn, now)[1]
-        heads = [head for kind in (list(kinds) if kinds is not None else [None]) if (head := _head(conn, now, kind))]
+        rank = priorities or {}
+        heads = [
+            ((rank.get(kind, 0) if kind else 0), *head)
+            for kind in (list(kinds) if kinds is not None else [None])
+            if (head := _head(conn, now, kind))
+        ]
         row = None
         if heads:
-            row = conn.execute(_claim_statement(min(heads)[1], worker_id, now, lease_seconds)).first()
+            row = conn.execute(_claim_statement(min(heads)[2], worker_id, now, lease_seconds)).first()
     _log_swept(swept)
     if row is None:
         return None
@@ -472,6 +480,33 @@ def release(engine: sa.Engine, job: Job, *, now: datetime | None = None) -> bool
     if released:
         events.job_changed(events.RELEASED, job.id, job.kind, RUNNING, QUEUED, job.attempts, worker=job.lease_owner)
     return released
+
+
+def snooze(engine: sa.Engine, job: Job, seconds: float, note: str, *, now: datetime | None = None) -> bool:
+    """Put a running job back to wait ``seconds``, the attempt not counted: it is not failing, just not ready
+    (an export still being prepared, a model whose breaker is open). ``note`` (no PHI) is kept as its last
+    error so operators see why it waits. False when the lease was already taken over."""
+    now = utc_now(now)
+    statement = (
+        jobs.update()
+        .where(_fence(job))
+        .values(
+            state=QUEUED,
+            attempts=jobs.c.attempts - 1,
+            run_after=now + timedelta(seconds=max(0.0, seconds)),
+            last_error=note,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+    with _write_transaction(engine) as conn:
+        snoozed = _changed(conn, statement)
+    if snoozed:
+        events.job_changed(
+            events.RELEASED, job.id, job.kind, RUNNING, QUEUED, job.attempts, worker=job.lease_owner, retry_in=seconds
+        )
+    return snoozed
 
 
 def requeue(engine: sa.Engine, job_id: str, *, now: datetime | None = None) -> bool:

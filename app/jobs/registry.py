@@ -1,7 +1,8 @@
 """Job kinds and their handlers: declared with ``@job_handler`` next to the function that does the work.
 
 A handler receives a :class:`JobContext` and returns the job's result (JSON-serialisable). Raising
-:class:`RetryLater` asks for another attempt after a given delay, :class:`PermanentFailure` sends the job to the
+:class:`RetryLater` asks for another attempt after a given delay, :class:`Snooze` puts the job back to wait
+without counting an attempt (not ready yet: an export being prepared), :class:`PermanentFailure` sends the job to the
 dead letter queue at once, :class:`JobExpired` ends it as expired, and any other exception is a transient failure
 retried after the backoff of the kind's :class:`~app.jobs.retry.RetryPolicy` (declared with the handler, and
 nowhere else). Handlers must be idempotent: a job may run more than once (a worker killed after the work, before
@@ -18,6 +19,7 @@ from typing import Any
 from flask import Flask
 
 from app.audit import audit
+from app.clock import app_clock
 from app.jobs import ledger
 from app.jobs.retry import DEFAULT_POLICY, RetryPolicy
 
@@ -28,6 +30,16 @@ class PermanentFailure(Exception):
 
 class JobExpired(Exception):
     """The job's clinical expiry passed while it ran: its result must not be written or delivered."""
+
+
+class Snooze(Exception):
+    """Not ready yet, not failing: run again after ``seconds`` without counting an attempt (an export the server
+    is still preparing, a model behind an open breaker). ``note`` (no PHI) says why it waits."""
+
+    def __init__(self, seconds: float, note: str):
+        super().__init__(note)
+        self.seconds = seconds
+        self.note = note
 
 
 class RetryLater(Exception):
@@ -81,14 +93,16 @@ class JobKind:
     handler: Handler
     retry: RetryPolicy
     client_visible: bool  # whether the calling client may read it at GET /jobs/{id}
+    priority: int = 0  # lower first: a due job of a lower number is claimed before older ones of higher numbers
 
 
 _KINDS: dict[str, JobKind] = {}
 
 
-def job_handler(kind: str, *, retry: RetryPolicy = DEFAULT_POLICY, client_visible: bool = False):
+def job_handler(kind: str, *, retry: RetryPolicy = DEFAULT_POLICY, client_visible: bool = False, priority: int = 0):
     """Register the decorated function as the handler of jobs of ``kind``, retried by ``retry`` (5 attempts,
-    capped exponential backoff with full jitter, unless it says otherwise).
+    capped exponential backoff with full jitter, unless it says otherwise). Workers take due jobs of a lower
+    ``priority`` number first (background work such as batch parts declares a higher one).
 
     ``client_visible`` jobs carry ``client_iss`` in their payload and that client may read them at GET /jobs/{id}.
     """
@@ -96,7 +110,7 @@ def job_handler(kind: str, *, retry: RetryPolicy = DEFAULT_POLICY, client_visibl
     def register(fn: Handler) -> Handler:
         if kind in _KINDS and _KINDS[kind].handler is not fn:
             raise ValueError(f"job kind {kind!r} is declared twice")
-        _KINDS[kind] = JobKind(kind, fn, retry, client_visible)
+        _KINDS[kind] = JobKind(kind, fn, retry, client_visible, priority)
         return fn
 
     return register
@@ -108,6 +122,11 @@ def job_kind(kind: str) -> JobKind | None:
 
 def job_kinds() -> list[str]:
     return sorted(_KINDS)
+
+
+def priorities() -> dict[str, int]:
+    """Each registered kind's claim priority (lower first)."""
+    return {name: kind.priority for name, kind in _KINDS.items()}
 
 
 def submit(
@@ -127,7 +146,7 @@ def submit(
     declared = job_kind(kind)
     if declared is None:
         raise ValueError(f"no handler is registered for job kind {kind!r}")
-    now = datetime.now(UTC)
+    now = datetime.fromtimestamp(app_clock(app).now(), UTC)
     return ledger.enqueue(
         app.extensions["db"],
         job_id,

@@ -15,20 +15,32 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from flask import Flask
 
+from app.clock import Clock, app_clock
 from app.jobs import ledger, monitor
 from app.jobs.maintenance import Maintenance
 from app.jobs.presence import Presence
-from app.jobs.registry import JobContext, JobExpired, PermanentFailure, RetryLater, job_kind, job_kinds
+from app.jobs.registry import (
+    JobContext,
+    JobExpired,
+    PermanentFailure,
+    RetryLater,
+    Snooze,
+    job_kind,
+    job_kinds,
+    priorities,
+)
 from app.jobs.retry import RetryPolicy
 from app.logs import describe
 
 log = logging.getLogger(__name__)
 
 DLQ_CHECK_SECONDS = 30.0
+SNOOZED = "snoozed"  # an outcome, not a ledger state: the job is queued again, its attempt not counted
 
 
 def new_worker_id() -> str:
@@ -40,7 +52,7 @@ def new_worker_id() -> str:
 class Outcome:
     job_id: str
     kind: str
-    state: str  # succeeded, queued (retry), dead, fenced, released
+    state: str  # succeeded, queued (retry), dead, fenced, released, snoozed
     seconds: float
 
 
@@ -59,8 +71,12 @@ class Worker:
         stop: threading.Event | None = None,
         presence: Presence | None = None,
         rng: random.Random | None = None,
+        clock: Clock | None = None,
     ):
         self.app = app
+        # The ledger's times (claims, leases, backoffs) and the housekeeping's rounds. Waits for a handler's
+        # thread, the grace period and run durations stay on the real clock: they measure real work.
+        self.clock = clock or app_clock(app)
         self.engine = app.extensions["db"]
         self.worker_id = worker_id or new_worker_id()
         self.kinds = kinds
@@ -68,7 +84,7 @@ class Worker:
         self.poll_seconds = poll_seconds or app.config["JOB_POLL_S"]
         self.grace_seconds = grace_seconds
         self.stop = stop or threading.Event()
-        self.maintenance = Maintenance(app)
+        self.maintenance = Maintenance(app, clock=self.clock)
         self.presence = presence  # the process's heartbeat (``jobs worker`` shares one among its claim loops)
         # The jitter of retry backoff (not a secret): tests pass a seeded or fixed generator.
         self.rng = rng or random.Random()  # noqa: S311
@@ -88,10 +104,10 @@ class Worker:
 
     def _run(self) -> None:
         log.info("worker %s started (kinds: %s)", self.worker_id, ", ".join(self.kinds or job_kinds()))
-        next_check = 0.0
+        next_check = float("-inf")
         while not self.stop.is_set():
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + DLQ_CHECK_SECONDS
+            if self.clock.monotonic() >= next_check:
+                next_check = self.clock.monotonic() + DLQ_CHECK_SECONDS
                 self._check_dead_letters()
             try:
                 outcome = self.run_once()
@@ -127,6 +143,8 @@ class Worker:
             lease_seconds=self.lease_seconds,
             kinds=self.kinds or job_kinds(),
             sweep_first=False,
+            now=self._now(),
+            priorities=priorities(),
         )
         if job is None:
             return None
@@ -141,12 +159,12 @@ class Worker:
     def _execute(self, job: ledger.Job) -> str:
         declared = job_kind(job.kind)
         if declared is None:  # claimed with kinds=None by a caller that knows no handler for it
-            return ledger.fail(self.engine, job, f"UnknownJobKind: {job.kind}", permanent=True)
+            return ledger.fail(self.engine, job, f"UnknownJobKind: {job.kind}", permanent=True, now=self._now())
 
         def heartbeat() -> bool:
             """Renew the lease; a database hiccup is not a lost lease, the next beat tries again."""
             try:
-                return ledger.heartbeat(self.engine, job, lease_seconds=self.lease_seconds)
+                return ledger.heartbeat(self.engine, job, lease_seconds=self.lease_seconds, now=self._now())
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("worker %s: heartbeat for job %s failed: %s", self.worker_id, job.id, describe(exc))
                 return True
@@ -162,13 +180,17 @@ class Worker:
             if self.stop.is_set():
                 stop_noticed_at = stop_noticed_at or time.monotonic()
                 if time.monotonic() - stop_noticed_at >= self.grace_seconds:
-                    released = self._write_outcome(job, lambda: ledger.release(self.engine, job))
+                    released = self._write_outcome(job, lambda: ledger.release(self.engine, job, now=self._now()))
                     return "released" if released is True else ledger.FENCED
             if not heartbeat():
                 log.warning(
                     "worker %s: lost the lease on job %s; its outcome will not be recorded", self.worker_id, job.id
                 )
         return self._record(job, run, declared.retry)
+
+    def _now(self) -> datetime:
+        """The worker's clock as the ledger keeps time (UTC); read at each write, as the ledger would itself."""
+        return datetime.fromtimestamp(self.clock.now(), UTC)
 
     def _write_outcome(self, job: ledger.Job, write):
         """Write a job's outcome, retrying through database hiccups for as long as the lease lasts: giving up
@@ -190,11 +212,16 @@ class Worker:
     def _record(self, job: ledger.Job, run: _Run, retry: RetryPolicy) -> str:
         exc = run.error
         if exc is None:
-            completed = self._write_outcome(job, lambda: ledger.complete(self.engine, job, run.result))
+            completed = self._write_outcome(job, lambda: ledger.complete(self.engine, job, run.result, now=self._now()))
             return ledger.SUCCEEDED if completed is True else ledger.FENCED
         if isinstance(exc, JobExpired):
-            expired = self._write_outcome(job, lambda: ledger.expire(self.engine, job))
+            expired = self._write_outcome(job, lambda: ledger.expire(self.engine, job, now=self._now()))
             return ledger.EXPIRED if expired is True else ledger.FENCED
+        if isinstance(exc, Snooze):
+            snoozed = self._write_outcome(
+                job, lambda: ledger.snooze(self.engine, job, exc.seconds, f"Snooze: {exc.note}", now=self._now())
+            )
+            return SNOOZED if snoozed is True else ledger.FENCED
         if isinstance(exc, PermanentFailure):
             args = {"error": f"PermanentFailure: {exc}", "permanent": True}
         else:
@@ -202,7 +229,7 @@ class Worker:
             asked = exc.seconds if isinstance(exc, RetryLater) else None
             delay = asked if asked is not None else retry.delay(job.attempts, self.app.config, self.rng)
             args = {"error": error, "retry_in": delay}
-        return self._write_outcome(job, lambda: ledger.fail(self.engine, job, **args))
+        return self._write_outcome(job, lambda: ledger.fail(self.engine, job, **args, now=self._now()))
 
 
 class _Run:

@@ -12,12 +12,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from app.clock import app_clock
 from app.jobs import ledger
-from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, job_handler, submit
+from app.jobs.registry import JobExpired, PermanentFailure, RetryLater, Snooze, job_handler, submit
 from app.jobs.retry import ExponentialBackoff, RetryPolicy
 from app.jobs.worker import Worker
 from tests.conftest import PUBLIC_BASE_URL
 from tests.support.assertions import wait_for
+from tests.support.clock import FakeClock
 
 CALLS: Counter[str] = Counter()
 BEHAVIOUR: dict[str, str] = {}  # job id -> "ok" | "transient" | "permanent" | "retry-later" | "slow"
@@ -49,6 +51,14 @@ def internal(ctx):
     return {"ok": True}
 
 
+@job_handler("test.background", priority=10)
+def background(ctx):
+    CALLS[ctx.job.id] += 1
+    if BEHAVIOUR.get(ctx.job.id) == "snooze" and CALLS[ctx.job.id] < 4:
+        raise Snooze(60, "export in progress")
+    return {"ok": True}
+
+
 @pytest.fixture(autouse=True)
 def fresh_state():
     CALLS.clear()
@@ -57,20 +67,36 @@ def fresh_state():
 
 
 @pytest.fixture
-def app(make_app):
-    return make_app(ADMIN_TOKEN="operator-secret", JOB_POLL_S=0.05)
+def clock():
+    return FakeClock(wall=time.time())
+
+
+@pytest.fixture
+def app(make_app, clock):
+    """The workers' ledger times (claims, leases, backoffs) run on ``clock``, which the tests move."""
+    return make_app(ADMIN_TOKEN="operator-secret", JOB_POLL_S=0.05, CLOCK=clock)
+
+
+def due_now(app) -> FakeClock:
+    """The app's clock, brought up to the system clock: submit() stamps jobs with the system clock, so jobs
+    submitted so far are due to the workers (a jump forward, never a wait)."""
+    clock = app_clock(app)
+    clock.advance(max(0.0, time.time() - clock.now()))
+    return clock
 
 
 def drain(app, rounds: int = 50) -> list:
-    """Run due jobs until a round finds none due, waiting out short backoffs; bounded."""
+    """Run due jobs until a round finds none due, moving the clock past test.echo's backoff (at most 0.02 s)
+    between rounds; bounded (50 rounds: 1.5 s of the clock)."""
     outcomes = []
     worker = Worker(app, poll_seconds=0.05)
+    clock = due_now(app)
     for _ in range(rounds):
         done = worker.run_until_idle()
         outcomes += done
         if not done and not _waiting(app):
             break
-        time.sleep(0.03)  # backoffs fall due on the worker's real clock (the Worker takes no clock yet)
+        clock.advance(0.03)
     return outcomes
 
 
@@ -134,14 +160,20 @@ def test_requeue_refuses_jobs_that_are_not_dead(app):
     assert result.exit_code != 0 and "left alone: fine, nope" in result.output
 
 
-def test_retry_later_waits_as_long_as_asked(app):
+def test_retry_later_waits_as_long_as_asked_on_the_workers_clock(app):
     BEHAVIOUR["later"] = "retry-later"
     submit(app, "test.echo", "later", {})
-    before = datetime.now(UTC)
-    drain(app)
+    clock, worker = due_now(app), Worker(app)
+    assert [o.state for o in worker.run_until_idle()] == ["queued"]
     job = ledger.get(app.extensions["db"], "later")
     assert (job.state, job.attempts) == ("queued", 1)
-    assert before + timedelta(seconds=29) <= job.run_after <= datetime.now(UTC) + timedelta(seconds=30)
+    assert job.run_after == datetime.fromtimestamp(clock.now(), UTC) + timedelta(seconds=30)
+    clock.advance(29.9)
+    assert worker.run_until_idle() == []
+    clock.advance(0.1)
+    BEHAVIOUR["later"] = "ok"
+    assert [o.state for o in worker.run_until_idle()] == ["succeeded"]
+    assert CALLS["later"] == 2
 
 
 def test_an_expired_job_is_never_run(app):
@@ -156,12 +188,13 @@ def test_the_lease_is_kept_alive_while_a_long_job_works(app):
     BEHAVIOUR["long"] = "slow"
     submit(app, "test.echo", "long", {})
     engine = app.extensions["db"]
+    clock = due_now(app)
     first = Worker(app, lease_seconds=0.6)
     runner = threading.Thread(target=first.run_once)
     runner.start()
     wait_for(lambda: CALLS["long"] > 0, "the long job never started")
     first_lease = ledger.get(engine, "long").lease_expires_at
-    # The heartbeat thread renews on the real clock: wait until it has carried the lease two lengths on.
+    clock.advance(1.2)  # two lease lengths: the first lease has lapsed unless the heartbeat (every 0.2 s) renews it
     wait_for(
         lambda: ledger.get(engine, "long").lease_expires_at >= first_lease + timedelta(seconds=1.2),
         "the lease was not renewed",
@@ -180,6 +213,7 @@ def test_shutdown_hands_an_unfinished_job_back(app):
     submit(app, "test.echo", "slow", {})
     stop = threading.Event()
     worker = Worker(app, lease_seconds=0.3, grace_seconds=0.3, stop=stop)
+    due_now(app)
     loop = threading.Thread(target=worker.run)
     loop.start()
     wait_for(lambda: CALLS["slow"] > 0)
@@ -198,6 +232,7 @@ def test_shutdown_lets_a_job_that_finishes_in_time_complete(app):
     BEHAVIOUR["quick"] = "slow"
     submit(app, "test.echo", "quick", {})
     stop = threading.Event()
+    due_now(app)
     loop = threading.Thread(target=Worker(app, lease_seconds=0.3, grace_seconds=5, stop=stop).run)
     loop.start()
     wait_for(lambda: CALLS["quick"] > 0)
@@ -279,7 +314,10 @@ def test_metrics_show_the_ledger(app):
     BEHAVIOUR["bad"] = "transient"
     submit(app, "test.echo", "bad", {})
     submit(app, "test.echo", "waiting", {}, delay=0)
-    Worker(app).run_once()  # "bad" fails once and waits out its backoff; "waiting" stays queued
+    due_now(app)
+    Worker(
+        app
+    ).run_once()  # "bad" fails once and waits out its backoff (the clock stands still); "waiting" stays queued
     text = app.test_client().get("/metrics").get_data(as_text=True)
     assert 'gateway_jobs{kind="test.echo",state="queued"} 2.0' in text
     assert 'gateway_job_attempts{kind="test.echo",state="queued"} 1.0' in text
@@ -319,3 +357,30 @@ def test_a_stopped_burst_worker_claims_nothing_more(app):
     stop.set()
     assert Worker(app, stop=stop).run_until_idle() == []
     assert ledger.counts(app.extensions["db"])["queued"] == 3
+
+
+def test_a_due_clinical_job_is_claimed_before_older_background_work(app, clock):
+    for n in range(3):
+        assert submit(app, "test.background", f"part-{n}", {})
+    clock.advance(5)
+    assert submit(app, "test.echo", "draft", {})
+    due_now(app)
+    order = [o.job_id for o in Worker(app).run_until_idle()]
+    assert order == ["draft", "part-0", "part-1", "part-2"]
+
+
+def test_a_snoozed_job_waits_as_asked_without_spending_its_attempts(app, clock):
+    BEHAVIOUR["poll"] = "snooze"
+    assert submit(app, "test.background", "poll", {})
+    due_now(app)
+    worker, engine = Worker(app), app.extensions["db"]
+    for _ in range(3):
+        (outcome,) = worker.run_until_idle()
+        assert outcome.state == "snoozed"
+        job = ledger.get(engine, "poll")
+        assert (job.state, job.attempts, job.last_error) == ("queued", 0, "Snooze: export in progress")
+        clock.advance(59.9)
+        assert worker.run_until_idle() == []  # not before the time it asked for
+        clock.advance(0.2)
+    assert [o.state for o in worker.run_until_idle()] == ["succeeded"]
+    assert CALLS["poll"] == 4 and ledger.get(engine, "poll").attempts == 1

@@ -155,6 +155,14 @@ EXERCISES: list[Exercise] = [
     ("fail", "fail", lambda e, h: ledger.fail(e, h.jobs[1], "HTTPError: 503")),
     ("expire", "expire", lambda e, h: ledger.expire(e, h.jobs[2])),
     ("release", "release", lambda e, h: ledger.release(e, h.jobs[3])),
+    (
+        "claim several kinds by priority",
+        "claim",
+        lambda e, h: h.claimed(
+            ledger.claim(e, "plan-worker", kinds=[BULK, WEBHOOK], priorities={BULK: 10}, sweep_first=False)
+        ),
+    ),
+    ("snooze", "snooze", lambda e, h: ledger.snooze(e, h.jobs[4], 30.0, "Snooze: export in progress")),
     ("sweep", "sweep", lambda e, h: ledger.sweep(e)),
     ("requeue", "requeue", lambda e, h: ledger.requeue(e, DEAD_ID)),
     ("get", "get", lambda e, h: ledger.get(e, DEAD_ID)),
