@@ -16,6 +16,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from app import (
         ai,
         audit,
+        batch,
         cds,
         db,
         development,
@@ -48,6 +49,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     jobs.init_app(app)
     smart.init_app(app)
     webhooks.init_app(app)
+    batch.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
     devtools.init_cli(app)

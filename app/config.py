@@ -173,6 +173,13 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "DLQ_ALERT_THRESHOLD": _int("DLQ_ALERT_THRESHOLD", get("DLQ_ALERT_THRESHOLD", 10), 1, 1_000_000),
         "JOB_RETENTION_S": _int("JOB_RETENTION_S", get("JOB_RETENTION_S", 7 * 86400), 60, 366 * 86400),
         "DEAD_JOB_RETENTION_S": _int("DEAD_JOB_RETENTION_S", get("DEAD_JOB_RETENTION_S", 30 * 86400), 60, 366 * 86400),
+        "BATCH_DIR": str(get("BATCH_DIR") or instance / "batch"),
+        "BATCH_AI_MAX_IN_FLIGHT": _int("BATCH_AI_MAX_IN_FLIGHT", get("BATCH_AI_MAX_IN_FLIGHT", 4), 1, 1024),
+        "BATCH_PART_BYTES": _int("BATCH_PART_BYTES", get("BATCH_PART_BYTES", 8 * 1024 * 1024), 4096, 1 << 30),
+        "BATCH_RETENTION_S": _int("BATCH_RETENTION_S", get("BATCH_RETENTION_S", 30 * 86400), 60, 3660 * 86400),
+        "BATCH_EXPORT_TIMEOUT_S": _int(
+            "BATCH_EXPORT_TIMEOUT_S", get("BATCH_EXPORT_TIMEOUT_S", 24 * 3600), 10, 30 * 86400
+        ),
         "WEBHOOKS_ALLOW_PRIVATE": _flag("WEBHOOKS_ALLOW_PRIVATE", get("WEBHOOKS_ALLOW_PRIVATE", "0")),
         "WEBHOOK_TIMEOUT_S": _float("WEBHOOK_TIMEOUT_S", get("WEBHOOK_TIMEOUT_S", 10), 0.1, 120),
         "WEBHOOK_RETRY_SCHEDULE": _schedule(

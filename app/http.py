@@ -3,6 +3,7 @@ OperationOutcome for every error)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from requests.adapters import HTTPAdapter
 from werkzeug.exceptions import HTTPException
 
+from app.audit import audit
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -76,3 +78,32 @@ def _answer_unrouted(exc: HTTPException):
             if request.path == prefix or request.path.startswith(prefix + "/"):
                 return handler(exc)
     return exc  # Flask renders it as it would without this handler
+
+
+def require_admin() -> Response | None:
+    """Operators authenticate with ADMIN_TOKEN as a bearer token; without it set, the admin API is off."""
+    token = current_app.config["ADMIN_TOKEN"]
+    if not token:
+        return operation_outcome(403, "forbidden", "The admin API is disabled: set ADMIN_TOKEN to enable it")
+    scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        response = operation_outcome(401, "login", "A valid admin bearer token is required")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return None
+
+
+def _audit_admin(response: Response) -> Response:
+    audit(current_app).record("admin", method=request.method, path=request.path, status=response.status_code)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def admin_blueprint(name: str, import_name: str, url_prefix: str) -> Blueprint:
+    """A blueprint of the admin API: ADMIN_TOKEN required, OperationOutcome errors (no CORS: operators call it,
+    never a browser app), every request in the audit log, nothing cached."""
+    bp = Blueprint(name, import_name, url_prefix=url_prefix)
+    bp.before_request(require_admin)
+    operation_outcome_errors(bp)
+    bp.after_request(_audit_admin)
+    return bp

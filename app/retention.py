@@ -13,12 +13,14 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import Counter
 
 from app import results
+from app.batch import runs as batch_runs
 from app.clock import utc_now
 from app.jobs import ledger, presence
 from app.logs import describe
@@ -42,7 +44,8 @@ class Kept:
     setting: str | None  # the setting that says how long, in seconds; None: ``default_s``, fixed
     default_s: int
     counted_from: str  # what the period counts from
-    purge: Callable[[sa.Engine, datetime, int, float], int]  # (engine, cutoff, batch, budget_s) -> rows deleted
+    # (engine, cutoff, batch, budget_s, config) -> rows deleted
+    purge: Callable[[sa.Engine, datetime, int, float, Mapping[str, Any]], int]
     period_is_expiry: bool = False  # the rows carry their own expiry (set at write from the setting): cutoff is now
 
     def period_s(self, config: Mapping[str, Any]) -> float:
@@ -67,7 +70,7 @@ TABLE: tuple[Kept, ...] = (
         "JOB_RETENTION_S",
         7 * DAY,
         "the job finished",
-        lambda engine, cutoff, batch, budget: ledger.purge(
+        lambda engine, cutoff, batch, budget, config: ledger.purge(
             engine, finished_before=cutoff, limit=batch, budget_s=budget
         ),
     ),
@@ -78,7 +81,9 @@ TABLE: tuple[Kept, ...] = (
         "DEAD_JOB_RETENTION_S",
         30 * DAY,
         "the job was dead-lettered",
-        lambda engine, cutoff, batch, budget: ledger.purge(engine, dead_before=cutoff, limit=batch, budget_s=budget),
+        lambda engine, cutoff, batch, budget, config: ledger.purge(
+            engine, dead_before=cutoff, limit=batch, budget_s=budget
+        ),
     ),
     Kept(
         "ai_results",
@@ -87,7 +92,9 @@ TABLE: tuple[Kept, ...] = (
         "RESULT_TTL_S",
         DAY,
         "the result was stored (its expiry)",
-        lambda engine, cutoff, batch, budget: results.purge_expired(engine, now=cutoff, batch=batch, budget_s=budget),
+        lambda engine, cutoff, batch, budget, config: results.purge_expired(
+            engine, now=cutoff, batch=batch, budget_s=budget
+        ),
         period_is_expiry=True,
     ),
     Kept(
@@ -97,7 +104,9 @@ TABLE: tuple[Kept, ...] = (
         "SMART_SESSION_TTL_S",
         3600,
         "the user signed in (its expiry)",
-        lambda engine, cutoff, batch, budget: sessions.purge_expired(engine, now=cutoff, batch=batch, budget_s=budget),
+        lambda engine, cutoff, batch, budget, config: sessions.purge_expired(
+            engine, now=cutoff, batch=batch, budget_s=budget
+        ),
         period_is_expiry=True,
     ),
     Kept(
@@ -107,7 +116,19 @@ TABLE: tuple[Kept, ...] = (
         None,
         int(presence.RETENTION_SECONDS),
         "the worker stopped or went silent",
-        lambda engine, cutoff, batch, budget: presence.purge(engine, cutoff, limit=batch),
+        lambda engine, cutoff, batch, budget, config: presence.purge(engine, cutoff, limit=batch),
+    ),
+    Kept(
+        "batch_runs",
+        "batch_runs",
+        "an ended population run's outputs in `BATCH_DIR/RUN/` (risk and reasons per patient, the worklist; PHI) "
+        "and its row (parameters and counts, no PHI)",
+        "BATCH_RETENTION_S",
+        30 * DAY,
+        "the run ended",
+        lambda engine, cutoff, batch, budget, config: batch_runs.purge(
+            engine, Path(config["BATCH_DIR"]), ended_before=cutoff, limit=batch
+        ),
     ),
 )
 
@@ -119,7 +140,7 @@ def purge_all(engine: sa.Engine, config: Mapping[str, Any], *, now: datetime | N
     removed = 0
     for kept in TABLE:
         try:
-            purged = kept.purge(engine, kept.cutoff(config, now), BATCH, BUDGET_S)
+            purged = kept.purge(engine, kept.cutoff(config, now), BATCH, BUDGET_S, config)
         except Exception as exc:  # the next round tries again
             log.error("retention: purging %s failed: %s", kept.what, describe(exc))
             continue

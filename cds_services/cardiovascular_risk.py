@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
-from app.ai import Prediction, infer
+from app.ai import InvalidModelInput, Prediction, infer
 from app.ai.models.pce import BORDERLINE, HIGH, INTERMEDIATE, LOW, out_of_range, risk_category
+from app.batch.scoring import NotScored, PatientResources, Population, Scored
 from app.cds.cards import Action, Card, Indicator, Link, Source, Suggestion, escape_markdown
 from app.cds.service import Explanation, PrefetchKey, ServiceCall, cds_service
 from app.fhir.codes import (
@@ -822,6 +823,61 @@ def explanation_view(result: StoredResult, context: LaunchContext) -> dict[str, 
     }
 
 
+# ---- population scoring (gateway batch): the hook's own reading, model and suggestion rule, per patient --------
+
+
+def _basis(inputs: PceInputs) -> tuple[str, ...]:
+    """The resources the estimate used, as "Type/id" (the patient first)."""
+    refs = [f"Patient/{inputs.patient_id}"] if inputs.patient_id else []
+    for name in MODEL_INPUTS:
+        finding = inputs.findings.get(name)
+        for source in finding.source.split(", ") if finding else ():
+            if "/" in source and source not in refs:
+                refs.append(source)
+    return tuple(refs)
+
+
+def score_patient(patient: PatientResources) -> Scored | NotScored:
+    """One patient of a population: the inputs as the hook reads them, the risk through ``app.ai.infer``, and
+    the action the hook's card would propose. A model that is unavailable raises (the batch pauses the part)."""
+    medications = patient.of_type("MedicationRequest") + list(patient.shared.values())
+    inputs = extract_inputs(
+        patient.patient,
+        patient.of_type("Observation"),
+        patient.of_type("Condition"),
+        medications,
+        patient.today,
+    )
+    inputs.patient_id = patient.patient_id
+    if inputs.blocking:
+        problem = inputs.blocking[0]
+        return NotScored(problem.input, problem.message)
+    try:
+        prediction = infer(MODEL, inputs.model_inputs())
+    except InvalidModelInput as exc:
+        return NotScored("model", f"the model did not accept these inputs: {exc}")
+    card = build_cards(inputs, prediction)[0]
+    risk = float(prediction.outputs["risk"])
+    return Scored(
+        probability=risk,
+        category=risk_category(risk),
+        model=prediction.model,
+        version=prediction.version,
+        basis=_basis(inputs),
+        action=card.suggestions[0].label if card.suggestions else None,
+        note=card.summary,
+    )
+
+
+POPULATION = Population(
+    score=score_patient,
+    outcome="First atherosclerotic cardiovascular disease (ASCVD) event within 10 years",
+    method=GUIDELINE_LABEL,
+    categories=(LOW, BORDERLINE, INTERMEDIATE, HIGH),
+    reasons={**LABELS, "patient": "No usable patient record", "deceased": "Deceased", "model": "Model refused"},
+)
+
+
 @cds_service(
     id="cardiovascular-risk",
     hook="patient-view",
@@ -839,6 +895,7 @@ def explanation_view(result: StoredResult, context: LaunchContext) -> dict[str, 
         template="smart/cardiovascular_risk.html",
         view=explanation_view,
     ),
+    population=POPULATION,
 )
 def cardiovascular_risk(call: ServiceCall) -> list[Card]:
     made_at = datetime.now(UTC)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from flask import current_app
@@ -15,7 +19,16 @@ from app.ai.types import Backend, InferenceError, InvalidModelInput, Model, Mode
 from app.cds.service import load_services, services
 from app.clock import SYSTEM_CLOCK, app_clock
 
-__all__ = ["Backend", "InferenceError", "InvalidModelInput", "Model", "ModelUnavailable", "Prediction", "infer"]
+__all__ = [
+    "Backend",
+    "InferenceError",
+    "InvalidModelInput",
+    "Model",
+    "ModelUnavailable",
+    "Prediction",
+    "batch_lane",
+    "infer",
+]
 
 
 # What a fallback card says about why the AI result is missing, by ModelUnavailable.reason.
@@ -35,15 +48,38 @@ def reason_text(reason: str) -> str:
     return REASON_TEXT.get(reason, "unavailable")
 
 
+_batch_lane: contextvars.ContextVar[bool] = contextvars.ContextVar("ai_batch_lane", default=False)
+_lane_lock = threading.Lock()
+
+
 def infer(model: str, inputs: dict[str, Any]) -> Prediction:
     """Run ``model`` on ``inputs`` through its guard, within the current deadline: a model a service registered
-    (``@cds_service(models=...)``) behind its own guard, any other through the configured backend's."""
+    (``@cds_service(models=...)``) behind its own guard, any other through the configured backend's. Inside
+    ``batch_lane()`` the same guard's breaker is used with the batch's own bulkhead."""
     return model_guard(current_app, model).infer(model, inputs)
 
 
+@contextlib.contextmanager
+def batch_lane() -> Iterator[None]:
+    """Model calls made inside this block are population work: a bulkhead of ``BATCH_AI_MAX_IN_FLIGHT`` of their
+    own, so that a batch never takes model capacity from hooks, and the call timeout as their deadline."""
+    token = _batch_lane.set(True)
+    try:
+        yield
+    finally:
+        _batch_lane.reset(token)
+
+
 def model_guard(app, model: str):
-    """The guard that ``infer`` uses for ``model`` in ``app``."""
-    return app.extensions.get("ai_models", {}).get(model) or app.extensions["ai_guard"]
+    """The guard that ``infer`` uses for ``model`` in ``app`` (in the current lane)."""
+    guard = app.extensions.get("ai_models", {}).get(model) or app.extensions["ai_guard"]
+    if not _batch_lane.get():
+        return guard
+    lanes = app.extensions.setdefault("ai_batch_guards", {})
+    with _lane_lock:
+        if id(guard) not in lanes:
+            lanes[id(guard)] = guard.with_bulkhead(app.config["BATCH_AI_MAX_IN_FLIGHT"])
+        return lanes[id(guard)]
 
 
 def register_model(app, model: str, guard) -> None:

@@ -116,6 +116,19 @@ class Guard:
         # call_timeout, so that a result that comes late is kept for the next call instead of wasted.
         self._call_timeout = call_timeout
 
+    def with_bulkhead(self, max_in_flight: int) -> Guard:
+        """A guard over the same backend and breaker (so it sees the same outage) with a bulkhead of its own, for
+        work that must never take capacity from hooks (a population batch); its calls wait up to the call
+        timeout, not a hook's budget, and leave no late results."""
+        return Guard(
+            self.backend,
+            self.breaker,
+            max_in_flight=max_in_flight,
+            late_results=LateResults(ttl_seconds=0),
+            default_timeout=self._call_timeout,
+            call_timeout=self._call_timeout,
+        )
+
     @staticmethod
     def breaker_listener() -> pybreaker.CircuitBreakerListener:
         """The listener that keeps breaker metrics; pass it to the CircuitBreaker."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from app.batch.scoring import Population, export_scope
 from app.cds.cards import Card, Link
 from app.cds.clients import TrustedClient
 from app.cds.prefetch import ALL_PAGES, FIRST_PAGE, check_template, screen, tokens
@@ -153,6 +154,13 @@ class CdsService:
     explanation: Explanation | None = None
     settings: Mapping[str, Setting] = field(default_factory=dict)
     models: Mapping[str, ModelFactory] = field(default_factory=dict)
+    population: Population | None = None
+
+    @property
+    def export_scope(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The Bulk Data ``_type`` and ``_typeFilter`` that read what this service's prefetch reads."""
+        extra = self.population.extra_types if self.population else ()
+        return export_scope((p.template for p in self.prefetch.values()), extra)
 
     @property
     def encounter_keys(self) -> frozenset[str]:
@@ -190,10 +198,12 @@ def cds_service(
     explanation: Explanation | None = None,
     settings: Mapping[str, Setting] | None = None,
     models: Mapping[str, ModelFactory] | None = None,
+    population: Population | None = None,
 ) -> Callable[[CardsFunction], CardsFunction]:
     """Register the decorated function as the card builder of a CDS service, with what the service brings: the
-    page its cards link to (``explanation``), the environment variables it reads (``settings``) and the models it
-    serves itself (``models``: name to guard factory, reached through ``app.ai.infer``)."""
+    page its cards link to (``explanation``), the environment variables it reads (``settings``), the models it
+    serves itself (``models``: name to guard factory, reached through ``app.ai.infer``) and how it scores a
+    population from a Bulk Data export (``population``, see ``app.batch.scoring``)."""
     if not _SERVICE_ID.match(id):
         raise ValueError(f"service id {id!r} is not URL-safe")
     for name in settings or {}:
@@ -219,7 +229,10 @@ def cds_service(
             explanation=_with_folder(explanation, fn),
             settings=dict(settings or {}),
             models=dict(models or {}),
+            population=population,
         )
+        if population is not None:
+            _REGISTRY[id].export_scope  # noqa: B018 - a template a batch cannot run fails at declaration
         return fn
 
     return register

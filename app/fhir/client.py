@@ -129,6 +129,20 @@ class Client:
             stored = self.get(f"{resource['resourceType']}/{parts[-1]}")
         return stored, response.status_code == 201
 
+    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        """POST a transaction (or batch) Bundle to the base; the response Bundle. All or nothing on the server's
+        side for a transaction; an error status, a timeout or an unreachable server raises FhirError."""
+        headers = {"Content-Type": FHIR_JSON}
+        try:
+            response = self._request("POST", self.base, self._timeout, headers, data=orjson.dumps(bundle))
+        except requests.Timeout:
+            raise DeadlineExceeded("FHIR server did not answer the transaction in time") from None
+        except requests.RequestException as exc:
+            raise FhirError(f"FHIR server unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise FhirError(f"FHIR server answered {response.status_code} to a transaction", response.status_code)
+        return _json_or_empty(response)
+
     def get(self, path_or_url: str, deadline: float | None = None) -> dict[str, Any]:
         """GET a resource or a search, relative to the base or absolute; bounded by ``deadline`` (monotonic)."""
         url = urljoin(self.base, path_or_url)

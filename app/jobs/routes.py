@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import re
 
 from flask import Blueprint, abort, current_app, request
@@ -10,7 +9,14 @@ from flask import Blueprint, abort, current_app, request
 from app.audit import audit
 from app.cds.errors import CdsError
 from app.cds.responses import add_cors_headers, cds_error, unrouted_error
-from app.http import answer_unrouted, http_error_outcome, json_response, operation_outcome, operation_outcome_errors
+from app.http import (
+    admin_blueprint,
+    answer_unrouted,
+    http_error_outcome,
+    json_response,
+    operation_outcome,
+    operation_outcome_errors,
+)
 from app.jobs import ledger
 from app.jobs.registry import job_kind
 from app.jobs.views import job_summary
@@ -49,29 +55,7 @@ def job_status(job_id: str):
     return json_response(job_summary(job))
 
 
-def _require_admin():
-    """Operators authenticate with ADMIN_TOKEN as a bearer token; without it set, the admin API is off."""
-    token = current_app.config["ADMIN_TOKEN"]
-    if not token:
-        return operation_outcome(403, "forbidden", "The admin API is disabled: set ADMIN_TOKEN to enable it")
-    scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        response = operation_outcome(401, "login", "A valid admin bearer token is required")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-    return None
-
-
-admin = Blueprint("jobs_admin", __name__, url_prefix="/admin/jobs")
-admin.before_request(_require_admin)
-operation_outcome_errors(admin)  # OperationOutcome errors, but no CORS: operators call it, never a browser app
-
-
-@admin.after_request
-def _audit_admin(response):
-    audit(current_app).record("admin", method=request.method, path=request.path, status=response.status_code)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+admin = admin_blueprint("jobs_admin", __name__, "/admin/jobs")
 
 
 @admin.get("")

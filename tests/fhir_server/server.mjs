@@ -16,15 +16,29 @@
 //   * POST /fhir/R4/$seed: loads a transaction or batch Bundle while KEEPING resource ids
 //     (resource.id, else the urn:uuid of the fullUrl) and rewriting `urn:uuid:` references to
 //     `Type/id`; Medplum's own transaction processing (POST /fhir/R4) assigns new ids to creates;
-//   * POST /fhir/R4/$reset: empties the store.
+//   * POST /fhir/R4/$reset: empties the store;
+//   * FHIR Bulk Data Access 2.0 export (see "Bulk Data" below and tests/support/fhir_server.py):
+//     GET|POST /fhir/R4/Patient/$export and /fhir/R4/Group/[id]/$export (202, Content-Location:
+//     /fhir/R4/bulkstatus/[job]); GET that status URL (202 with Retry-After and X-Progress, then 200
+//     with the manifest) or DELETE it; GET /fhir/R4/bulkfiles/[job]/[Type]-[n].ndjson (Range: bytes=N-);
+//   * test-only controls outside the FHIR base: /$bulk-config, /$bulk-faults (429, 503, cut
+//     downloads, expired files, error files, failed exports), /$bulk-log (every request received),
+//     /$bulk-source (export a directory of NDJSON files instead of the repository), /$bulk-reset.
 //
 // Usage: node server.mjs [--port N] [--host 127.0.0.1]   (or env FHIR_TEST_SERVER_PORT)
 // Port 0 (the default) lets the OS choose. When listening, one line is printed on stdout:
 //   FHIR_TEST_SERVER_READY {"port":N,"base_url":"http://127.0.0.1:N/fhir/R4"}
 // Errors go to stderr; set FHIR_TEST_SERVER_LOG=1 for an access log on stderr. SIGTERM/SIGINT stop it.
 
+import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
+import fs from 'node:fs';
 import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
 import process from 'node:process';
+import readline from 'node:readline';
+import { finished, pipeline } from 'node:stream/promises';
 import {
   badRequest,
   convertToSearchableDates,
@@ -579,6 +593,777 @@ function resolveConditionalReference(repo, ref, bundleResources) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bulk Data Access 2.0 export: kick-off, status, files, DELETE; with test-only settings, faults,
+// a request log and a directory population source (control endpoints at /$bulk-*, outside the
+// FHIR base). Every export writes its NDJSON into a temporary directory, served from disk.
+
+const NDJSON = 'application/fhir+ndjson';
+const MANIFEST_JSON = 'application/json; charset=utf-8';
+const OUTPUT_FORMATS = new Set(['application/fhir+ndjson', 'application/ndjson', 'ndjson']);
+const KICKOFF_PARAMETERS = new Set(['_outputFormat', '_since', '_type', '_typeFilter']);
+const BULK_LOG_MAX = 20000;
+const WRITE_CHUNK = 1 << 16;
+
+// name -> [default, kind]; kinds are checked by checkSetting().
+const BULK_SETTINGS = {
+  retryAfter: [1, 'seconds?'], // Retry-After of an in-progress status answer; null: no header
+  inProgressPolls: [1, 'count'], // status polls answered 202 before the manifest (more while a directory export runs)
+  requiresAccessToken: [true, 'boolean'], // the manifest's requiresAccessToken: files need a bearer token
+  accessToken: [null, 'string?'], // the only token accepted; null: any non-empty bearer token
+  requireAuth: [false, 'boolean'], // kick-off, status and DELETE need a bearer token too
+  maxLinesPerFile: [10000, 'positive'], // a type with more resources spans several files
+  typeFilter: [true, 'boolean'], // false: _typeFilter is refused with 400 (ignored with Prefer: handling=lenient)
+  expiredStatus: [410, 'expired'], // what the files of an expired export answer (404 or 410)
+};
+const BULK_FAULTS = {
+  kickoff429: [0, 'count'], // the next N kick-offs answer 429 ...
+  kickoff429RetryAfter: [1, 'seconds?'], // ... with this Retry-After (null: none)
+  status503: [0, 'count'], // the next N status polls answer 503 (transient OperationOutcome) ...
+  status503RetryAfter: [1, 'seconds?'], // ... with this Retry-After (null: none)
+  exportFail: [0, 'count'], // the next N exports fail: their status answers 500 with a fatal OperationOutcome
+  fileCut: [0, 'count'], // the next N file downloads close the connection ...
+  fileCutBytes: [64, 'count'], // ... after this many bytes of the body
+  filesExpire: [0, 'count'], // the next N exports' files are gone (expiredStatus) once their manifest was served
+  errorFile: [0, 'count'], // the next N exports' manifests list an error file with an OperationOutcome
+};
+
+function defaults(spec) {
+  return Object.fromEntries(Object.entries(spec).map(([name, [value]]) => [name, value]));
+}
+
+function checkSetting(name, value, kind) {
+  const isCount = Number.isInteger(value) && value >= 0;
+  const ok = {
+    boolean: typeof value === 'boolean',
+    count: isCount,
+    positive: isCount && value > 0,
+    'seconds?': value === null || isCount,
+    'string?': value === null || (typeof value === 'string' && value.length > 0),
+    expired: value === 404 || value === 410,
+  }[kind];
+  if (!ok) {
+    throw new HttpError(400, `${name}: invalid value ${JSON.stringify(value)} (expected ${kind})`);
+  }
+}
+
+function mergeSettings(current, spec, update) {
+  if (!update || typeof update !== 'object' || Array.isArray(update)) {
+    throw new HttpError(400, 'expected a JSON object');
+  }
+  for (const [name, value] of Object.entries(update)) {
+    if (!spec[name]) {
+      throw new HttpError(400, `unknown setting ${name} (known: ${Object.keys(spec).join(', ')})`);
+    }
+    checkSetting(name, value, spec[name][1]);
+  }
+  return { ...current, ...update };
+}
+
+function bearerToken(req) {
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(String(req.headers.authorization ?? ''));
+  return match ? match[1] : null;
+}
+
+// RFC 7240 preferences: `respond-async`, `handling=lenient`.
+function preferences(req) {
+  const prefs = new Set();
+  for (const part of String(req.headers.prefer ?? '').split(/[,;]/)) {
+    const token = part.trim().toLowerCase().replace(/\s*=\s*/, '=').replaceAll('"', '');
+    if (token) {
+      prefs.add(token);
+    }
+  }
+  return prefs;
+}
+
+// `_typeFilter` values are comma-separated queries whose own values may hold commas (`code=a,b`):
+// a piece that does not start a new `Type?` query belongs to the previous one.
+function splitTypeFilters(values) {
+  return values.flatMap((value) => {
+    const queries = [];
+    for (const piece of value.split(',')) {
+      if (/^[A-Z][A-Za-z]+\?/.test(piece.trim()) || !queries.length) {
+        queries.push(piece.trim());
+      } else {
+        queries[queries.length - 1] += `,${piece}`;
+      }
+    }
+    return queries.filter(Boolean);
+  });
+}
+
+function splitList(values) {
+  return values.flatMap((v) => v.split(',')).map((v) => v.trim()).filter(Boolean);
+}
+
+function issueOutcome(severity, code, text) {
+  return { resourceType: 'OperationOutcome', issue: [{ severity, code, details: { text } }] };
+}
+
+function retryAfterHeader(seconds) {
+  return seconds === null ? {} : { 'Retry-After': String(seconds) };
+}
+
+// Writes one resource type's NDJSON lines into files of at most `maxLines` lines each.
+class PartWriter {
+  constructor(dir, type, maxLines) {
+    this.dir = dir;
+    this.type = type;
+    this.maxLines = maxLines;
+    this.files = [];
+    this.stream = null;
+    this.count = 0;
+    this.buffer = '';
+  }
+
+  async add(line) {
+    if (!this.stream || this.count >= this.maxLines) {
+      await this.close();
+      const name = `${this.type}-${this.files.length + 1}.ndjson`;
+      this.stream = fs.createWriteStream(path.join(this.dir, name));
+      this.files.push({ type: this.type, name, count: 0 });
+      this.count = 0;
+    }
+    this.count += 1;
+    this.files[this.files.length - 1].count = this.count;
+    this.buffer += line;
+    if (this.buffer.length >= WRITE_CHUNK) {
+      await this.write();
+    }
+  }
+
+  async write() {
+    const chunk = this.buffer;
+    this.buffer = '';
+    if (chunk && !this.stream.write(chunk)) {
+      await once(this.stream, 'drain');
+    }
+  }
+
+  async close() {
+    if (this.stream) {
+      await this.write();
+      this.stream.end();
+      await finished(this.stream);
+      this.stream = null;
+    }
+    return this.files;
+  }
+}
+
+async function* ndjsonLines(file) {
+  const lines = readline.createInterface({ input: fs.createReadStream(file), crlfDelay: Infinity });
+  for await (const line of lines) {
+    if (line.trim()) {
+      yield line;
+    }
+  }
+}
+
+// The patient a resource belongs to, as written in a source file (`subject` or `patient`).
+function patientOf(resource) {
+  if (resource.resourceType === 'Patient') {
+    return resource.id;
+  }
+  for (const key of ['subject', 'patient']) {
+    const match = /(?:^|\/)Patient\/([A-Za-z0-9\-.]{1,64})$/.exec(resource[key]?.reference ?? '');
+    if (match) {
+      return match[1];
+    }
+  }
+  return undefined;
+}
+
+function memberIds(group) {
+  const ids = [];
+  for (const member of group.member ?? []) {
+    const match = /(?:^|\/)Patient\/([A-Za-z0-9\-.]{1,64})$/.exec(member?.entity?.reference ?? '');
+    if (match && member.inactive !== true) {
+      ids.push(match[1]);
+    }
+  }
+  return ids;
+}
+
+class BulkExports {
+  constructor(repo, resourceTypes) {
+    this.repo = repo;
+    this.resourceTypes = new Set(resourceTypes);
+    this.settings = defaults(BULK_SETTINGS);
+    this.faults = defaults(BULK_FAULTS);
+    this.jobs = new Map();
+    this.log = [];
+    this.source = null; // null: the repository; else a directory of NDJSON files
+    this.workDir = null;
+  }
+
+  // -- control (test-only) -------------------------------------------------------------------
+
+  async control(name, method, body, res) {
+    if (name === 'config' && (method === 'GET' || method === 'POST')) {
+      if (method === 'POST') {
+        this.settings = mergeSettings(this.settings, BULK_SETTINGS, body);
+      }
+      send(res, 200, this.settings);
+    } else if (name === 'faults' && (method === 'GET' || method === 'POST')) {
+      if (method === 'POST') {
+        this.faults = mergeSettings(this.faults, BULK_FAULTS, body);
+      }
+      send(res, 200, this.faults);
+    } else if (name === 'log' && method === 'GET') {
+      send(res, 200, this.log);
+    } else if (name === 'log' && method === 'DELETE') {
+      this.log = [];
+      send(res, 200, []);
+    } else if (name === 'source' && (method === 'GET' || method === 'POST')) {
+      if (method === 'POST') {
+        this.source = this.checkSource(body?.directory);
+      }
+      send(res, 200, this.describeSource());
+    } else if (name === 'reset' && method === 'POST') {
+      for (const id of [...this.jobs.keys()]) {
+        await this.dropJob(id);
+      }
+      this.settings = defaults(BULK_SETTINGS);
+      this.faults = defaults(BULK_FAULTS);
+      this.log = [];
+      this.source = null;
+      send(res, 200, { settings: this.settings, faults: this.faults, source: null });
+    } else {
+      throw new HttpError(404, `no control endpoint ${method} /$bulk-${name}`);
+    }
+  }
+
+  checkSource(directory) {
+    if (directory === null || directory === undefined) {
+      return null;
+    }
+    if (typeof directory !== 'string' || !path.isAbsolute(directory)) {
+      throw new HttpError(400, 'directory must be an absolute path (or null for the repository)');
+    }
+    if (!fs.existsSync(path.join(directory, 'Patient.ndjson'))) {
+      throw new HttpError(400, `${directory} has no Patient.ndjson`);
+    }
+    return directory;
+  }
+
+  describeSource() {
+    if (!this.source) {
+      return { directory: null, files: {} };
+    }
+    const files = {};
+    for (const name of fs.readdirSync(this.source).sort()) {
+      const match = /^([A-Z][A-Za-z]+)\.ndjson$/.exec(name);
+      if (match) {
+        files[match[1]] = fs.statSync(path.join(this.source, name)).size;
+      }
+    }
+    return { directory: this.source, files };
+  }
+
+  record(req, url) {
+    const entry = {
+      method: req.method,
+      path: url.pathname,
+      query: url.search,
+      time: Date.now(),
+      auth: bearerToken(req) !== null,
+      status: null,
+    };
+    this.log.push(entry);
+    if (this.log.length > BULK_LOG_MAX) {
+      this.log.splice(0, this.log.length - BULK_LOG_MAX);
+    }
+    return entry;
+  }
+
+  // -- kick-off ------------------------------------------------------------------------------
+
+  // Answers `Patient/$export`, `Group/[id]/$export` and the status and file URLs; false for any other path.
+  async route(rel, method, req, res, body, baseUrl, url) {
+    const group = /^Group\/([A-Za-z0-9\-.]{1,64})\/\$export$/.exec(rel);
+    if (rel === 'Patient/$export' || group) {
+      if (method !== 'GET' && method !== 'POST') {
+        throw new HttpError(405, `${method} is not allowed on $export`);
+      }
+      await this.kickoff({ req, res, body, baseUrl, url, rel, method, groupId: group?.[1] });
+      return true;
+    }
+    const status = /^bulkstatus\/([0-9a-f-]{36})$/.exec(rel);
+    if (status) {
+      if (method === 'GET') {
+        this.status(status[1], req, res);
+      } else if (method === 'DELETE') {
+        await this.cancel(status[1], req, res);
+      } else {
+        throw new HttpError(405, `${method} is not allowed on a status URL`);
+      }
+      return true;
+    }
+    const file = /^bulkfiles\/([0-9a-f-]{36})\/([A-Za-z]+-\d+\.ndjson)$/.exec(rel);
+    if (file) {
+      if (method !== 'GET') {
+        throw new HttpError(405, `${method} is not allowed on an export file`);
+      }
+      await this.file(file[1], file[2], req, res);
+      return true;
+    }
+    return false;
+  }
+
+  checkAuth(req, always) {
+    if (!always && !this.settings.requireAuth) {
+      return;
+    }
+    const token = bearerToken(req);
+    if (token === null || (this.settings.accessToken !== null && token !== this.settings.accessToken)) {
+      throw Object.assign(new HttpError(401, token === null ? 'a bearer token is required' : 'invalid bearer token'), {
+        headers: { 'WWW-Authenticate': 'Bearer' },
+      });
+    }
+  }
+
+  async kickoff({ req, res, body, baseUrl, url, rel, method, groupId }) {
+    this.checkAuth(req, false);
+    if (this.faults.kickoff429 > 0) {
+      this.faults.kickoff429 -= 1;
+      const headers = retryAfterHeader(this.faults.kickoff429RetryAfter);
+      send(res, 429, issueOutcome('error', 'throttled', 'too many requests: try again later'), headers);
+      return;
+    }
+    const prefs = preferences(req);
+    if (!prefs.has('respond-async')) {
+      throw new HttpError(400, 'the $export kick-off needs the header Prefer: respond-async');
+    }
+    if (!String(req.headers.accept ?? '').toLowerCase().includes('application/fhir+json')) {
+      throw new HttpError(400, 'the $export kick-off needs the header Accept: application/fhir+json');
+    }
+    const lenient = prefs.has('handling=lenient');
+    const params = method === 'POST' ? this.postParameters(body, lenient) : this.getParameters(url, lenient);
+    const job = this.newJob(params, lenient);
+    job.baseUrl = baseUrl;
+    job.request = `${baseUrl}/${rel}${method === 'GET' ? url.search : ''}`;
+    job.patients = await this.population(groupId, params.patient);
+    job.fail = this.takeFault('exportFail');
+    job.expire = this.takeFault('filesExpire');
+    job.errorFile = this.takeFault('errorFile');
+    this.jobs.set(job.id, job);
+    fs.mkdirSync(job.dir, { recursive: true });
+    const work = this.source ? this.exportDirectory(job) : this.exportRepository(job);
+    job.work = work.then(
+      () => this.finish(job),
+      (err) => {
+        job.failed = `export failed: ${err?.message ?? err}`;
+        process.stderr.write(`fhir-test-server: export ${job.id} failed: ${err?.stack ?? err}\n`);
+      }
+    );
+    if (!this.source) {
+      await job.work; // the repository is exported at kick-off: a snapshot as of transactionTime
+    }
+    const statusUrl = `${baseUrl}/bulkstatus/${job.id}`;
+    const accepted = issueOutcome('information', 'informational', `export accepted; poll ${statusUrl}`);
+    send(res, 202, accepted, { 'Content-Location': statusUrl });
+  }
+
+  getParameters(url, lenient) {
+    for (const name of new Set(url.searchParams.keys())) {
+      if (!KICKOFF_PARAMETERS.has(name) && !lenient) {
+        throw new HttpError(400, `unsupported $export parameter ${name}`);
+      }
+    }
+    const all = (name) => url.searchParams.getAll(name);
+    return {
+      outputFormat: all('_outputFormat'),
+      since: all('_since'),
+      types: splitList(all('_type')),
+      typeFilters: splitTypeFilters(all('_typeFilter')),
+      patient: null,
+    };
+  }
+
+  // POST kick-off: a Parameters resource (`patient` names members to export, as in Bulk Data 2.0).
+  postParameters(body, lenient) {
+    if (body === undefined) {
+      return { outputFormat: [], since: [], types: [], typeFilters: [], patient: null };
+    }
+    if (body?.resourceType !== 'Parameters') {
+      throw new HttpError(400, 'a POST $export kick-off takes a Parameters resource');
+    }
+    const params = { outputFormat: [], since: [], types: [], typeFilters: [], patient: null };
+    for (const p of body.parameter ?? []) {
+      const value = p.valueString ?? p.valueCode ?? p.valueInstant ?? p.valueDateTime ?? p.valueUri;
+      if (p.name === '_outputFormat') {
+        params.outputFormat.push(value);
+      } else if (p.name === '_since') {
+        params.since.push(value);
+      } else if (p.name === '_type') {
+        params.types.push(...splitList([String(value ?? '')]));
+      } else if (p.name === '_typeFilter') {
+        params.typeFilters.push(...splitTypeFilters([String(value ?? '')]));
+      } else if (p.name === 'patient') {
+        const match = /(?:^|\/)Patient\/([A-Za-z0-9\-.]{1,64})$/.exec(p.valueReference?.reference ?? '');
+        if (!match) {
+          throw new HttpError(400, 'patient must be a valueReference to a Patient');
+        }
+        (params.patient ??= []).push(match[1]);
+      } else if (!lenient) {
+        throw new HttpError(400, `unsupported $export parameter ${p.name}`);
+      }
+    }
+    return params;
+  }
+
+  newJob(params, lenient) {
+    const [format, ...moreFormats] = params.outputFormat;
+    if (moreFormats.length || (format !== undefined && !OUTPUT_FORMATS.has(format))) {
+      const given = params.outputFormat.join(', ');
+      throw new HttpError(400, `unsupported _outputFormat ${given} (use application/fhir+ndjson)`);
+    }
+    let since = null;
+    if (params.since.length) {
+      since = Date.parse(params.since[0]);
+      if (params.since.length > 1 || !/^\d{4}-\d{2}-\d{2}T/.test(params.since[0]) || Number.isNaN(since)) {
+        throw new HttpError(400, `_since must be one FHIR instant (got ${params.since.join(', ')})`);
+      }
+    }
+    const unknown = params.types.filter((t) => !this.resourceTypes.has(t));
+    if (unknown.length && !lenient) {
+      throw new HttpError(400, `unknown resource type in _type: ${unknown.join(', ')}`);
+    }
+    const types = params.types.length ? [...new Set(params.types.filter((t) => this.resourceTypes.has(t)))] : null;
+    const id = randomUUID();
+    const job = {
+      id,
+      baseUrl: null,
+      request: null,
+      patients: null,
+      transactionTime: new Date().toISOString(),
+      requiresAccessToken: this.settings.requiresAccessToken,
+      types,
+      since,
+      filters: new Map(), // type -> [searchRequest]
+      unsearchable: new Map(), // type -> why its _typeFilter cannot be applied
+      dir: path.join(this.outputRoot(), id),
+      outputs: [],
+      errors: [],
+      errorLines: [],
+      polls: 0,
+      done: false,
+      failed: null,
+      deleted: false,
+      manifestServed: false,
+      fail: false,
+      expire: false,
+      errorFile: false,
+      work: Promise.resolve(),
+    };
+    if (params.typeFilters.length && !this.settings.typeFilter) {
+      if (!lenient) {
+        throw new HttpError(400, '_typeFilter is not supported by this server');
+      }
+    } else {
+      this.parseTypeFilters(job, params.typeFilters);
+    }
+    return job;
+  }
+
+  takeFault(name) {
+    if (this.faults[name] > 0) {
+      this.faults[name] -= 1;
+      return true;
+    }
+    return false;
+  }
+
+  parseTypeFilters(job, queries) {
+    for (const query of queries) {
+      const match = /^([A-Z][A-Za-z]+)\?(.*)$/.exec(query);
+      if (!match || !this.resourceTypes.has(match[1])) {
+        throw new HttpError(400, `_typeFilter ${JSON.stringify(query)} is not a [Type]?[query] search of a known type`);
+      }
+      const type = match[1];
+      if (job.types && !job.types.includes(type)) {
+        continue; // a filter on a type not exported changes nothing
+      }
+      try {
+        const searchRequest = parseSearchRequest(query);
+        const params = globalSchema.types[type]?.searchParams ?? {};
+        const unknown = (searchRequest.filters ?? []).filter((f) => !params[f.code]).map((f) => f.code);
+        if (unknown.length) {
+          throw new Error(`unknown search parameter ${unknown.join(', ')}`);
+        }
+        widenBareReferenceFilters(searchRequest);
+        job.filters.set(type, [...(job.filters.get(type) ?? []), searchRequest]);
+      } catch (err) {
+        const why = `_typeFilter ${query} cannot be applied (${err.message}): no ${type} resources were exported`;
+        job.unsearchable.set(type, why);
+      }
+    }
+  }
+
+  // Patient ids of the export: a Group's members, else null (every patient); `patient` narrows them.
+  async population(groupId, patients) {
+    let ids = null;
+    if (groupId) {
+      const group = this.source ? await this.sourceGroup(groupId) : this.repo.current.get('Group')?.get(groupId);
+      if (!group) {
+        throw new HttpError(404, `Group/${groupId} not found`);
+      }
+      ids = memberIds(group);
+    }
+    if (patients) {
+      ids = ids ? ids.filter((id) => patients.includes(id)) : [...new Set(patients)];
+    }
+    return ids;
+  }
+
+  async sourceGroup(groupId) {
+    const file = path.join(this.source, 'Group.ndjson');
+    if (!fs.existsSync(file)) {
+      return undefined;
+    }
+    for await (const line of ndjsonLines(file)) {
+      const group = JSON.parse(line);
+      if (group.id === groupId) {
+        return group;
+      }
+    }
+    return undefined;
+  }
+
+  outputRoot() {
+    this.workDir ??= fs.mkdtempSync(path.join(os.tmpdir(), 'fhir-test-server-bulk-'));
+    return this.workDir;
+  }
+
+  keep(job, resource) {
+    if (job.since !== null && !(Date.parse(resource.meta?.lastUpdated ?? '') > job.since)) {
+      return false;
+    }
+    const filters = job.filters.get(resource.resourceType);
+    return !filters || filters.some((f) => matchesSearchRequest(resource, f));
+  }
+
+  exportTypes(job, available) {
+    const types = job.types ?? ['Patient', ...[...available].filter((t) => t !== 'Patient').sort()];
+    for (const why of job.unsearchable.values()) {
+      job.errorLines.push(JSON.stringify(issueOutcome('error', 'not-supported', why)) + '\n');
+    }
+    return types.filter((t) => !job.unsearchable.has(t));
+  }
+
+  async exportRepository(job) {
+    const patients = job.patients ?? [...(this.repo.current.get('Patient')?.keys() ?? [])];
+    const available = new Set(['Patient']);
+    for (const id of patients) {
+      for (const type of this.repo.compartments.get(`Patient/${id}`)?.keys() ?? []) {
+        available.add(type);
+      }
+    }
+    // References to the stored objects, all taken before the first write: later writes replace them, so
+    // this is the store as of transactionTime.
+    const snapshot = this.exportTypes(job, available).map((type) => {
+      const resources = new Map();
+      for (const id of patients) {
+        const ids = type === 'Patient' ? [id] : this.repo.compartments.get(`Patient/${id}`)?.get(type) ?? [];
+        for (const rid of ids) {
+          const resource = this.repo.current.get(type)?.get(rid);
+          if (resource) {
+            resources.set(rid, resource);
+          }
+        }
+      }
+      return [type, resources.values()];
+    });
+    for (const [type, resources] of snapshot) {
+      const writer = new PartWriter(job.dir, type, this.settings.maxLinesPerFile);
+      for (const resource of resources) {
+        if (this.keep(job, resource)) {
+          await writer.add(JSON.stringify(resource) + '\n');
+        }
+      }
+      job.outputs.push(...(await writer.close()));
+    }
+  }
+
+  async exportDirectory(job) {
+    const source = this.source;
+    const available = new Set(Object.keys(this.describeSource().files).filter((t) => t !== 'Group'));
+    const members = job.patients ? new Set(job.patients) : null;
+    for (const type of this.exportTypes(job, available)) {
+      const file = path.join(source, `${type}.ndjson`);
+      if (!fs.existsSync(file)) {
+        continue;
+      }
+      const writer = new PartWriter(job.dir, type, this.settings.maxLinesPerFile);
+      const everything = !members && job.since === null && !job.filters.has(type);
+      for await (const line of ndjsonLines(file)) {
+        if (job.deleted) {
+          await writer.close();
+          return;
+        }
+        if (everything) {
+          await writer.add(line + '\n');
+          continue;
+        }
+        const resource = JSON.parse(line);
+        if ((!members || members.has(patientOf(resource))) && this.keep(job, resource)) {
+          await writer.add(line + '\n');
+        }
+      }
+      job.outputs.push(...(await writer.close()));
+    }
+  }
+
+  async finish(job) {
+    if (job.errorFile) {
+      const why = 'injected fault: some resources could not be exported';
+      job.errorLines.push(JSON.stringify(issueOutcome('error', 'processing', why)) + '\n');
+    }
+    if (job.errorLines.length) {
+      const name = 'OperationOutcome-1.ndjson';
+      await fs.promises.writeFile(path.join(job.dir, name), job.errorLines.join(''));
+      job.errors.push({ type: 'OperationOutcome', name, count: job.errorLines.length });
+    }
+    job.done = true;
+  }
+
+  // -- status, DELETE and files --------------------------------------------------------------
+
+  liveJob(id) {
+    const job = this.jobs.get(id);
+    if (!job || job.deleted) {
+      throw new HttpError(404, 'no such export (it may have been deleted)');
+    }
+    return job;
+  }
+
+  status(id, req, res) {
+    this.checkAuth(req, false);
+    const job = this.liveJob(id);
+    if (this.faults.status503 > 0) {
+      this.faults.status503 -= 1;
+      const outcome = issueOutcome('error', 'transient', 'service unavailable: try again later');
+      send(res, 503, outcome, retryAfterHeader(this.faults.status503RetryAfter));
+      return;
+    }
+    if (job.failed) {
+      send(res, 500, issueOutcome('fatal', 'exception', job.failed));
+      return;
+    }
+    if (job.polls < this.settings.inProgressPolls || !job.done) {
+      job.polls += 1;
+      const total = Math.max(this.settings.inProgressPolls, job.polls) + 1;
+      const headers = { 'X-Progress': `${Math.min(99, Math.round((100 * job.polls) / total))}% complete` };
+      res.writeHead(202, { ...headers, ...retryAfterHeader(this.settings.retryAfter), 'Content-Length': 0 });
+      res.end();
+      return;
+    }
+    if (job.fail) {
+      send(res, 500, issueOutcome('fatal', 'exception', 'export failed (injected fault)'));
+      return;
+    }
+    const fileUrl = (name) => `${job.baseUrl}/bulkfiles/${job.id}/${name}`;
+    const manifest = {
+      transactionTime: job.transactionTime,
+      request: job.request,
+      requiresAccessToken: job.requiresAccessToken,
+      output: job.outputs.map((f) => ({ type: f.type, url: fileUrl(f.name), count: f.count })),
+      error: job.errors.map((f) => ({ type: f.type, url: fileUrl(f.name), count: f.count })),
+    };
+    job.manifestServed = true;
+    const text = JSON.stringify(manifest);
+    res.writeHead(200, { 'Content-Type': MANIFEST_JSON, 'Content-Length': Buffer.byteLength(text) });
+    res.end(text);
+  }
+
+  async cancel(id, req, res) {
+    this.checkAuth(req, false);
+    const job = this.liveJob(id);
+    job.deleted = true;
+    await job.work;
+    await fs.promises.rm(job.dir, { recursive: true, force: true });
+    send(res, 202, issueOutcome('information', 'informational', 'export deleted'));
+  }
+
+  async dropJob(id) {
+    const job = this.jobs.get(id);
+    job.deleted = true;
+    await job.work;
+    await fs.promises.rm(job.dir, { recursive: true, force: true });
+    this.jobs.delete(id);
+  }
+
+  async file(id, name, req, res) {
+    const job = this.jobs.get(id);
+    if (!job || job.requiresAccessToken) {
+      this.checkAuth(req, true);
+    }
+    if (!job || job.deleted || !job.done) {
+      throw new HttpError(404, 'no such export file');
+    }
+    if (job.expire && job.manifestServed) {
+      throw new HttpError(this.settings.expiredStatus, 'this export file has expired: start a new export');
+    }
+    const entry = [...job.outputs, ...job.errors].find((f) => f.name === name);
+    if (!entry) {
+      throw new HttpError(404, 'no such export file');
+    }
+    const file = path.join(job.dir, name);
+    const size = (await fs.promises.stat(file)).size;
+    let start = 0;
+    let end = size - 1;
+    let status = 200;
+    const headers = { 'Content-Type': NDJSON, 'Accept-Ranges': 'bytes' };
+    const range = /^bytes=(\d+)-(\d*)$/.exec(String(req.headers.range ?? '').trim());
+    if (range) {
+      start = Number(range[1]);
+      end = range[2] ? Math.min(Number(range[2]), size - 1) : size - 1;
+      if (start >= size || end < start) {
+        res.writeHead(416, { 'Content-Range': `bytes */${size}`, 'Content-Length': 0 });
+        res.end();
+        return;
+      }
+      status = 206;
+      headers['Content-Range'] = `bytes ${start}-${end}/${size}`;
+    }
+    headers['Content-Length'] = end - start + 1;
+    res.writeHead(status, headers);
+    if (this.takeFault('fileCut')) {
+      // Part of the body, then the connection dropped: the client sees fewer bytes than Content-Length.
+      const length = Math.min(this.faults.fileCutBytes, end - start + 1);
+      const handle = await fs.promises.open(file);
+      const chunk = Buffer.alloc(length);
+      try {
+        await handle.read(chunk, 0, length, start);
+      } finally {
+        await handle.close();
+      }
+      res.write(chunk, () => res.destroy());
+      return;
+    }
+    if (size === 0) {
+      res.end();
+      return;
+    }
+    try {
+      await pipeline(fs.createReadStream(file, { start, end }), res);
+    } catch (err) {
+      if (err?.code !== 'ERR_STREAM_PREMATURE_CLOSE') {
+        throw err;
+      }
+      // the client went away mid-file: nothing to answer
+    }
+  }
+
+  cleanup() {
+    if (this.workDir) {
+      fs.rmSync(this.workDir, { recursive: true, force: true });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // HTTP
 
 function capabilityStatement(baseUrl, resourceTypes, startedAt) {
@@ -612,6 +1397,8 @@ function capabilityStatement(baseUrl, resourceTypes, startedAt) {
         operation: [
           { name: 'seed', definition: `${baseUrl}/OperationDefinition/seed` },
           { name: 'reset', definition: `${baseUrl}/OperationDefinition/reset` },
+          { name: 'export', definition: 'http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export' },
+          { name: 'export', definition: 'http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export' },
         ],
       },
     ],
@@ -694,6 +1481,8 @@ function main() {
   const { port, host } = parseArgs(process.argv.slice(2));
   const resourceTypes = loadDefinitions();
   const repo = new IndexedMemoryRepository();
+  const bulk = new BulkExports(repo, resourceTypes);
+  process.on('exit', () => bulk.cleanup());
   const router = new FhirRouter();
   const startedAt = new Date().toISOString();
   let boundBase = '';
@@ -710,8 +1499,18 @@ function main() {
     return boundBase;
   };
 
-  async function handle(req, res) {
-    const url = new URL(req.url ?? '/', 'http://placeholder');
+  async function handle(req, res, url) {
+    if (url.pathname.startsWith('/$bulk-')) {
+      const text = req.method === 'POST' ? await readBody(req) : '';
+      let body;
+      try {
+        body = text.trim() ? JSON.parse(text) : {};
+      } catch (err) {
+        throw new HttpError(400, `request body is not JSON: ${err.message}`);
+      }
+      await bulk.control(url.pathname.slice('/$bulk-'.length), req.method, body, res);
+      return;
+    }
     if (url.pathname !== BASE_PATH && !url.pathname.startsWith(BASE_PATH + '/')) {
       throw new HttpError(404, `no such path: ${url.pathname} (the FHIR base is ${BASE_PATH})`);
     }
@@ -738,6 +1537,9 @@ function main() {
       }
     }
 
+    if (await bulk.route(rel, method, req, res, body, baseUrl, url)) {
+      return;
+    }
     if (rel === 'metadata' && method === 'GET') {
       send(res, 200, capabilityStatement(baseUrl, resourceTypes, startedAt));
       return;
@@ -801,7 +1603,17 @@ function main() {
 
   const server = http.createServer((req, res) => {
     const started = performance.now();
-    handle(req, res)
+    const url = new URL(req.url ?? '/', 'http://placeholder');
+    if (!url.pathname.startsWith('/$bulk-')) {
+      // The status is logged as the head is written, so a client that reads the log next sees it.
+      const entry = bulk.record(req, url);
+      const writeHead = res.writeHead;
+      res.writeHead = (status, ...rest) => {
+        entry.status = status;
+        return writeHead.call(res, status, ...rest);
+      };
+    }
+    handle(req, res, url)
       .catch((err) => {
         let status;
         let body;
@@ -822,7 +1634,7 @@ function main() {
           process.stderr.write(`fhir-test-server: ${req.method} ${req.url} failed: ${err?.stack ?? err}\n`);
         }
         if (!res.headersSent) {
-          send(res, status, body);
+          send(res, status, body, err.headers ?? {});
         } else {
           res.destroy();
         }

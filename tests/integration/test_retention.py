@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
 from app import results, retention
+from app.batch import runs as batch_runs
 from app.clock import utc_now
 from app.config import load_config
 from app.jobs import ledger, presence
@@ -24,7 +25,13 @@ from tests.support.assertions import wait_for
 from tests.support.databases import postgres_database, postgres_unavailable
 
 PATIENT = "patient-Jane-Doe-123"  # stands for PHI in what is purged: it must never reach the log
-SETTINGS = {"JOB_RETENTION_S": 60, "DEAD_JOB_RETENTION_S": 3600, "RESULT_TTL_S": 60, "JOB_POLL_S": 0.05}
+SETTINGS = {
+    "JOB_RETENTION_S": 60,
+    "DEAD_JOB_RETENTION_S": 3600,
+    "RESULT_TTL_S": 60,
+    "BATCH_RETENTION_S": 600,
+    "JOB_POLL_S": 0.05,
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -47,7 +54,13 @@ def seed(app) -> dict[str, set[str]]:
     """Rows of every table in the retention table, some past their retention and some within; the ids of each."""
     engine = app.extensions["db"]
     now = utc_now()
-    old: dict[str, set[str]] = {"jobs": set(), "ai_results": set(), "smart_sessions": set(), "job_workers": set()}
+    old: dict[str, set[str]] = {
+        "jobs": set(),
+        "ai_results": set(),
+        "smart_sessions": set(),
+        "job_workers": set(),
+        "batch_runs": set(),
+    }
     kept: dict[str, set[str]] = {key: set() for key in old}
     for job_id, state, age, keep in [
         ("done-old", ledger.SUCCEEDED, 120, False),  # JOB_RETENTION_S is 60
@@ -102,6 +115,33 @@ def seed(app) -> dict[str, set[str]]:
             )
         old["job_workers"].add("host:1:gone")
         kept["job_workers"].add("host:2:recent")
+    batch_dir = Path(app.config["BATCH_DIR"])
+    for run_id, state, ended_ago, keep in [
+        ("run-0000000000000001", batch_runs.SUCCEEDED, 1200, False),  # BATCH_RETENTION_S is 600
+        ("run-0000000000000002", batch_runs.FAILED, 60, True),
+        ("run-0000000000000003", batch_runs.SCORING, None, True),  # still running, however old
+    ]:
+        batch_runs.create(
+            engine,
+            service="s",
+            client_iss="i",
+            fhir_server="f",
+            group_id=None,
+            since=None,
+            write_back=False,
+            run_id=run_id,
+            now=now - timedelta(seconds=3600),
+        )
+        finished = now - timedelta(seconds=ended_ago) if ended_ago else None
+        with engine.begin() as conn:
+            conn.execute(
+                batch_runs.batch_runs.update()
+                .where(batch_runs.batch_runs.c.id == run_id)
+                .values(state=state, finished_at=finished)
+            )
+        (batch_dir / run_id).mkdir(parents=True)
+        (batch_dir / run_id / "RiskAssessment.ndjson").write_text(PATIENT)
+        (kept if keep else old)["batch_runs"].add(run_id)
     return {"old": old, "kept": kept}
 
 
@@ -111,9 +151,12 @@ def ids(app) -> dict[str, set[str]]:
         "ai_results": results.ai_results.c.id,
         "smart_sessions": smart_sessions.c.id,
         "job_workers": presence.job_workers.c.id,
+        "batch_runs": batch_runs.batch_runs.c.id,
     }
     with app.extensions["db"].connect() as conn:
-        return {name: set(conn.execute(sa.select(column)).scalars()) for name, column in tables.items()}
+        found = {name: set(conn.execute(sa.select(column)).scalars()) for name, column in tables.items()}
+    found["batch_runs"] &= {p.name for p in Path(app.config["BATCH_DIR"]).glob("run-*")}  # row and outputs both
+    return found
 
 
 def test_a_running_worker_purges_what_is_past_retention_keeps_the_rest_and_says_so(app, caplog):
@@ -145,10 +188,12 @@ def test_a_running_worker_purges_what_is_past_retention_keeps_the_rest_and_says_
         "ai_results": 1,
         "smart_sessions": 1,
         "job_workers": 1,
+        "batch_runs": 1,
     }
     lines = [r.getMessage() for r in caplog.records if r.name == "app.retention"]
     assert sorted(lines) == [
         "retention: purged 1 ai_results past RESULT_TTL_S",
+        "retention: purged 1 batch_runs past BATCH_RETENTION_S",
         "retention: purged 1 dead_jobs past DEAD_JOB_RETENTION_S",
         "retention: purged 1 job_workers past 1 day",
         "retention: purged 1 smart_sessions past SMART_SESSION_TTL_S",
@@ -178,7 +223,7 @@ def test_a_backlog_goes_in_bounded_batches(app):
     with engine.begin() as conn:
         conn.execute(ledger.jobs.update().values(state=ledger.SUCCEEDED, updated_at=now - timedelta(hours=1)))
     finished = next(kept for kept in retention.TABLE if kept.what == "finished_jobs")
-    assert finished.purge(engine, finished.cutoff(app.config, now), 10, 0.0) == 10  # one batch when out of time
+    assert finished.purge(engine, finished.cutoff(app.config, now), 10, 0.0, app.config) == 10  # one batch, out of time
     assert retention.purge_all(engine, app.config, now=now) == 15
 
 

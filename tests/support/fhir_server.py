@@ -20,6 +20,42 @@ references to ``Type/id``, so a Synthea Patient keeps the id that ``pce_patients
 semantics) whatever their ``request.method``, except DELETE. With ``keep_ids=False`` the bundle goes
 to ``POST {base_url}`` like to any FHIR server: Medplum's own transaction/batch processing, which
 gives created resources new ids.
+
+Bulk Data export (FHIR Bulk Data Access 2.0, for the batch client's tests). The server answers
+``GET|POST {base_url}/Patient/$export`` and ``GET|POST {base_url}/Group/{id}/$export`` (``Prefer:
+respond-async`` and ``Accept: application/fhir+json`` required; ``_outputFormat``, ``_type``, ``_typeFilter``,
+``_since``; POST takes a Parameters resource, also ``patient``) with 202 and ``Content-Location:
+{base_url}/bulkstatus/{job}``. That status URL answers 202 (``Retry-After``, ``X-Progress``) for the first
+``inProgressPolls`` polls, then 200 with the manifest; ``DELETE`` on it answers 202, after which it and its files
+are 404. Files are ``{base_url}/bulkfiles/{job}/{Type}-{n}.ndjson`` (``application/fhir+ndjson``; ``Range:
+bytes=N-`` or ``bytes=N-M`` answers 206) and need ``Authorization: Bearer ...`` while the manifest says
+``requiresAccessToken``. The population is the repository's (Patients and the resources whose ``patient`` or
+``subject`` names them; a Group's ``member`` entities), exported at kick-off as a snapshot, so the number of 202
+polls is exact. With :meth:`FhirTestServer.bulk_source` it is a directory of NDJSON files instead (as
+``tests.support.population`` writes them: one ``{Type}.ndjson`` per type and ``Group.ndjson``), exported in the
+background: at least ``inProgressPolls`` polls answer 202, more while the export runs. Seeding 5,000 synthetic
+patients into the repository takes about 5 s (50,000: about 60 s); a directory export of 50,000 about 3-7 s.
+
+Test-only controls, outside the FHIR base (``{root_url}/$bulk-*``), each with a method here; names are given in
+snake_case and sent in the server's camelCase (``retry_after`` -> ``retryAfter``):
+
+- :meth:`bulk_configure` (``POST /$bulk-config``): ``retry_after`` (1 s; None: no header),
+  ``in_progress_polls`` (1), ``requires_access_token`` (True), ``access_token`` (None: any non-empty token),
+  ``require_auth`` (False: kick-off, status and DELETE need no token), ``max_lines_per_file`` (10000),
+  ``type_filter`` (True; False: ``_typeFilter`` is refused with 400, ignored under ``Prefer: handling=lenient``),
+  ``expired_status`` (410 or 404, for expired files).
+- :meth:`bulk_faults` (``POST /$bulk-faults``), counts that run down as the faults happen: ``kickoff_429`` (with
+  ``kickoff_429_retry_after``, 1 s, None: no header), ``status_503`` (with ``status_503_retry_after``; a 503 is
+  not an in-progress poll),
+  ``export_fail`` (the status answers 500 with a fatal OperationOutcome after its in-progress polls),
+  ``file_cut`` (the download closes after ``file_cut_bytes``, 64, bytes of the body), ``files_expire`` (the next
+  exports' files answer ``expired_status`` once their manifest was served; a new export works), ``error_file``
+  (the manifest lists an OperationOutcome error file). A ``_typeFilter`` the server cannot apply (an unknown
+  search parameter or a bad value) also gives an error file, and that type is not exported.
+- :meth:`bulk_log` (``GET /$bulk-log``): every request but the controls, oldest first, as ``{"method", "path",
+  "query", "time" (ms since the epoch, on arrival), "auth" (a bearer token was sent), "status" (set as the answer
+  starts)}``; the last 20,000 are kept.
+- :meth:`bulk_source`, :meth:`bulk_reset` (settings, faults, log, exports and source back to their defaults).
 """
 
 from __future__ import annotations
@@ -324,3 +360,47 @@ class FhirTestServer:
         """Empty the store (``POST {base_url}/$reset``)."""
         response = self.session.post(f"{self.base_url}/$reset", timeout=self.request_timeout)
         self._check(response, "POST $reset")
+
+    # -- Bulk Data export controls (test-only; see the module docstring) -----------------------
+
+    @property
+    def root_url(self) -> str:
+        """``http://127.0.0.1:PORT``: where the ``/$bulk-*`` controls are."""
+        return self.base_url.removesuffix("/fhir/R4")
+
+    def _control(self, method: str, name: str, body: Any = None) -> Any:
+        response = self.session.request(
+            method, f"{self.root_url}/$bulk-{name}", json=body, timeout=self.request_timeout
+        )
+        return self._check(response, f"{method} /$bulk-{name}")
+
+    def bulk_configure(self, **settings: Any) -> dict[str, Any]:
+        """Change export settings (snake_case names, see the module docstring); return all of them (camelCase)."""
+        return self._control("POST", "config", {_camel(k): v for k, v in settings.items()})
+
+    def bulk_faults(self, **faults: Any) -> dict[str, Any]:
+        """Arm faults (snake_case names, see the module docstring); return what remains of every fault."""
+        return self._control("POST", "faults", {_camel(k): v for k, v in faults.items()})
+
+    def bulk_log(self) -> list[dict[str, Any]]:
+        """The requests the server received (controls excluded), oldest first."""
+        return self._control("GET", "log")
+
+    def bulk_clear_log(self) -> None:
+        self._control("DELETE", "log")
+
+    def bulk_source(self, directory: str | os.PathLike[str] | None) -> dict[str, Any]:
+        """Export the population in ``directory`` (``{Type}.ndjson`` files and ``Group.ndjson``) instead of the
+        repository's; None goes back to the repository. Returns ``{"directory", "files": {type: bytes}}``."""
+        path = None if directory is None else str(Path(directory).resolve())
+        return self._control("POST", "source", {"directory": path})
+
+    def bulk_reset(self) -> None:
+        """Default settings, no faults, an empty log, no exports (their files deleted), the repository as source."""
+        self._control("POST", "reset")
+
+
+def _camel(name: str) -> str:
+    """``status_503_retry_after`` -> ``status503RetryAfter``: the server's spelling of a setting or fault."""
+    first, *rest = name.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)

@@ -101,6 +101,8 @@ def test_the_rules_watch_what_an_operator_must_hear_about():
         "gateway_jobs_oldest_queued_age_seconds",
         "gateway_breaker_state",
         "gateway_hook_seconds_bucket",
+        "gateway_batch_runs",
+        "gateway_batch_runs_paused",
     } <= watched
 
 
@@ -222,6 +224,21 @@ PROMTOOL_CASES = [
             for le in _BUCKETS
         ],
         [("GatewayHookLatencyOverBudget", "18m", [{"severity": "warning", "service": "s"}])],
+    ),
+    (
+        "a batch run fails",
+        _replicas('gateway_batch_runs{state="failed"}', "0x40 1x20"),
+        [("GatewayBatchRunFailed", "45m", [{"severity": "warning"}]), ("GatewayBatchRunFailed", "75m", [])],
+    ),
+    (
+        "failed runs from long ago, none new",
+        _replicas('gateway_batch_runs{state="failed"}', "2x80"),
+        [("GatewayBatchRunFailed", "70m", [])],
+    ),
+    (
+        "a batch run waits for its model",
+        _replicas("gateway_batch_runs_paused{}", "1x40"),
+        [("GatewayBatchRunPaused", "35m", [{"severity": "warning"}]), ("GatewayBatchRunPaused", "20m", [])],
     ),
     (
         "hooks take under 0.1 s",
