@@ -44,6 +44,11 @@ def app_clock(app) -> Clock:
     return app.extensions.get("clock") or SYSTEM_CLOCK
 
 
+def wall_time(clock: Clock) -> datetime:
+    """The clock's wall time as an aware UTC datetime (what the tables keep)."""
+    return datetime.fromtimestamp(clock.now(), UTC)
+
+
 def as_utc(moment: datetime) -> datetime:
     """``moment`` in UTC; a naive ``moment`` is taken to be UTC already (never the host's local time)."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -42,6 +42,7 @@ from app.batch.report import render_report
 from app.batch.writeback import write_back_bucket
 from app.cds.clients import trusted_clients
 from app.cds.service import get_service, services
+from app.clock import app_clock, wall_time
 from app.jobs.registry import JobContext, PermanentFailure, Snooze, job_handler, submit
 from app.jobs.retry import ExponentialBackoff, RetryPolicy
 from app.logs import describe
@@ -56,6 +57,7 @@ PRIORITY = 10  # after every clinical job that is due
 PART_RETRY = RetryPolicy(max_attempts=8, backoff=ExponentialBackoff(base=5, cap=600))
 MAX_EXPORTS = 3  # kick-offs per run: a new export when the files expired before they were all fetched
 SPLIT_WAIT_S = 5.0
+BUSY_WAIT_S = 2.0  # the batch bulkhead is full (more worker threads than BATCH_AI_MAX_IN_FLIGHT): soon again
 
 RUNS = Counter("gateway_batch_runs_total", "Batch runs that ended, by service and state", ["service", "state"])
 PARTS = Counter("gateway_batch_parts_total", "Batch part runs, by stage and outcome", ["stage", "outcome"])
@@ -137,7 +139,15 @@ def cancel(app: Flask, run_id: str) -> bool:
             log.warning("batch %s: could not delete the export: %s", run_id, describe(exc))
     RUNS.labels(run.service, runs.CANCELLED).inc()
     audit(app).record("batch", action="cancel", run=run_id, service=run.service)
+    drop_intermediates(run_dir(app, run_id))
     return True
+
+
+def drop_intermediates(directory: Path) -> None:
+    """Delete a run's export, splits and parts: PHI that its outputs (or its end) make useless. A part still
+    running fails its rename and finds the run ended when it tries again."""
+    for intermediate in ("export", "split", "parts"):
+        shutil.rmtree(directory / intermediate, ignore_errors=True)
 
 
 def _batchable():
@@ -175,6 +185,7 @@ def _failing(ctx: JobContext, run: runs.Run, exc: BaseException) -> None:
             RUNS.labels(run.service, runs.FAILED).inc()
             audit(ctx.app).record("batch", action="failed", run=run.id, service=run.service, error=why[:200])
             _emit_completed(ctx.app, runs.get(ctx.engine, run.id))
+            drop_intermediates(run_dir(ctx.app, run.id))
 
 
 def _stage(fn):
@@ -279,8 +290,7 @@ def _short_issue(issue: Any) -> str:
 def _await_export(ctx: JobContext, run: runs.Run, client: BulkDataClient) -> None:
     """Kick the export off when it has no status URL yet, else poll it; raise Snooze until it is complete."""
     engine = ctx.engine
-    started = datetime.fromisoformat(run.times.get("created", datetime.now(UTC).isoformat()))
-    if (datetime.now(UTC) - started).total_seconds() > ctx.app.config["BATCH_EXPORT_TIMEOUT_S"]:
+    if (wall_time(app_clock(ctx.app)) - run.created_at).total_seconds() > ctx.app.config["BATCH_EXPORT_TIMEOUT_S"]:
         raise PermanentFailure("the export did not complete within BATCH_EXPORT_TIMEOUT_S")
     if run.status_url is None:
         service = get_service(run.service)
@@ -407,7 +417,8 @@ def score_stage(ctx: JobContext, run: runs.Run) -> dict[str, Any]:
     except ModelUnavailable as exc:
         note = f"paused: model unavailable ({exc.reason})"
         runs.update(engine, run.id, note=note)
-        raise Snooze(float(app.config["BREAKER_OPEN_SECONDS"]), note) from None
+        wait = BUSY_WAIT_S if exc.reason == "overloaded" else float(app.config["BREAKER_OPEN_SECONDS"])
+        raise Snooze(wait, note) from None
     if summary is not None:
         PATIENTS.labels(run.service, "scored").inc(summary.scored)
         PATIENTS.labels(run.service, "not scored").inc(summary.not_scored)
@@ -449,8 +460,7 @@ def finish_stage(ctx: JobContext, run: runs.Run) -> dict[str, Any]:
         counts = summary["counts"]
         audit(app).record("batch", action="succeeded", run=run.id, service=run.service, **counts)
         _emit_completed(app, runs.get(engine, run.id))
-    for intermediate in ("export", "split", "parts"):  # PHI kept no longer than needed: the outputs hold it all
-        shutil.rmtree(directory / intermediate, ignore_errors=True)
+    drop_intermediates(directory)  # PHI kept no longer than needed: the outputs hold it all
     return summary["counts"]
 
 

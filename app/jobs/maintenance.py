@@ -8,12 +8,12 @@ What is purged and when is declared once, in ``app.retention.TABLE``.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from flask import Flask
 
 from app import retention
-from app.clock import Clock, app_clock
+from app.clock import Clock, app_clock, wall_time
 from app.jobs import ledger
 from app.logs import describe
 
@@ -56,7 +56,7 @@ class Maintenance:
         return retention.purge_all(self.engine, self.config, now=self._now())
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.now(), UTC)
+        return wall_time(self.clock)
 
     def _step(self, name: str, step) -> None:
         try:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask
 
 from app.audit import audit
-from app.clock import app_clock
+from app.clock import app_clock, wall_time
 from app.jobs import ledger
 from app.jobs.retry import DEFAULT_POLICY, RetryPolicy
 
@@ -146,7 +146,7 @@ def submit(
     declared = job_kind(kind)
     if declared is None:
         raise ValueError(f"no handler is registered for job kind {kind!r}")
-    now = datetime.fromtimestamp(app_clock(app).now(), UTC)
+    now = wall_time(app_clock(app))
     return ledger.enqueue(
         app.extensions["db"],
         job_id,

@@ -15,12 +15,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 from flask import Flask
 
-from app.clock import Clock, app_clock
+from app.clock import Clock, app_clock, wall_time
 from app.jobs import ledger, monitor
 from app.jobs.maintenance import Maintenance
 from app.jobs.presence import Presence
@@ -190,7 +190,7 @@ class Worker:
 
     def _now(self) -> datetime:
         """The worker's clock as the ledger keeps time (UTC); read at each write, as the ledger would itself."""
-        return datetime.fromtimestamp(self.clock.now(), UTC)
+        return wall_time(self.clock)
 
     def _write_outcome(self, job: ledger.Job, write):
         """Write a job's outcome, retrying through database hiccups for as long as the lease lasts: giving up

@@ -18,14 +18,14 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
-from app.clock import SYSTEM_CLOCK, Clock, utc_now
+from app.clock import SYSTEM_CLOCK, Clock, utc_now, wall_time
 from app.db import UTCDateTime, metadata
 
 KEY_FILE = "smart-sessions.fernet"
@@ -94,7 +94,7 @@ class SessionStore:
         self.clock = clock
 
     def _now(self, now: datetime | None) -> datetime:
-        return utc_now(now) if now is not None else datetime.fromtimestamp(self.clock.now(), UTC)
+        return utc_now(now) if now is not None else wall_time(self.clock)
 
     def _seal(self, state: dict[str, Any]) -> str:
         return self.fernet.encrypt(json.dumps(state, separators=(",", ":")).encode("utf-8")).decode("ascii")

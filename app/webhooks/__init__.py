@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from flask import Flask
 
-from app.clock import app_clock
+from app.clock import app_clock, wall_time
 from app.jobs.monitor import DLQ_ALERT_EVENT, on_dead_letter_alert
 from app.jobs.registry import submit
 from app.webhooks.cli import init_webhooks_cli
@@ -58,7 +58,7 @@ def emit(
     payload (ids and a URL, never PHI); ``full_data`` is merged in for endpoints configured with
     ``"payload": "full"``. ``expires_in`` (seconds) stops deliveries that have become clinically stale.
     Returns how many deliveries were newly enqueued (0 for an event emitted before)."""
-    now = datetime.fromtimestamp(app_clock(app).now(), UTC)
+    now = wall_time(app_clock(app))
     bodies = {
         "thin": event_body(event_type, data, now),
         "full": event_body(event_type, {**data, **(full_data or {})}, now),
