@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 Indicator = Literal["info", "warning", "critical"]
+SUMMARY_LIMIT = 140  # characters; a card's summary must be shorter (R-16)
 
 
 def new_uuid() -> str:
@@ -92,7 +93,7 @@ class Card(_Serialisable):
     def __post_init__(self) -> None:
         if not self.summary.strip():
             raise ValueError("card summary is required (R-16)")
-        if len(self.summary) >= 140:
+        if len(self.summary) >= SUMMARY_LIMIT:
             raise ValueError("card summary must be shorter than 140 characters (R-16)")
         if self.suggestions and self.selectionBehavior is None:
             raise ValueError("selectionBehavior is required when a card has suggestions (R-21)")
@@ -105,6 +106,20 @@ class Card(_Serialisable):
         for link in self.links:
             if link.appContext is not None and link.type != "smart":
                 raise ValueError("appContext is allowed only on smart links (R-24)")
+
+
+def fit_summary(prefix: str, text: str, suffix: str = "") -> str:
+    """``prefix + text + suffix`` as a card summary: ``text`` is cut, with an ellipsis, so the whole fits (R-16)."""
+    room = SUMMARY_LIMIT - 1 - len(prefix) - len(suffix)
+    return prefix + (text if len(text) <= room else text[: room - 1] + "…") + suffix
+
+
+def with_link(cards: list[Card], link: Link | None) -> list[Card]:
+    """``cards``, each with ``link`` added (such as the explanation page's, which may be None: then unchanged)."""
+    if link is not None:
+        for card in cards:
+            card.links.append(link)
+    return cards
 
 
 def cards_response(cards: list[Card], system_actions: list[Action] | None = None) -> dict[str, Any]:

@@ -6,7 +6,9 @@ page (banner, title, sign-out form) and knows no service. Templates are Jinja2 (
 ``templates/`` folder next to a service's module), rendered through module-level environments (autoescape on,
 StrictUndefined), so pages render the same inside or outside a Flask request. Live data comes only through
 ``LaunchContext.fhir_get`` (the launch's own token), and only when the granted scopes allow it (S-6); a refused or
-failed FHIR call becomes a sentence on the page, never an error.
+failed FHIR call becomes a sentence on the page, never an error. A service's view starts from ``result_view``,
+which reads the layout ``app.cds.inputs`` stores (inputs with values recorded since the card, what was missing, the
+model, the fallback's reason in words), and adds its own parts.
 """
 
 from __future__ import annotations
@@ -238,6 +240,75 @@ def when(value: Any) -> str:
     offset = moment.strftime("%z")
     zone = "UTC" if offset in ("+0000", "") else f"UTC{offset[:3]}:{offset[3:]}"
     return f"{moment:%Y-%m-%d %H:%M} {zone}"
+
+
+def dated(items: Any) -> list[dict[str, Any]]:
+    """The dicts of a stored list, each with ``when``: its ``date`` made readable (see ``when``)."""
+    return [{**item, "when": when(item.get("date"))} for item in items or () if isinstance(item, dict)]
+
+
+def section(data: Any, name: str) -> dict[str, Any]:
+    """A dict member of stored data (``model``, ``guideline``...), {} when absent or not a dict."""
+    value = data.get(name) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+# The fallback reasons the framework gives (app.ai.reason_text), as the end of "unavailable because ...".
+FALLBACK_WHY = {
+    "timed out": "the model did not answer in time",
+    "unavailable": "the model could not be reached",
+    "overloaded": "the model was busy with other requests",
+    "not applicable": "the model did not accept these inputs",
+}
+
+
+def fallback_why(reason: Any) -> str:
+    """Why a fallback card was given, to end "The AI result was unavailable because ...", from its stored reason."""
+    if not isinstance(reason, str) or not reason.strip():
+        return "of a problem with the model"
+    return FALLBACK_WHY.get(reason.strip(), f"of a problem with the model ({reason.strip()})")
+
+
+def live_check(result: StoredResult, context: LaunchContext) -> dict[str, Any]:
+    """Values recorded since the card (``newer_values``, with the launch's token) as ``found``, and ``status``:
+    ``checked``, ``skipped`` (the result lists no codes to look for) or ``unavailable`` (``message`` says why)."""
+    data = result.data if isinstance(result.data, dict) else {}
+    checkable = any(isinstance(v, list) and v for v in (data.get("loinc") or {}).values())
+    try:
+        return {"status": "checked" if checkable else "skipped", "message": "", "found": newer_values(result, context)}
+    except LiveCheckUnavailable as exc:
+        return {"status": "unavailable", "message": exc.message, "found": []}
+
+
+def result_view(result: StoredResult, context: LaunchContext) -> dict[str, Any]:
+    """What any explanation page of a result stored in the common layout shows (see ``app.cds.inputs``).
+
+    ``made_at`` (readable), ``record_read``, ``fallback`` and ``fallback_why``; the stored ``inputs``, dated, each
+    with the values recorded since the card (``newer``); ``missing`` and ``notes``; the ``live`` check itself (see
+    ``live_check``) and ``newer_other``, newer values for inputs the card did not list; and the model's
+    ``model_name``, ``model_version`` and ``model_notes``. A service adds its own parts to these.
+    """
+    data = result.data if isinstance(result.data, dict) else {}
+    live = live_check(result, context)
+    newer: dict[str, list[NewerValue]] = {}
+    for value in live["found"]:
+        newer.setdefault(value.input, []).append(value)
+    inputs = [{**item, "newer": newer.pop(item.get("name"), [])} for item in dated(data.get("inputs"))]
+    model = section(data, "model")
+    return {
+        "made_at": when(card_time(result)),
+        "record_read": data.get("record_read", True),
+        "fallback": bool(data.get("fallback")),
+        "fallback_why": fallback_why(data.get("fallback_reason")),
+        "inputs": inputs,
+        "missing": [m for m in data.get("missing") or () if isinstance(m, dict)],
+        "notes": [str(n) for n in data.get("notes") or ()],
+        "live": live,
+        "newer_other": [v for values in newer.values() for v in values],
+        "model_name": model.get("name") or "unknown",
+        "model_version": model.get("version"),
+        "model_notes": [str(n) for n in model.get("notes") or ()],
+    }
 
 
 def _name(patient: dict) -> str:
