@@ -42,12 +42,13 @@ def _concatenate(target: Path, sources: Iterable[Path]) -> None:
 
 
 def _worklist(target: Path, sources: Iterable[Path]) -> None:
-    """One CSV, with a header, sorted by risk (highest first), then patient id."""
+    """One CSV, with a header: patients proposed treatment whatever their risk first (no risk shown), then by risk,
+    highest first; patient id within each."""
     rows: list[list[str]] = []
     for source in sources:
         with open(source, newline="") as handle:
             rows.extend(csv.reader(handle))
-    rows.sort(key=lambda row: (-float(row[1]), row[0]))
+    rows.sort(key=lambda row: (-float(row[1]) if row[1] else float("-inf"), row[0]))
     temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}"
     with open_private(temporary, "w") as handle:
         writer = csv.writer(handle, lineterminator="\n")

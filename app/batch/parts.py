@@ -329,6 +329,7 @@ class BucketSummary:
         if isinstance(outcome, NotScored):
             self.not_scored += 1
             self.reasons[outcome.reason] = self.reasons.get(outcome.reason, 0) + 1
+            self.worklist += 1 if outcome.action else 0
             return
         self.scored += 1
         self.by_category[outcome.category] = self.by_category.get(outcome.category, 0) + 1
@@ -452,6 +453,9 @@ def score_bucket(
         summary.add(outcome)
         if isinstance(outcome, NotScored):
             outcomes.append(orjson.dumps(not_scored_outcome(patient_id, outcome, population)))
+            if outcome.action:  # no risk, and a proposal all the same: the group calls for treatment whatever the risk
+                group = population.reasons.get(outcome.reason, outcome.reason)
+                worklist.append((patient_id, "", group, outcome.action))
             continue
         assessments.append(orjson.dumps(risk_assessment(identity, patient_id, outcome, population, occurrence)))
         if outcome.action:

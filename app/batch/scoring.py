@@ -51,10 +51,13 @@ class Scored:
 
 @dataclass(frozen=True)
 class NotScored:
-    """A patient not scored: ``reason`` a short stable code (counted in the report), ``message`` for people."""
+    """A patient not scored: ``reason`` a short stable code (counted in the report), ``message`` for people;
+    ``action`` what the service proposes all the same (a statin for clinical ASCVD needs no risk estimate), which
+    puts the patient on the worklist."""
 
     reason: str
     message: str
+    action: str | None = None
 
 
 Outcome = Scored | NotScored

@@ -12,6 +12,7 @@ Usage: ``inputs.read_observations(READINGS, record, years_before(today, 2), call
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -45,11 +46,13 @@ class Finding:
 
 @dataclass(frozen=True)
 class Problem:
-    """Why an input is missing or unusable; a blocking problem prevents the model's result."""
+    """Why an input is missing or unusable; a blocking problem prevents the model's result. ``message`` names no
+    record id (cards show it); ``source`` is the record it is about ("Type/id"), for the explanation page only."""
 
     input: str
     message: str
     blocking: bool = True
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,14 @@ class Inputs:
         picked from them, since which one is right cannot be told (and bundle order means nothing).
         """
         label, latest = reading.codes.name, record.latest(reading.codes, reading.read)
-        skipped = [f"{s.ref} ({s.day.isoformat() if s.day else 'undated'}): {s.reason}" for s in latest.skipped]
+        skipped = [(f"({s.day.isoformat() if s.day else 'undated'}): {s.reason}", s.ref) for s in latest.skipped]
         found = latest.reading
         if found is None:
-            message = f"{label} not usable: {skipped[0]}" if skipped else f"no {label} in the record"
-            self.problems.append(Problem(reading.name, message))
+            if skipped:
+                why, source = skipped[0]
+                self.problems.append(Problem(reading.name, f"{label} not usable {why}", source=source))
+            else:
+                self.problems.append(Problem(reading.name, f"no {label} in the record"))
             return
         if reading.unit:  # quantities agree when they agree to the decimal shown
             values = latest.conflicting(lambda r: round(r.value, 1))
@@ -135,8 +141,8 @@ class Inputs:
         self.findings[reading.name] = Finding(
             found.value, reading.unit, found.day, found.ref, found.text, found.note, old
         )
-        for reason in skipped:
-            self.problems.append(Problem(reading.name, f"a newer {label} was not used, {reason}", False))
+        for why, source in skipped:
+            self.problems.append(Problem(reading.name, f"a newer {label} was not used {why}", False, source))
 
     def read_observations(
         self, readings: Iterable[ObservedInput], record: Record, old_before: date, unavailable: Iterable[str] = ()
@@ -215,6 +221,34 @@ def problem_bullets(problems: Iterable[Problem]) -> list[str]:
     return [f"- {escape_markdown(p.message)}" for p in problems]
 
 
+_INLINE = str.maketrans({c: "\\" + c for c in "\\`*_|~"} | {"<": "&lt;", ">": "&gt;", "&": "&amp;"})
+# A bracket makes a link or image only when followed by (url), [label] or :url (CommonMark 6.3, 4.7).
+_LINK_CLOSE = re.compile(r"\](?=[(\[:])")
+# What makes a line a heading, a list item or a rule where it starts (CommonMark 4.1, 4.2, 5.2, 5.3).
+_BLOCK_START = re.compile(r"^(?:#{1,6}(?=\s|$)|[+-](?=\s|$)|-{3,}\s*$|\d{1,9}(?=[.)](?:\s|$)))")
+
+
+def inline_markdown(text: Any) -> str:
+    """Record text for one Markdown line or table cell, on one line: raw HTML, links, images, emphasis, code,
+    strikethrough and cell breaks neutralised (R-19) with as few backslashes as possible, so that what CommonMark
+    would show anyway (parentheses, a bracketed brand name, ``#`` or ``+`` inside a line) is left as written and
+    shows no stray escapes in renderers that do not read them."""
+    out = _LINK_CLOSE.sub(r"\\]", " ".join(str(text).split()).translate(_INLINE))
+    found = _BLOCK_START.match(out)
+    if found:  # a heading, list or rule marker where a line starts
+        out = out[: found.end()] + "\\" + out[found.end() :] if found.group()[0].isdigit() else "\\" + out
+    return out
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table, every cell passed through ``inline_markdown``; an empty cell is kept."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(inline_markdown(c) for c in cells) + " |"
+
+    return [line(header), "| " + " | ".join("---" for _ in header) + " |", *(line(r) for r in rows)]
+
+
 def problem_notes(problems: Iterable[Problem]) -> list[str]:
     """Problems as Markdown paragraphs starting "Note:"."""
     return [f"\nNote: {escape_markdown(p.message)}" for p in problems]
@@ -290,9 +324,11 @@ class InputDisplay:
         return {
             "inputs": [self.entry(name, inputs.findings[name]) for name in self.labels if name in inputs.findings],
             "missing": [
-                {"input": p.input, "label": self.labels.get(p.input, p.input), "message": p.message} for p in blocking
+                {"input": p.input, "label": self.labels.get(p.input, p.input), "message": p.message}
+                | ({"source": p.source} if p.source else {})
+                for p in blocking
             ],
-            "notes": [p.message for p in inputs.notes],
+            "notes": [f"{p.message} ({p.source})" if p.source else p.message for p in inputs.notes],
         }
 
     def codes(self) -> dict[str, Any]:

@@ -11,8 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.cds.cards import Action, Suggestion
+from app.cds.cards import Action, Coding, Suggestion
 from app.fhir.codes import RXNORM, SNOMED, UCUM
+
+# Why a clinician declines a proposal (CDS Hooks 2.0 card.overrideReasons, R-23): one small code set for the
+# product, so that feedback (app.cds.feedback stores overrideReason.reason) can be counted across services.
+OVERRIDE_REASON_SYSTEM = "urn:clinical-ai-gateway:cds:override-reason"
+OVERRIDE_REASONS = (
+    ("patient-declines", "Patient declines"),
+    ("intolerance-or-contraindication", "Intolerance or contraindication"),
+    ("treated-elsewhere", "Already treated elsewhere"),
+    ("not-appropriate-now", "Not appropriate now"),
+    ("other", "Other"),
+)
+
+
+def override_reasons() -> list[Coding]:
+    """The product's override reasons as Codings with system, code and display, for a card with a suggestion."""
+    return [Coding(system=OVERRIDE_REASON_SYSTEM, code=code, display=display) for code, display in OVERRIDE_REASONS]
 
 
 @dataclass(frozen=True)

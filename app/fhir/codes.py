@@ -151,7 +151,8 @@ def classify(concept: Any, classes: Sequence[DrugClass]) -> DrugClass | None:
 # and 85354-9; smoking status.
 TOTAL_CHOLESTEROL = CodeSet.of("total cholesterol", LOINC, ("2093-3", "14647-2"))
 HDL = CodeSet.of("HDL cholesterol", LOINC, ("2085-9", "14646-4"))
-LDL = CodeSet.of("LDL cholesterol", LOINC, ("2089-1", "13457-7", "18262-6", "22748-8"))
+# LDL cholesterol measured (2089-1, 18262-6 direct assay), calculated (13457-7), or in mmol/L (22748-8).
+LDL = CodeSet.of("LDL cholesterol", LOINC, ("13457-7", "18262-6", "2089-1", "22748-8"))
 SYSTOLIC_BP = CodeSet.of("systolic blood pressure", LOINC, ("8480-6",))
 BP_PANEL = CodeSet.of("blood pressure panel", LOINC, ("55284-4", "85354-9"))
 SMOKING_STATUS = CodeSet.of("smoking status", LOINC, ("72166-2",))
@@ -231,6 +232,7 @@ STATIN = DrugClass(
             "312961",  # simvastatin 20 MG Oral Tablet
             "316672",  # simvastatin 10 MG (displayed "Simvistatin 10 MG" in Synthea)
             "617310",  # atorvastatin 20 MG Oral Tablet
+            "617311",  # atorvastatin 40 MG Oral Tablet
         ),
     ),
     _names(
@@ -240,10 +242,19 @@ STATIN = DrugClass(
 )
 
 _NOT_SYSTEMIC = ("ophthalmic", "otic", "topical", "shampoo", "foam")
+# Dose forms given only in hospital (a furosemide injection, IV labetalol): acute treatment, not the chronic
+# blood-pressure treatment the risk equations ask about.
+PARENTERAL_FORMS = ("injection", "injectable", "injector", "syringe", "cartridge", "infusion", "intravenous")
+# Routes of administration that make an order parenteral (SNOMED CT): intravenous, intramuscular, subcutaneous.
+PARENTERAL_ROUTE = CodeSet.of("parenteral route", SNOMED, ("47625008", "78421000", "34206005"))
+PARENTERAL_ROUTE_WORDS = ("intravenous", "intramuscular", "subcutaneous")
+# MedicationRequest.category for orders given or consumed in hospital.
+MEDICATION_REQUEST_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
+INPATIENT = "inpatient"
 
 
 def _bp_class(name: str, names: str, codes: Iterable[str] = ()) -> DrugClass:
-    return DrugClass(name, _rxnorm(name, codes), _names(names), _NOT_SYSTEMIC)
+    return DrugClass(name, _rxnorm(name, codes), _names(names), _NOT_SYSTEMIC + PARENTERAL_FORMS)
 
 
 # Blood-pressure-lowering drugs by class: RxNorm codes, ingredient names and a few common brand names.
@@ -256,7 +267,7 @@ BP_LOWERING = (
     _bp_class(
         "loop diuretic",
         "furosemide bumetanide torsemide ethacrynic lasix",
-        ("4603", "315971", "1719286"),  # furosemide, Lasix 40mg (Synthea), furosemide 10 MG/ML Injection
+        ("4603", "315971"),  # furosemide, Lasix 40mg (Synthea); never an injection (PARENTERAL_FORMS)
     ),
     _bp_class("potassium-sparing diuretic", "spironolactone eplerenone amiloride triamterene aldactone"),
     _bp_class(

@@ -109,7 +109,11 @@ def fake_fhir():
 def test_the_risk_card_links_to_the_app_with_an_opaque_id_that_loads_the_stored_result(app, signing_key, hook_body):
     card = call_hook(app, signing_key, hook_body)
     labels = [link["label"] for link in card["links"]]
-    assert labels == ["ACC/AHA ASCVD Risk Estimator Plus", "Explain this result: inputs, dates, model"]
+    assert labels == [
+        "ACC/AHA ASCVD Risk Estimator Plus",
+        "2018 AHA/ACC cholesterol guideline",
+        "Explain this result: inputs, dates, model",
+    ]
     link = smart_link(card)
     assert link["url"] == PUBLIC_BASE_URL + "/smart/launch"
     assert re.fullmatch(ID_PATTERN, link["appContext"])
@@ -160,7 +164,7 @@ def test_when_the_result_cannot_be_stored_the_card_still_comes_without_the_link(
     monkeypatch.setattr(app.extensions["results_writer"], "submit", broken)
     card = call_hook(app, signing_key, hook_body)
     assert card["summary"].startswith("10-year ASCVD risk")
-    assert [link.get("type", "absolute") for link in card["links"]] == ["absolute"]
+    assert [link.get("type", "absolute") for link in card["links"]] == ["absolute", "absolute"]
     assert "RuntimeError" in caplog.text and "gw-test-patient-1" not in caplog.text
 
 
@@ -181,6 +185,45 @@ def test_the_risk_page_shows_the_number_inputs_dates_model_and_guideline(app, si
     assert "The AI result was unavailable" not in text
     # the EHR granted Patient only: the page says that newer values could not be checked, and why
     assert "did not grant this app access to the patient's observations" in text
+    # the statin benefit group, its advice and where the guideline says so
+    assert "Statin benefit group: primary prevention at 40-75" in text
+    assert "a moderate-intensity statin, to lower LDL-C by 30-49 %" in text
+    assert f'<a href="{result.data["cholesterol_guideline"]["url"]}">2018 AHA/ACC cholesterol guideline</a>' in page
+    assert "LDL cholesterol 131 mg/dL measured 2026-06-02" in text
+
+
+def test_with_clinical_ascvd_the_page_says_why_there_is_no_risk_and_what_the_group_calls_for(
+    app, signing_key, hook_body
+):
+    body = copy.deepcopy(hook_body)
+    body["prefetch"]["conditions"]["entry"][0]["resource"]["code"] = {
+        "coding": [{"system": "http://snomed.info/sct", "code": "22298006"}],
+        "text": "Myocardial infarction",
+    }
+    card = call_hook(app, signing_key, body)
+    assert card["summary"] == "Clinical ASCVD on record: high-intensity statin recommended"
+    result = stored(app, card)
+    text = text_of(render_result(result, context(body), csrf_token="c"))
+    assert (
+        "No risk was estimated: clinical ASCVD is on record, and the equations estimate the risk of a first event"
+        in text
+    )
+    assert "Statin benefit group: clinical ASCVD" in text and "a high-intensity statin" in text
+    assert "Clinical ASCVD on record: Myocardial infarction, since 2019-05-01" in text
+    assert "Values found in the record" in text and "Inputs used" not in text
+    assert "Version not run: no risk estimate is needed" in text and "To check or adjust the estimate" not in text
+
+
+@pytest.mark.parametrize(("setting", "years"), [({}, 2), ({"CARDIOVASCULAR_RISK_OLD_AFTER_YEARS": "3"}, 3)])
+def test_old_values_are_marked_with_the_sites_age_limit(make_app, signing_key, hook_body, setting, years):
+    app = make_app(**setting)
+    body = copy.deepcopy(hook_body)
+    chol = body["prefetch"]["totalCholesterol"]
+    chol["entry"] = chol["entry"][-1:]  # the 2022-02-14 result only
+    card = call_hook(app, signing_key, body)
+    assert card["summary"].endswith(f"; values over {years} years old")
+    text = text_of(render_result(stored(app, card), context(body), csrf_token="c"))
+    assert f"measured 2022-02-14 older than {years} years" in text
 
 
 def test_the_page_is_accessible_html(app, signing_key, hook_body):

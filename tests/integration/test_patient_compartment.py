@@ -82,7 +82,7 @@ def test_a_card_never_uses_another_patients_prefetch_nor_proposes_a_medication_f
     (record,) = audit_records("hook")
     counts = {key: 1 if key == "patient" else len(value["entry"]) for key, value in sent.items()}
     assert record["prefetch_dropped_by_key"] == counts
-    assert record["prefetch_dropped"] == sum(counts.values()) == 28
+    assert record["prefetch_dropped"] == sum(counts.values()) == 33
     assert B not in (tmp_path / "audit.jsonl").read_text()  # counts only, never which resources
 
 
@@ -110,10 +110,10 @@ def test_another_patients_resources_among_the_context_patients_are_left_out_and_
     card = call(body)
 
     detail = card["detail"]
-    assert "**Total cholesterol:** 213 mg/dL" in detail and "287" not in detail
-    assert "**HDL cholesterol:**" in detail
-    assert "**Diabetes:** no" in detail
-    assert "**Statin:** none active" in detail and "atorvastatin" not in detail
+    assert "| Total cholesterol | 213 mg/dL | 2026-06-02 |" in detail and "287" not in detail
+    assert "| HDL cholesterol | 50 mg/dL |" in detail
+    assert "| Diabetes | no |  |" in detail
+    assert "No statin is active." in detail.splitlines() and "atorvastatin" not in detail
     (record,) = audit_records("hook")
     assert record["prefetch_dropped_by_key"] == {"totalCholesterol": 2, "conditions": 1, "medications": 1}
     assert record["prefetch_dropped"] == 4
@@ -168,7 +168,7 @@ def test_a_next_page_on_the_fhir_server_that_holds_another_patients_data_is_not_
 
     card = call(body)
 
-    assert "**Diabetes:** no" in card["detail"]
+    assert "| Diabetes | no |  |" in card["detail"]
     assert [r["key"] for r in audit_records("fhir.fetch")] == ["conditions"]  # the page was read...
     (record,) = audit_records("hook")
     assert record["prefetch_dropped_by_key"] == {"conditions": 1}  # ...and B's condition on it left out

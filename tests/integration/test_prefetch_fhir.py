@@ -173,7 +173,7 @@ def test_searchset_pages_are_followed(seeded, make_app, call, hook_body):
     assert any(link["relation"] == "next" for link in first_page["link"])
     response, _ = call(body)
     detail = response.get_json()["cards"][0]["detail"]
-    assert "**Diabetes:** yes" in detail
+    assert "| Diabetes | yes: " in detail
 
 
 # ---- how many pages a key needs: a sent page is never thrown away ------------------------------------------------
@@ -250,7 +250,7 @@ def test_a_sent_first_page_with_a_next_link_is_enough_for_the_observation_keys(s
 
     card = response.get_json()["cards"][0]
     assert card["summary"].startswith("10-year ASCVD risk") and "not calculated" not in card["summary"]
-    assert "**Total cholesterol:** 213 mg/dL, measured 2026-06-02" in card["detail"]
+    assert "| Total cholesterol | 213 mg/dL | 2026-06-02 |" in card["detail"]
     assert "may be incomplete" not in card["detail"]
     assert audit_records("fhir.fetch") == []  # no next page read
 
@@ -261,7 +261,7 @@ def test_the_rest_of_a_sent_page_is_fetched_for_a_key_that_needs_every_page(page
     response, _ = call(with_paged_conditions(hook_body, first, server.base_url))
 
     detail = response.get_json()["cards"][0]["detail"]
-    assert "**Diabetes:** yes (diabetes)" in detail
+    assert "| Diabetes | yes: diabetes | since 2021-01-10 |" in detail
     assert "may be incomplete" not in detail
     assert [(r["key"], r["outcome"]) for r in audit_records("fhir.fetch")] == [("conditions", "ok")]
 
@@ -276,7 +276,7 @@ def test_with_the_fhir_server_down_the_sent_page_is_used_and_the_card_says_it_ma
 
     card = response.get_json()["cards"][0]
     assert card["summary"].startswith("10-year ASCVD risk") and "not calculated" not in card["summary"]
-    assert "**Diabetes:** no" in card["detail"]
+    assert "| Diabetes | no |  |" in card["detail"]
     assert "Note: Conditions may be incomplete: not every page could be read from the EHR" in card["detail"]
     (record,) = audit_records("hook")
     assert record["prefetch_incomplete"] == ["conditions"]

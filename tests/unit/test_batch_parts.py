@@ -174,3 +174,25 @@ def test_patient_of_reads_subject_patient_and_absolute_references():
 def test_range_round_trips_through_json():
     r = Range("export/001-Observation.ndjson", 10, 20, 3)
     assert Range.from_json(r.to_json()) == r
+
+
+def test_a_patient_treated_whatever_the_risk_is_on_the_worklist_first(tmp_path):
+    lines = [orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(3)]
+    name = write(tmp_path / "export" / "000-Patient.ndjson", lines)
+    parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 10_000)[0], 1)
+
+    def score(patient: PatientResources):
+        if patient.patient_id == "p2":
+            return NotScored("ascvd", "clinical ASCVD: no risk estimate", action="Propose atorvastatin 40 mg")
+        return POPULATION.score(patient)
+
+    (summary,) = score_all(tmp_path, 1, score)
+    assert (summary.scored, summary.not_scored, summary.worklist) == (2, 1, 3)
+    outputs.merge(tmp_path, 1, 1)
+    with (tmp_path / "worklist.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["patient"], r["risk_percent"], r["action"]) for r in rows] == [
+        ("p2", "", "Propose atorvastatin 40 mg"),
+        ("p0", "10.0", "Propose a statin"),
+        ("p1", "10.0", "Propose a statin"),
+    ]

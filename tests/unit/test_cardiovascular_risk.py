@@ -2,11 +2,12 @@
 
 import csv
 import json
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 from fhir.resources.R4B.medicationrequest import MedicationRequest
+from markdown_it import MarkdownIt
 
 import app.ai
 from app.ai import ModelUnavailable, Prediction
@@ -14,7 +15,15 @@ from app.cds.prefetch import check_template
 from app.cds.request import HookRequest
 from app.cds.service import ServiceCall, get_service
 from cds_services import cardiovascular_risk as service
-from cds_services.cardiovascular_risk import PREFETCH, build_cards, extract_inputs, fallback
+from cds_services.cardiovascular_risk import (
+    PREFETCH,
+    CardOptions,
+    build_cards,
+    explanation,
+    extract_inputs,
+    fallback,
+    needs_risk,
+)
 from tests.support.assertions import assert_no_empty_members
 from tests.support.models import model_app
 
@@ -143,8 +152,13 @@ def predict(inputs):
         return app.ai.infer("ascvd-pce", inputs.model_inputs())
 
 
-def card_for(inputs):
-    cards = build_cards(inputs, None if inputs.blocking else predict(inputs))
+def cards_for(inputs, info_cards=False):
+    """The cards the hook gives: the model is asked only when the patient's group needs the risk."""
+    return build_cards(inputs, predict(inputs) if needs_risk(inputs) else None, CardOptions(info_cards=info_cards))
+
+
+def card_for(inputs, info_cards=False):
+    cards = cards_for(inputs, info_cards)
     assert len(cards) == 1
     return cards[0]
 
@@ -203,7 +217,7 @@ def test_a_newer_observation_without_a_value_is_skipped():
 def test_systolic_pressure_is_read_from_the_55284_4_panel_component():
     obs = observations()[:2] + [bp_panel(141.5, "2020-05-05"), bp_panel(133, "2019-05-05"), smoking("266919005")]
     finding = extract(obs=obs).findings["systolic_bp"]
-    assert (finding.value, finding.unit, finding.date) == (141.5, "mm Hg", date(2020, 5, 5))
+    assert (finding.value, finding.unit, finding.date) == (141.5, "mmHg", date(2020, 5, 5))
 
 
 def test_systolic_pressure_is_read_from_the_85354_9_vital_signs_panel():
@@ -231,9 +245,9 @@ def test_a_censored_value_is_not_used_as_exact():
     censored["valueQuantity"]["comparator"] = "<"
     inputs = extract(obs=[observations()[0], censored, *observations()[2:]])
     assert "hdl" not in inputs.findings
-    assert problems(inputs) == [
-        "HDL cholesterol not usable: Observation/2085-9-2021-01-10 (2021-01-10): the value is <20, not exact"
-    ]
+    [problem] = inputs.blocking
+    assert problem.message == "HDL cholesterol not usable (2021-01-10): the value is <20, not exact"
+    assert problem.source == "Observation/2085-9-2021-01-10"  # for the explanation page, never on the card
 
 
 def test_lowercase_mg_dl_spelling_is_accepted():
@@ -263,7 +277,7 @@ def test_missing_hdl_prevents_the_risk_and_says_so_in_the_summary():
     card = card_for(inputs)
     assert card.summary == "10-year ASCVD risk not calculated: no HDL cholesterol in the record"
     assert card.indicator == "info"
-    assert "Total cholesterol:** 213 mg/dL" in card.detail  # what was found is listed too
+    assert card.detail == "Missing or not usable:\n- no HDL cholesterol in the record"  # short: what is missing
     assert card.suggestions == []
 
 
@@ -371,7 +385,7 @@ def test_a_contained_medication_is_resolved():
     }
     inputs = extract(meds=[request])
     assert inputs.findings["treated_hypertension"].value is True
-    assert inputs.findings["treated_hypertension"].text == "Valsartan 80 MG Oral Tablet [angiotensin receptor blocker]"
+    assert inputs.findings["treated_hypertension"].text == "Valsartan 80 MG Oral Tablet (angiotensin receptor blocker)"
 
 
 def test_a_medication_included_in_the_bundle_is_resolved():
@@ -397,9 +411,14 @@ def test_an_external_medication_reference_is_noted_not_a_crash():
     }
     inputs = extract(meds=[request])
     assert inputs.blocking == []
-    assert any("Medication/elsewhere" in m for m in problems(inputs, blocking=False))
+    [note] = [p for p in inputs.problems if p.input == "treated_hypertension"]
+    assert note.blocking is False
+    assert note.message.startswith("an active medication order names no readable medication")
+    assert note.source == "MedicationRequest/m1"
     assert inputs.statin_status_known is False
-    assert "Medication/elsewhere" in card_for(inputs).detail
+    detail = card_for(inputs).detail
+    assert "Note: an active medication order names no readable medication" in detail
+    assert "MedicationRequest/" not in detail and "Medication/elsewhere" not in detail  # no record ids on cards
 
 
 @pytest.mark.parametrize(
@@ -434,11 +453,12 @@ def test_race_from_the_us_core_extension(code, race, note):
         assert "equations for white individuals are used" in finding.note
 
 
-def test_race_2135_2_is_explained_on_the_card():
+def test_race_2135_2_is_named_on_the_card_and_explained_on_the_page():
     inputs = extract(pt=patient(race="2135-2", race_text="Other"))
-    detail = card_for(inputs).detail
-    assert "Hispanic or Latino" in detail
-    assert "equations for white individuals are used" in detail
+    assert "| Patient | 55 years, male, Other (white equations) |  |" in card_for(inputs).detail
+    data = explanation(inputs, predict(inputs), made_at=datetime.now(UTC))
+    [race] = [item for item in data["inputs"] if item["name"] == "race"]
+    assert "Hispanic or Latino" in race["note"] and "equations for white individuals are used" in race["note"]
 
 
 @pytest.mark.parametrize(
@@ -463,16 +483,20 @@ def test_a_partial_birth_date_at_the_edge_of_the_range_is_not_guessed():
 
 
 @pytest.mark.parametrize(("birth", "age"), [("1936-01-01", 85), ("1982-01-01", 39)])
-def test_age_outside_40_79_gives_no_number_and_says_why(birth, age):
-    card = card_for(extract(pt=patient(birth=birth)))
-    assert card.summary == f"10-year ASCVD risk not calculated: age {age} years is outside 40–79"
-    assert "%" not in card.summary
+def test_outside_every_groups_ages_there_is_no_card_unless_the_site_asks(birth, age):
+    inputs = extract(pt=patient(birth=birth))
+    assert "age outside" not in str(inputs.findings)
+    assert [p.message for p in inputs.blocking] == [f"age {age} years is outside 40–79"]
+    assert cards_for(inputs) == []
+    card = card_for(inputs, info_cards=True)
+    assert card.summary == f"Cardiovascular risk not assessed: no statin benefit group applies at age {age}"
+    assert card.indicator == "info" and not card.suggestions and "%" not in card.summary
 
 
-def test_age_outside_the_range_is_the_reason_given_first_even_with_other_gaps():
-    card = card_for(extract(pt=patient(birth="1936-01-01"), obs=[]))
-    assert card.summary == "10-year ASCVD risk not calculated: age 85 years is outside 40–79 (+4 more)"
-    assert "- no HDL cholesterol in the record" in card.detail
+def test_outside_the_ages_missing_values_make_no_card_either():
+    inputs = extract(pt=patient(birth="1936-01-01"), obs=[])
+    assert cards_for(inputs) == []
+    assert card_for(inputs, info_cards=True).summary.endswith("at age 85")
 
 
 @pytest.mark.parametrize("gender", ["other", "unknown", None])
@@ -481,10 +505,12 @@ def test_sex_other_than_female_or_male_is_a_problem(gender):
     assert any("the equations need female or male" in m for m in problems(inputs))
 
 
-def test_deceased_patients_get_no_risk():
+def test_deceased_patients_get_no_card_unless_the_site_asks():
     for pt in (patient(deceasedDateTime="2020-01-01"), patient(deceasedBoolean=True)):
-        card = card_for(extract(pt=pt))
-        assert card.summary == "10-year ASCVD risk not calculated: the patient is recorded as deceased"
+        inputs = extract(pt=pt, conditions=[condition("22298006", "Myocardial infarction")])
+        assert cards_for(inputs) == []
+        card = card_for(inputs, info_cards=True)
+        assert card.summary == "Cardiovascular risk not assessed: the patient is recorded as deceased"
 
 
 def test_values_older_than_two_years_are_flagged_old():
@@ -492,14 +518,27 @@ def test_values_older_than_two_years_are_flagged_old():
     inputs = extract(obs=obs)
     assert inputs.findings["total_cholesterol"].old is True
     assert inputs.findings["hdl"].old is False
-    detail = card_for(inputs).detail
-    assert "measured 2019-03-31 — **older than 2 years**" in detail
-    assert "measured 2021-01-10 —" not in detail
+    card = card_for(inputs)
+    assert card.summary.endswith("; values over 2 years old")  # once, in the summary
+    assert "| Total cholesterol | 213 mg/dL | 2019-03-31 |" in card.detail and "older" not in card.detail
+
+
+def test_the_age_at_which_values_are_old_is_a_setting():
+    obs = [lab("2093-3", 213, "mg/dL", "2019-03-31")] + observations()[1:]
+    inputs = extract_inputs(patient(), obs, [], [], TODAY, old_after_years=3)
+    assert inputs.findings["total_cholesterol"].old is False
+    [card] = build_cards(inputs, predict(inputs), CardOptions(old_after_years=3))
+    assert "old" not in card.summary
+    older = extract_inputs(
+        patient(), [lab("2093-3", 213, "mg/dL", "2018-03-31")] + obs[1:], [], [], TODAY, old_after_years=3
+    )
+    [card] = build_cards(older, predict(older), CardOptions(old_after_years=3))
+    assert card.summary.endswith("; values over 3 years old")
 
 
 def test_out_of_range_values_are_problems():
     inputs = extract(obs=observations(sbp=210))
-    assert problems(inputs) == ["systolic blood pressure 210 mm Hg is outside 90–200"]
+    assert problems(inputs) == ["systolic blood pressure 210 mmHg is outside 90–200"]
 
 
 def test_results_at_the_same_instant_that_disagree_are_a_conflict_not_a_choice():
@@ -526,42 +565,42 @@ def test_identical_duplicates_at_the_same_instant_are_not_a_conflict():
 # ---- cards ----------------------------------------------------------------------------------------------------
 
 
-def _intermediate_risk(meds=(), conditions=()):
-    """A 65-year-old white man, TC 250, HDL 40, SBP 150: about 24 %; with a statin or ASCVD as given."""
+def _high_risk(meds=(), conditions=()):
+    """A 65-year-old white man, TC 250, HDL 40, SBP 150: 21.6 %; with a statin or ASCVD as given."""
     return extract(
         pt=patient(birth="1955-06-01"), obs=observations(tc=250, hdl=40, sbp=150), meds=meds, conditions=conditions
     )
 
 
-def test_a_risk_card_lists_every_input_with_value_unit_and_date():
+def test_a_risk_card_has_every_input_in_a_table_with_value_unit_and_date():
     card = card_for(extract())
-    assert card.summary == "10-year ASCVD risk 5.4 % (borderline)"
+    assert card.summary == "10-year ASCVD risk 5.4 % (borderline): discuss a statin if risk enhancers are present"
     assert card.indicator == "info"
-    for text in [
-        "**Age:** 55 years",
-        "**Sex:** male",
-        "**Race:** White",
-        "**Total cholesterol:** 213 mg/dL, measured 2021-01-10",
-        "**HDL cholesterol:** 50 mg/dL",
-        "**Systolic blood pressure:** 120 mm Hg",
-        "**Smoking status:** not a current smoker",
-        "**Diabetes:** no",
-        "**Blood-pressure treatment:** no",
-        "**Statin:** none active",
-        "ascvd-pce 2013.1",
-    ]:
-        assert text in card.detail
+    assert card.detail.splitlines()[2:12] == [
+        "| Input | Value | Date |",
+        "| --- | --- | --- |",
+        "| Patient | 55 years, male, White |  |",
+        "| Total cholesterol | 213 mg/dL | 2021-01-10 |",
+        "| HDL cholesterol | 50 mg/dL | 2021-01-10 |",
+        "| LDL cholesterol | not on record |  |",
+        "| Systolic blood pressure | 120 mmHg | 2021-01-10 |",
+        "| Blood-pressure treatment | no |  |",
+        "| Smoking status | not a current smoker (Never smoker) | 2021-01-10 |",
+        "| Diabetes | no |  |",
+    ]
+    assert "Statin" not in card.detail.splitlines()[2:12]  # not an input of the equations
     assert card.source.label == "ACC/AHA Pooled Cohort Equations 2013 (ascvd-pce 2013.1)"
     assert card.source.url.startswith("https://doi.org/10.1161/")
 
 
-def test_a_statin_is_suggested_at_7_5_percent_or_more_without_an_active_statin():
-    inputs = _intermediate_risk()
-    card = card_for(inputs)
+def test_a_high_intensity_statin_is_proposed_at_20_percent_or_more_without_an_active_statin():
+    card = card_for(_high_risk())
+    assert card.summary == "10-year ASCVD risk 21.6 % (high): high-intensity statin recommended"
     assert card.indicator == "warning"
     assert card.selectionBehavior == "at-most-one"
     [suggestion] = card.suggestions
     assert suggestion.isRecommended is True
+    assert suggestion.label == "Propose atorvastatin 40 mg daily (high-intensity statin)"
     [action] = suggestion.actions
     assert action.type == "create"
     resource = action.resource
@@ -569,9 +608,10 @@ def test_a_statin_is_suggested_at_7_5_percent_or_more_without_an_active_statin()
     assert resource["subject"] == {"reference": "Patient/p1"}
     assert resource["medicationCodeableConcept"]["coding"][0] == {
         "system": RXNORM,
-        "code": "617310",
-        "display": "atorvastatin 20 MG Oral Tablet",
+        "code": "617311",
+        "display": "atorvastatin 40 MG Oral Tablet",
     }
+    assert resource["reasonCode"][0]["text"].startswith("10-year ASCVD risk 21.6 %")
     MedicationRequest.model_validate(resource)  # a valid R4 resource
 
 
@@ -580,23 +620,32 @@ def test_no_statin_suggestion_below_7_5_percent():
     assert card.suggestions == [] and card.selectionBehavior is None
 
 
-def test_no_statin_suggestion_when_a_statin_is_active_and_the_card_says_so():
-    card = card_for(_intermediate_risk(meds=[med("Simvastatin 20 MG Oral Tablet", "312961")]))
-    assert card.indicator == "warning"
-    assert card.suggestions == []
-    assert "already active: Simvastatin 20 MG Oral Tablet" in card.detail
+def test_no_statin_suggestion_when_a_statin_is_active_and_the_card_says_so_in_one_line():
+    card = card_for(_high_risk(meds=[med("Simvastatin 20 MG Oral Tablet", "312961")]))
+    assert card.summary == "10-year ASCVD risk 21.6 % (high): statin already active"
+    assert card.indicator == "info"
+    assert card.suggestions == [] and card.overrideReasons == []
+    [line] = [line for line in card.detail.splitlines() if "Statin" in line]
+    assert line == (
+        "Statin already active: Simvastatin 20 MG Oral Tablet, so none is proposed; "
+        "primary prevention at 40-75 calls for high intensity."
+    )
 
 
-def test_no_primary_prevention_statin_suggestion_when_ascvd_is_on_record():
-    card = card_for(_intermediate_risk(conditions=[condition("22298006", "Myocardial infarction")]))
-    assert card.suggestions == []
-    assert "ASCVD on record" in card.summary
-    assert "primary prevention" in card.detail
+def test_with_clinical_ascvd_the_equations_are_not_used_and_a_high_intensity_statin_is_proposed():
+    inputs = _high_risk(conditions=[condition("22298006", "Myocardial infarction")])
+    assert not needs_risk(inputs)
+    card = card_for(inputs)
+    assert card.summary == "Clinical ASCVD on record: high-intensity statin recommended"
+    assert "%" not in card.summary
+    assert card.suggestions[0].label == "Propose atorvastatin 40 mg daily (high-intensity statin)"
+    assert "| Clinical ASCVD | Myocardial infarction | since 2015-06-01 |" in card.detail
+    assert "estimate a first event" in card.detail
 
 
 def test_cards_serialise_with_uuids_and_no_empty_members():
-    for inputs in (extract(), _intermediate_risk(), extract(pt=patient(birth="1930-01-01"))):
-        body = card_for(inputs).to_json()
+    for inputs in (extract(), _high_risk(), extract(pt=patient(birth="1930-01-01"))):
+        body = card_for(inputs, info_cards=True).to_json()
         assert_no_empty_members(body)
         assert len(body["uuid"]) == 36
         assert all(len(s["uuid"]) == 36 for s in body.get("suggestions", []))
@@ -611,7 +660,9 @@ def test_record_text_is_escaped_in_the_detail():
     detail = card_for(inputs).detail
     assert "<img" not in detail and "<b>" not in detail
     assert "&lt;img" in detail and "&lt;b&gt;Asian" in detail
-    assert "\\*Lisinopril\\*" in detail and "\\[click\\]" in detail
+    assert "\\*Lisinopril\\*" in detail and "[click\\](http://evil)" in detail  # no emphasis, no link
+    rendered = MarkdownIt("commonmark").enable("table").render(detail)
+    assert "<em>" not in rendered and "<a " not in rendered and "<img" not in rendered
 
 
 def test_a_long_reason_keeps_the_summary_under_140_characters():
@@ -692,7 +743,8 @@ def test_the_service_says_what_it_could_not_see(app_context):
     prefetch = {k: v for k, v in _prefetch().items() if k != "medications"}
     [card] = service.cardiovascular_risk(_call(prefetch, unavailable=frozenset({"medications"})))
     assert card.summary == (
-        "10-year ASCVD risk not calculated: medications could not be fetched, so blood-pressure treatment is unknown"
+        "10-year ASCVD risk not calculated: medications could not be fetched, so blood-pressure treatment and "
+        "statins are unknown"
     )
 
 
@@ -707,12 +759,25 @@ def test_a_model_failure_reaches_the_framework_which_falls_back(app_context, mon
     with pytest.raises(ModelUnavailable):
         service.cardiovascular_risk(call)
     [card] = fallback(call, "timed out")
-    assert card.summary == "Cardiovascular risk unavailable (timed out); estimate with the ACC/AHA risk calculator"
+    assert card.summary == "Cardiovascular risk unavailable (timed out): estimate with the ACC/AHA risk calculator"
     assert card.indicator == "info"
     assert card.source.label.endswith("(AI result unavailable: timed out)")
     assert card.links and card.links[0].url.startswith("https://")
-    assert "Total cholesterol:** 250 mg/dL" in card.detail
+    assert "| Total cholesterol | 250 mg/dL | 2021-01-10 |" in card.detail
+    assert "No statin is active." in card.detail.splitlines()
     assert len(card.summary) < 140
+
+
+def test_the_fallback_is_quiet_for_a_patient_the_service_does_not_apply_to(monkeypatch):
+    monkeypatch.setattr(service, "today", lambda: TODAY)
+    assert fallback(_call({**_prefetch(), "patient": patient(birth="1936-01-01")}), "timed out") == []
+
+
+def test_the_fallback_gives_the_ordinary_card_to_a_group_that_needs_no_risk(monkeypatch):
+    monkeypatch.setattr(service, "today", lambda: TODAY)
+    prefetch = {**_prefetch(), "conditions": _bundle([condition("22298006", "Myocardial infarction")])}
+    [card] = fallback(_call(prefetch), "timed out")
+    assert card.summary == "Clinical ASCVD on record: high-intensity statin recommended"
 
 
 def test_the_fallback_answers_even_without_usable_prefetch(monkeypatch):
@@ -735,12 +800,13 @@ def test_the_observation_searches_need_only_their_first_page_and_the_lists_every
     assert pages == {
         "totalCholesterol": "first",
         "hdl": "first",
+        "ldl": "first",
         "bloodPressure": "first",
         "smoking": "first",
         "conditions": "all",
         "medications": "all",
     }
-    for key in ("totalCholesterol", "hdl", "bloodPressure", "smoking"):
+    for key in ("totalCholesterol", "hdl", "ldl", "bloodPressure", "smoking"):
         assert "_sort=-date" in PREFETCH[key].template  # why the first page is enough
     discovered = get_service("cardiovascular-risk").discovery_entry()["prefetch"]
     assert discovered == {key: spec.template for key, spec in PREFETCH.items()}  # discovery keeps its shape
@@ -760,7 +826,8 @@ def test_no_statin_is_proposed_when_the_medications_may_be_incomplete(app_contex
     [partial] = service.cardiovascular_risk(_call(prefetch, incomplete=frozenset({"medications"})))
     assert len(complete.suggestions) == 1
     assert partial.suggestions == []
-    assert "**Statin:** unknown (some medications could not be seen)" in partial.detail
+    assert "No statin is proposed: the medication list could not be fully read." in partial.detail.splitlines()
+    assert partial.summary.endswith("high-intensity statin recommended, statin use unknown")
 
 
 def test_the_fallback_also_says_which_inputs_may_be_incomplete(monkeypatch):
@@ -771,7 +838,7 @@ def test_the_fallback_also_says_which_inputs_may_be_incomplete(monkeypatch):
 
 def test_a_prediction_from_another_backend_is_shown_with_its_name_and_version():
     [card] = build_cards(extract(), Prediction("ascvd-pce", "2013.2", {"risk": 0.081, "equation": "white-male"}))
-    assert card.summary == "10-year ASCVD risk 8.1 % (intermediate)"
+    assert card.summary == "10-year ASCVD risk 8.1 % (intermediate): moderate-intensity statin recommended"
     assert card.source.label.endswith("(ascvd-pce 2013.2)")
 
 
@@ -834,7 +901,10 @@ def test_synthea_patients_are_read_as_the_reference_table_says(row):
     assert inputs.blocking == []
     risk = predict(inputs).outputs["risk"]
     assert 0 < risk < 1
-    assert card_for(inputs).summary.startswith("10-year ASCVD risk ")
+    if inputs.ascvd:  # secondary prevention: the equations' number is not shown
+        assert card_for(inputs).summary.startswith("Clinical ASCVD on record: ")
+    else:
+        assert card_for(inputs).summary.startswith(f"10-year ASCVD risk {risk * 100:.1f} % ")
 
 
 def test_the_synthea_reference_table_has_45_patients():

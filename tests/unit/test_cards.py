@@ -1,12 +1,17 @@
-"""Cards and their serialiser: R-2 (no empty members), R-8, R-16..R-24, and Markdown escaping (R-19)."""
+"""Cards and their serialiser: R-2 (no empty members), R-8, R-16..R-24, and Markdown escaping (R-19), also of
+record text in a line or a table cell (``app.cds.inputs.inline_markdown``)."""
 
 from __future__ import annotations
 
+import html
+import re
 import uuid
 
 import pytest
+from markdown_it import MarkdownIt
 
 from app.cds.cards import Action, Card, Coding, Link, Source, Suggestion, cards_response, escape_markdown
+from app.cds.inputs import inline_markdown, markdown_table
 
 SOURCE = Source(label="Clinical AI gateway")
 
@@ -289,3 +294,63 @@ def test_escape_markdown_leaves_ordinary_text_alone():
 
 def test_escape_markdown_accepts_non_strings():
     assert escape_markdown(42) == "42"
+
+
+# --- record text inside a line or a table cell, with as few escapes as safety allows (R-19) ----------------------
+
+MARKDOWN = MarkdownIt("commonmark").enable("table")
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "<script>alert(1)</script>",
+        '<img src=x onerror="alert(1)">',
+        "[link](javascript:alert(1))",
+        "![img](https://evil.example/x.png)",
+        "[ref][x] and [x]: https://evil.example",
+        "<https://evil.example>",
+        "*strong* _em_ `code` ~~gone~~",
+        "a | b",
+        "&lt;script&gt;",
+    ],
+)
+def test_inline_markdown_renders_record_text_as_text_only(hostile):
+    rendered = MARKDOWN.render("| Input | Value |\n| --- | --- |\n| x | " + inline_markdown(hostile) + " |")
+    cells = re.findall(r"<td>(.*?)</td>", rendered)
+    assert len(cells) == 2 and cells[0] == "x"  # one row of two cells: a "|" could not add a cell
+    assert not re.search(r"<(?!/?(table|thead|tbody|tr|th|td)>)", rendered)  # no tag but the table's own
+    assert html.unescape(cells[1]) == hostile  # shown as the record wrote it
+
+
+@pytest.mark.parametrize(
+    "ordinary",
+    [
+        "Hydrochlorothiazide 25 MG (thiazide diuretic)",
+        "24 HR metoprolol succinate 100 MG [Toprol]",
+        "Diabetes mellitus type 2 (disorder)",
+        "total cholesterol #2, 5.5 mmol/L + HDL",
+    ],
+)
+def test_inline_markdown_leaves_what_renders_as_written_unescaped(ordinary):
+    assert inline_markdown(ordinary) == ordinary
+    assert MARKDOWN.renderInline(ordinary) == html.escape(ordinary, quote=False)
+
+
+@pytest.mark.parametrize(
+    ("start", "escaped"), [("# heading", r"\# heading"), ("- item", r"\- item"), ("1. one", r"1\. one")]
+)
+def test_inline_markdown_keeps_a_line_from_becoming_a_heading_or_a_list(start, escaped):
+    assert inline_markdown(start) == escaped
+    assert MARKDOWN.render(f"- {escaped}").count("<li>") == 1 and "<h1>" not in MARKDOWN.render(escaped)
+
+
+def test_markdown_table_escapes_every_cell_and_keeps_empty_ones():
+    lines = markdown_table(("Input", "Value", "Date"), [("HDL", "50 mg/dL", ""), ("Note", "a | b\nc", "")])
+    assert lines == [
+        "| Input | Value | Date |",
+        "| --- | --- | --- |",
+        "| HDL | 50 mg/dL |  |",
+        r"| Note | a \| b c |  |",
+    ]
+    assert MARKDOWN.render("\n".join(lines)).count("<td>") == 6

@@ -124,7 +124,9 @@ def test_the_latest_usable_value_is_found_with_its_source_and_date_and_newer_unu
     assert (found.unit, found.date, found.source, found.old) == ("mg/dL", date(2020, 6, 1), "Observation/used", False)
     assert round(found.value, 2) == 50.27 and found.note == "converted from 1.3 mmol/L"
     assert [(p.input, p.blocking) for p in inputs.problems] == [("hdl", False)]
-    assert inputs.problems[0].message.startswith("a newer HDL cholesterol was not used, Observation/bad-unit")
+    [skipped] = inputs.problems  # the record id is kept apart from the words a card shows
+    assert skipped.message == "a newer HDL cholesterol was not used (2021-01-10): unit 'furlongs' is not recognised"
+    assert skipped.source == "Observation/bad-unit"
 
 
 def test_a_value_measured_before_the_cut_off_is_marked_old():
@@ -180,9 +182,9 @@ def test_an_absent_input_is_reported_as_absent_or_as_unusable():
         Record([observation("2093-3", 200, "", "2020-01-01", id="x")]),
         OLD_BEFORE,
     )
-    assert [p.message for p in inputs.blocking] == [
-        "no HDL cholesterol in the record",
-        "total cholesterol not usable: Observation/x (2020-01-01): no unit",
+    assert [(p.message, p.source) for p in inputs.blocking] == [
+        ("no HDL cholesterol in the record", ""),
+        ("total cholesterol not usable (2020-01-01): no unit", "Observation/x"),
     ]
 
 
