@@ -333,6 +333,23 @@ def test_five_random_worker_kills_leave_every_patient_once_in_the_outputs_and_th
     assert len(successful_kickoffs(bulk)) == 1, f"seed {seed}: exported more than once"
     assert run.exports == 1
 
+    # The same outputs as a run nobody killed (the run's id and the export's time aside).
+    (tmp_path / "calm").mkdir()
+    calm = Workers(settings, tmp_path / "calm", 2)
+    try:
+        reference_id = start_run(settings, bulk.base_url, "synthetic")
+        reference = wait_for_end(engine, reference_id, calm, timeout=120)
+    finally:
+        calm.stop()
+    assert reference.state == runs.SUCCEEDED, reference.error
+    reference_dir = Path(settings["BATCH_DIR"]) / reference_id
+    for name in ("RiskAssessment.ndjson", "OperationOutcome.ndjson", "worklist.csv"):
+        texts = [
+            re.sub(r'"occurrenceDateTime":"[^"]*"', "", (folder / name).read_text().replace(rid, "RUN"))
+            for folder, rid in ((directory, run_id), (reference_dir, reference_id))
+        ]
+        assert texts[0] == texts[1], f"seed {seed}: {name} differs from a run without kills"
+
 
 # ---- 3. PostgreSQL: four worker processes share one run -----------------------------------------------------------
 
