@@ -901,7 +901,10 @@ def fallback(call: ServiceCall, reason: str) -> list[Card]:
     try:
         inputs = inputs_from_call(call, today(), options.old_after_years)
         scope = decide(facts_of(inputs))
-        if scope is None or not (scope.uses_risk or scope.group is None):  # no model needed: the ordinary card
+        # No model needed (clinical ASCVD, LDL-C >= 190), or a diabetic at 40-75, whose moderate-intensity statin
+        # the risk only raises to high (section 4.3): the ordinary card, which says the risk is not calculated.
+        no_model = scope is None or not (scope.uses_risk or scope.group is None) or scope.group is Group.DIABETES
+        if no_model:
             cards = build_cards(inputs, None, options)
             if not cards:
                 return []

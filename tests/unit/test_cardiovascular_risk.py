@@ -912,3 +912,15 @@ def test_the_synthea_reference_table_has_45_patients():
     if not rows:
         pytest.skip(f"Synthea sample data not found at {SYNTHEA}")
     assert len(rows) == 45
+
+
+def test_a_diabetic_still_gets_the_moderate_intensity_proposal_when_the_model_is_down(monkeypatch):
+    """Section 4.3: diabetes at 40-75 calls for a moderate-intensity statin whatever the risk, which only raises it
+    to high intensity; a model outage must not take the proposal away."""
+    monkeypatch.setattr(service, "today", lambda: TODAY)
+    prefetch = {**_prefetch(), "conditions": _bundle([condition("44054006", "Type 2 diabetes")])}
+    [card] = fallback(_call(prefetch), "timed out")
+    assert card.summary == "Diabetes at 40-75, risk not calculated: moderate-intensity statin recommended"
+    assert card.suggestions and "moderate-intensity" in card.suggestions[0].label
+    assert card.overrideReasons and card.selectionBehavior == "at-most-one"
+    assert len(card.summary) < 140
