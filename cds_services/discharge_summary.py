@@ -214,12 +214,10 @@ def _fhir_client(ctx: JobContext) -> Client:
         hookInstance=payload.get("hook_instance"),
         patient=f"Patient/{payload['patient_id']}",
     )
-    backend = smart.backend_client(app, trusted)
-    if backend is not None:
-        return Client(server, None, session, timeout, send=backend.request, observe=observe)
-    if app.config["FHIR_ALLOW_ANONYMOUS"]:
-        return Client(server, None, session, timeout, observe=observe)
-    raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for this client")
+    send = smart.fhir_sender(app, trusted)
+    if send is None:
+        raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for this client")
+    return Client(server, None, session, timeout, send=send, observe=observe)
 
 
 def gather(fhir: Client, patient_id: str, encounter_id: str) -> tuple[dict, dict]:

@@ -76,10 +76,11 @@ def model_guard(app, model: str):
     if not _batch_lane.get():
         return guard
     lanes = app.extensions.setdefault("ai_batch_guards", {})
-    with _lane_lock:
-        if id(guard) not in lanes:
-            lanes[id(guard)] = guard.with_bulkhead(app.config["BATCH_AI_MAX_IN_FLIGHT"])
-        return lanes[id(guard)]
+    lane = lanes.get(id(guard))
+    if lane is None:
+        with _lane_lock:  # one bulkhead per guard, made once even when parts start together
+            lane = lanes.setdefault(id(guard), guard.with_bulkhead(app.config["BATCH_AI_MAX_IN_FLIGHT"]))
+    return lane
 
 
 def register_model(app, model: str, guard) -> None:

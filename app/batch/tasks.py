@@ -13,7 +13,6 @@ are enqueued once however many workers race. Batch jobs have a lower claim prior
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 from datetime import UTC, date, datetime
@@ -36,6 +35,7 @@ from app.batch.export import (
     ExportRequest,
     FileExpired,
     Manifest,
+    kickoff_url,
 )
 from app.batch.parts import Identity, Range
 from app.batch.report import render_report
@@ -106,10 +106,10 @@ def start(
         raise BatchError(f"fhir server {fhir_server!r} is not on the allowlist of client {client_iss!r}")
     if not trusted.smart_backend and not app.config["FHIR_ALLOW_ANONYMOUS"]:
         raise BatchError(f"client {client_iss!r} has no smart_backend: the export needs Backend Services access")
-    if group is not None and not _is_id(group):
-        raise BatchError(f"group {group!r} is not a FHIR id")
-    if since is not None and not _is_instant(since):
-        raise BatchError(f"since {since!r} is not a FHIR instant (e.g. 2026-01-01T00:00:00Z)")
+    try:  # the kick-off's own checks, now rather than at the kick-off: a group id, an instant with seconds
+        kickoff_url(fhir_server, _export_request(service, group, since))
+    except ValueError as exc:
+        raise BatchError(str(exc)) from None
     engine = app.extensions["db"]
     run = runs.create(
         engine,
@@ -150,20 +150,14 @@ def drop_intermediates(directory: Path) -> None:
         shutil.rmtree(directory / intermediate, ignore_errors=True)
 
 
+def _export_request(service, group: str | None, since: str | None) -> ExportRequest:
+    """What to export for ``service``: the types and filters its prefetch reads, for ``group`` (or everyone)."""
+    types, filters = service.export_scope
+    return ExportRequest(group=group, types=types, type_filters=filters, since=since)
+
+
 def _batchable():
     return [s for s in services() if s.population is not None]
-
-
-def _is_id(value: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", value) is not None
-
-
-def _is_instant(value: str) -> bool:
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return moment.tzinfo is not None and "T" in value
 
 
 # ---- the stages ------------------------------------------------------------------------------------------------
@@ -214,21 +208,21 @@ def _stage(fn):
     return handler
 
 
-def _bulk_client(app: Flask, run: runs.Run) -> BulkDataClient:
+def run_sender(app: Flask, run: runs.Run):
+    """How the run calls its FHIR server as ourselves; PermanentFailure when its client may no longer."""
     trusted = trusted_clients(app).get(run.client_iss)
     if trusted is None:
         raise PermanentFailure("the run's client is no longer in CDS_CLIENTS_FILE")
     if not trusted.allows_fhir_server(run.fhir_server):
         raise PermanentFailure("the run's FHIR server is no longer on its client's allowlist")
-    backend = smart.backend_client(app, trusted)
-    session = app.extensions["cds"].session
-    if backend is not None:
-        send = backend.request
-    elif app.config["FHIR_ALLOW_ANONYMOUS"]:
-        send = session.request
-    else:
+    send = smart.fhir_sender(app, trusted)
+    if send is None:
         raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for the run's client")
-    return BulkDataClient(run.fhir_server, send, timeout=float(app.config["FHIR_TIMEOUT_S"]))
+    return send
+
+
+def _bulk_client(app: Flask, run: runs.Run) -> BulkDataClient:
+    return BulkDataClient(run.fhir_server, run_sender(app, run), timeout=float(app.config["FHIR_TIMEOUT_S"]))
 
 
 @job_handler(EXPORT, retry=PART_RETRY, priority=PRIORITY)
@@ -295,9 +289,7 @@ def _await_export(ctx: JobContext, run: runs.Run, client: BulkDataClient) -> Non
     if (wall_time(app_clock(ctx.app)) - run.created_at).total_seconds() > ctx.app.config["BATCH_EXPORT_TIMEOUT_S"]:
         raise PermanentFailure("the export did not complete within BATCH_EXPORT_TIMEOUT_S")
     if run.status_url is None:
-        service = get_service(run.service)
-        types, filters = service.export_scope
-        request = ExportRequest(group=run.group_id, types=types, type_filters=filters, since=run.since)
+        request = _export_request(get_service(run.service), run.group_id, run.since)
         try:
             kicked = client.kick_off(request)
         except Busy as busy:
@@ -428,7 +420,7 @@ def score_stage(ctx: JobContext, run: runs.Run) -> dict[str, Any]:
         PATIENTS.labels(run.service, "not scored").inc(summary.not_scored)
     if summary is not None and summary.scored and run.note and run.note.startswith("paused"):
         runs.update(engine, run.id, note=None)  # the model answered: no longer paused
-    written = write_back_bucket(ctx, run, directory, bucket) if run.write_back else None
+    written = write_back_bucket(ctx, run, directory, bucket, run_sender(app, run)) if run.write_back else None
     if parts.scored_done(directory, buckets) and (not run.write_back or _written_done(directory, buckets)):
         runs.update(engine, run.id, when=(runs.SCORING,), state=runs.FINISHING, stamp="scored")
         submit(app, FINISH, job_id(run.id, "finish"), {"run": run.id})

@@ -13,33 +13,16 @@ from urllib.parse import quote
 
 import orjson
 
-from app import smart
 from app.batch import runs
 from app.batch.parts import write_atomically
-from app.cds.clients import trusted_clients
-from app.fhir.client import Client, FhirError
-from app.jobs.registry import JobContext, PermanentFailure
+from app.fhir.client import Client, FhirError, Sender
+from app.jobs.registry import JobContext
 
 BUNDLE_ENTRIES = 50
 # Servers cap transactions (Medplum: 8 entries with conditional creates); a refused Bundle is halved and sent
 # again, and the size that worked is used for the rest of the process's work on that server.
 _LEARNED: dict[str, int] = {}
 _REFUSALS = (400, 413, 422)
-
-
-def _client(ctx: JobContext, run: runs.Run) -> Client:
-    app = ctx.app
-    trusted = trusted_clients(app).get(run.client_iss)
-    if trusted is None or not trusted.allows_fhir_server(run.fhir_server):
-        raise PermanentFailure("the run's client or FHIR server is no longer trusted")
-    observe = ctx.fhir_auditor(iss=run.client_iss, service=run.service, run=run.id)
-    session, timeout = app.extensions["cds"].session, float(app.config["FHIR_TIMEOUT_S"]) * 4
-    backend = smart.backend_client(app, trusted)
-    if backend is not None:
-        return Client(run.fhir_server, None, session, timeout, send=backend.request, observe=observe)
-    if app.config["FHIR_ALLOW_ANONYMOUS"]:
-        return Client(run.fhir_server, None, session, timeout, observe=observe)
-    raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for the run's client")
 
 
 def transaction(assessments: list[dict[str, Any]]) -> dict[str, Any]:
@@ -57,7 +40,7 @@ def transaction(assessments: list[dict[str, Any]]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-def send(client: Client, assessments: list[dict[str, Any]]) -> None:
+def create_all(client: Client, assessments: list[dict[str, Any]]) -> None:
     """Create ``assessments`` in transactions as large as the server takes (halving a refused one)."""
     size = _LEARNED.get(client.base, BUNDLE_ENTRIES)
     for start in range(0, len(assessments), size):
@@ -76,16 +59,18 @@ def _send(client: Client, assessments: list[dict[str, Any]]) -> None:
         _send(client, assessments[half:])
 
 
-def write_back_bucket(ctx: JobContext, run: runs.Run, directory: Path, bucket: int) -> int:
+def write_back_bucket(ctx: JobContext, run: runs.Run, directory: Path, bucket: int, send: Sender) -> int:
     """Write the bucket's RiskAssessments to the EHR unless done before; how many were sent."""
     marker = directory / "parts" / f"b{bucket:06d}.written"
     if marker.is_file():
         return 0
     source = directory / "parts" / f"b{bucket:06d}" / "RiskAssessment.ndjson"
-    client = _client(ctx, run)
+    observe = ctx.fhir_auditor(iss=run.client_iss, service=run.service, run=run.id)
+    session, timeout = ctx.app.extensions["cds"].session, float(ctx.app.config["FHIR_TIMEOUT_S"]) * 4
+    client = Client(run.fhir_server, None, session, timeout, send=send, observe=observe)
     with open(source, "rb") as handle:
         assessments = [orjson.loads(line) for line in handle]
-    send(client, assessments)
+    create_all(client, assessments)
     sent = len(assessments)
     write_atomically(marker, orjson.dumps({"sent": sent}))
     return sent

@@ -78,6 +78,15 @@ def backend_client(app: Flask, client: TrustedClient) -> BackendServicesClient |
         return backend
 
 
+def fhir_sender(app: Flask, client: TrustedClient):
+    """How jobs call ``client``'s FHIR server as ourselves (a ``app.fhir.client.Sender``): its Backend Services
+    client, or plain requests where FHIR_ALLOW_ANONYMOUS allows (development); None when neither."""
+    backend = backend_client(app, client)
+    if backend is not None:
+        return backend.request
+    return app.extensions["cds"].session.request if app.config["FHIR_ALLOW_ANONYMOUS"] else None
+
+
 def _register_cli(app: Flask) -> None:
     @app.cli.group("keys")
     def keys_cli():

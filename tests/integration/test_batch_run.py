@@ -340,3 +340,14 @@ def test_an_ended_run_is_audited_announced_and_counted(batch_app, bulk, tmp_path
     metrics = batch_app.test_client().get("/metrics").get_data(as_text=True)
     assert 'gateway_batch_runs_total{service="cardiovascular-risk",state="succeeded"}' in metrics
     assert 'gateway_batch_parts_total{outcome="done",stage="score"}' in metrics
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [("since", "2026-01-01T00:00Z", "since must be a FHIR instant"), ("group", "a/b", "group must be a FHIR id")],
+)
+def test_a_run_the_export_could_not_ask_for_is_refused_at_the_start(batch_app, bulk, field, value, words):
+    body = {"service": SERVICE, "client": TEST_ISSUER, "fhirServer": bulk.base_url, field: value}
+    refused = batch_app.test_client().post("/admin/batch", json=body, headers={"Authorization": "Bearer operator"})
+    assert refused.status_code == 422 and words in refused.get_json()["issue"][0]["diagnostics"]
+    assert runs.recent(batch_app.extensions["db"]) == []
