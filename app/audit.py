@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from app.private_files import private_folders
+
 MAX_TEXT_CHARS = 200
 MAX_ITEMS = 20
 MAX_RECORD_BYTES = 2048
@@ -39,10 +41,7 @@ class AuditLog:
         if target == "-":
             self._fd = sys.stdout.fileno()
         else:
-            directory = Path(target).parent
-            if not directory.is_dir():
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+            private_folders(Path(target).parent)
             # O_APPEND makes each single write land whole at the end, also with several gunicorn workers.
             self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             if stat.S_ISREG(os.fstat(self._fd).st_mode):

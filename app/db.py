@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import click
 import sqlalchemy as sa
@@ -16,6 +17,7 @@ from sqlalchemy import event
 
 from app.clock import as_utc
 from app.config import ConfigError
+from app.private_files import private_folders, tighten
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def private_instance_directory(path: str | Path) -> None:
     A folder that is shared (sticky, like /tmp), another user's, or cannot be changed stops the start instead.
     """
     path = Path(path)
-    _create_private_directory(path)
+    private_folders(path)
     info = path.stat()
     mode = stat.S_IMODE(info.st_mode)
     if not mode & 0o077:
@@ -103,34 +105,35 @@ def private_instance_directory(path: str | Path) -> None:
     log.warning("INSTANCE_PATH %s was mode %04o; made it 0700 (it holds patient data)", path, mode)
 
 
-def _create_private_directory(path: Path) -> None:
-    """``path`` 0700 if it does not exist yet (missing parents as the umask makes them); an existing one as is."""
-    if not path.is_dir():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
-
-
 def _private_sqlite_file(url: str) -> None:
     """Create the SQLite database file 0600 before SQLite does (it would make it 0644; its -wal and -shm files
     take the database file's mode), and tighten an existing one and its -wal and -shm files."""
-    database = sa.engine.make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    path = _sqlite_path(url)
+    if path is None:
         return
-    path = Path(database)
-    _create_private_directory(path.parent)
+    private_folders(path.parent)
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         try:
-            mode = stat.S_IMODE(name.stat().st_mode)
-        except FileNotFoundError:
-            continue
-        if mode & 0o077:
-            try:
-                os.chmod(name, mode & 0o700)
-            except OSError as exc:
-                raise ConfigError(f"DATABASE_URL: {name} is mode {mode:04o}, unchangeable ({exc.strerror})") from None
+            mode = tighten(name)
+        except OSError as exc:
+            raise ConfigError(f"DATABASE_URL: {name} is wider than 0600, unchangeable ({exc.strerror})") from None
+        if mode is not None:
             log.warning("%s was mode %04o; took away other users' access (it holds patient data)", name, mode)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL, also a URI filename (``sqlite:///file:/path/g.db?uri=true``); None in memory."""
+    parsed = sa.engine.make_url(url)
+    database = parsed.database
+    if database and database.startswith("file:") and parsed.query.get("uri") == "true":
+        if parsed.query.get("mode") == "memory":
+            return None
+        database = unquote(urlsplit(database).path)
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def alembic_config(url: str) -> AlembicConfig:

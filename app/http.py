@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 import requests
 from flask import Blueprint, Flask, Response, current_app, request
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import DecodeError, HTTPError, ReadTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from app.audit import audit
@@ -31,6 +33,27 @@ def pooled_session(pool_size: int = 32, hosts: int = 8) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def read_body(response: requests.Response, *, limit: int, deadline: float) -> bytes:
+    """The body of a response opened with ``stream=True``, read as it arrives: ``requests.Timeout`` once the
+    monotonic ``deadline`` passes (a server sending a byte at a time cannot stretch a wait, as it can with a
+    read timeout alone), ``ValueError`` when it is larger than ``limit`` bytes."""
+    body = bytearray()
+    try:
+        while chunk := response.raw.read1(64 * 1024, decode_content=True):
+            body += chunk
+            if len(body) > limit:
+                raise ValueError(f"larger than {limit} bytes")
+            if time.monotonic() > deadline:
+                raise requests.Timeout("the body came too slowly")
+    except ReadTimeoutError:
+        raise requests.Timeout("the body came too slowly") from None
+    except DecodeError:
+        raise requests.exceptions.ContentDecodingError("the body could not be decoded") from None
+    except HTTPError as exc:
+        raise requests.ConnectionError(f"the body was cut off ({type(exc).__name__})") from None
+    return bytes(body)
 
 
 def json_response(body: Any, status: int = 200, content_type: str = "application/json") -> Response:

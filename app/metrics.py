@@ -15,8 +15,11 @@ import hmac
 import logging
 import os
 import re
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
@@ -28,12 +31,15 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR = "metrics"  # under INSTANCE_PATH
+RESERVED_FILE_BYTES = 1 << 20  # each metrics file of a process; a few per process
 # prometheus_client's files: <type>_<pid>.db, and gauge_<mode>_<pid>.db
 _PROCESS_FILE = re.compile(r"^[a-z]+(?:_[a-z]+)?_(?P<pid>[0-9]+)\.db$")
 
@@ -97,6 +103,34 @@ def collect_at_scrape(app: Flask, name: str, factory: Callable[[Flask], Collecto
     app.extensions.setdefault(_SCRAPE_COLLECTORS, {})[name] = factory
 
 
+def serve_process_metrics(host: str, port: int, token: str | None) -> ThreadingWSGIServer:
+    """This process's own metrics at http://host:port/metrics on a daemon thread (a job worker in a container of
+    its own), behind the same bearer token as the gateway's /metrics when ``token`` is set; the server, to shut
+    down. OSError when the address cannot be bound."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(host, port, _token_required(make_wsgi_app(), token), server_class, _QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return server
+
+
+def _token_required(wsgi_app: Callable, token: str | None) -> Callable:
+    """``wsgi_app`` answering only requests that carry ``Authorization: Bearer <token>`` (all, without a token)."""
+
+    def guarded(environ, start_response):
+        if token and not _bearer_matches(environ.get("HTTP_AUTHORIZATION"), token):
+            start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"), ("Content-Type", "text/plain")])
+            return [b"metrics need Authorization: Bearer $METRICS_TOKEN\n"]
+        return wsgi_app(environ, start_response)
+
+    return guarded
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        """No line per scrape on standard error."""
+
+
 def _bearer_matches(header: str | None, token: str) -> bool:
     scheme, _, given = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
@@ -122,9 +156,37 @@ def prepare_multiprocess_dir(instance_path: str | Path) -> Path:
     os.environ[MULTIPROC_ENV] = str(directory)
     from prometheus_client import values
 
+    values.MmapedDict = ReservedMetricsFile  # the class its values open their files with
     if not getattr(values.ValueClass, "_multiprocess", False):  # imported before the variable was set
         values.ValueClass = values.get_value_class()
     return directory
+
+
+class ReservedMetricsFile(MmapedDict):
+    """prometheus_client's per-process metrics file, its disk blocks reserved when it is opened. Values are written
+    through a memory map, and a write to a page that has no block yet on a full disk is SIGBUS: every gunicorn
+    worker died of it instead of answering 503. Where even the reservation fails, the file is kept in memory: the
+    process keeps answering, its metrics missing from /metrics (logged). Past RESERVED_FILE_BYTES (some 4,000
+    series of one type in one process) prometheus_client grows the file without reserving."""
+
+    def __init__(self, filename: str, read_mode: bool = False):
+        super().__init__(filename if read_mode else _reserved(filename), read_mode)
+
+
+def _reserved(filename: str) -> str:
+    """``filename`` with RESERVED_FILE_BYTES of disk allocated, or a file in memory when the disk has no room."""
+    if not hasattr(os, "posix_fallocate"):  # not Linux (a developer's Mac): as prometheus_client has it
+        return filename
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, RESERVED_FILE_BYTES)
+        return filename
+    except OSError as exc:
+        os.unlink(filename)  # a short file would break every other process's /metrics
+        log.error("metrics: no room for %s (%s): this process's metrics are kept in memory only", filename, exc)
+        return f"/proc/self/fd/{os.memfd_create(Path(filename).name)}"  # open for the life of the process
+    finally:
+        os.close(fd)
 
 
 def remove_dead_process_files(directory: str | Path) -> int:

@@ -149,11 +149,19 @@ def save(
     return row["id"]
 
 
+# SQLSTATE classes of errors about the rows themselves, which PostgreSQL may raise as OperationalError: data
+# exception (22), integrity (23), program limit exceeded (54: e.g. a value too large for an index row).
+_ROW_ERROR_CLASSES = ("22", "23", "54")
+
+
 def _cannot_connect(exc: Exception) -> bool:
-    """The database could not be reached or used at all (as opposed to refusing these rows)."""
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)) or bool(
-        getattr(exc, "connection_invalidated", False)
-    )
+    """The database could not be reached or used at all, or was busy (a lock), as opposed to refusing these rows."""
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    if not isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        return False
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return sqlstate[:2] not in _ROW_ERROR_CLASSES
 
 
 class ResultWriter:

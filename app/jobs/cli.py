@@ -3,6 +3,7 @@ dead letter queue, and manage webhook endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,9 @@ from app.jobs.canary import CANARY
 from app.jobs.registry import job_kinds, submit
 from app.jobs.views import job_summary
 from app.jobs.worker import Worker, new_worker_id
-from app.metrics import mark_process_dead, prepare_multiprocess_dir
+from app.metrics import mark_process_dead, prepare_multiprocess_dir, serve_process_metrics
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def init_cli(app: Flask) -> None:
@@ -67,11 +70,12 @@ def init_cli(app: Flask) -> None:
     ) -> None:
         """Run jobs until SIGTERM/SIGINT; the job in hand is finished or, after --grace, handed back."""
         prepare_multiprocess_dir(app.config["INSTANCE_PATH"])
-        metrics_server = _serve_metrics(app.config["HOST"], metrics_port) if metrics_port else None
+        metrics_server = (
+            _serve_metrics(app.config["HOST"], metrics_port, app.config["METRICS_TOKEN"]) if metrics_port else None
+        )
         os.nice(nice)
         stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+        _stop_on_signals(stop)
         process_id = new_worker_id()
         beating = presence.Presence.for_app(
             app, process_id, list(kinds) or job_kinds(), threads=1 if burst else threads, interval=heartbeat
@@ -197,12 +201,29 @@ def init_cli(app: Flask) -> None:
             raise click.ClickException(f"not dead (or unknown), left alone: {', '.join(missing)}")
 
 
-def _serve_metrics(host: str, port: int):
-    """This process's own metrics over HTTP on a thread (prometheus_client's server); the server, to shut down."""
-    from prometheus_client import start_http_server
+def _stop_on_signals(stop: threading.Event) -> None:
+    """Set ``stop`` at SIGTERM/SIGINT, from a thread of its own: the handler only writes a byte to a pipe. A handler
+    that took a lock (Event.set) deadlocked when a second signal ran it again inside the first one (seen:
+    `timeout -s TERM` hung); the handlers stay until the process exits, so a late signal never kills it mid-stop."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
 
+    def on_signal(_signum, _frame):
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of earlier signals: one byte is enough
+            os.write(wake_write, b"!")
+
+    def relay():
+        os.read(wake_read, 1)
+        stop.set()
+
+    threading.Thread(target=relay, name="stop-signals", daemon=True).start()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+
+
+def _serve_metrics(host: str, port: int, token: str | None):
+    """This process's own metrics over HTTP (behind METRICS_TOKEN when set); the server, to shut down."""
     try:
-        server, _thread = start_http_server(port, addr=host)
+        return serve_process_metrics(host, port, token)
     except OSError as exc:
         raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
-    return server

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from app.clock import utc_now
+from app.private_files import tighten
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,8 @@ class KeyStore:
             self._public.pop(kid, None)
 
     def _read_index(self) -> list[KeyRecord]:
+        make_private(self.directory)
+        make_private(self.directory / INDEX_FILE)
         try:
             data = json.loads((self.directory / INDEX_FILE).read_text(encoding="utf-8"))
             return [KeyRecord.from_json(entry) for entry in data["keys"]]
@@ -285,6 +288,7 @@ class KeyStore:
     def _private_key(self, kid: str) -> PrivateKey:
         key = self._private.get(kid)
         if key is None:
+            make_private(self._key_path(kid))
             loaded = serialization.load_pem_private_key(self._key_path(kid).read_bytes(), password=None)
             if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
                 raise ValueError(f"key {kid} is not an RSA or EC private key")
@@ -296,3 +300,16 @@ class KeyStore:
         if members is None:
             members = self._public[kid] = public_jwk_members(self._private_key(kid))
         return members
+
+
+def make_private(path: Path) -> None:
+    """Tighten a key file or folder that others can read (made by hand, copied, or under another umask), with a
+    warning; one that cannot be changed is logged, and still used."""
+
+    try:
+        mode = tighten(path)
+    except OSError as exc:
+        log.error("%s is readable by other users and cannot be made private (%s)", path, exc.strerror)
+        return
+    if mode is not None:
+        log.warning("%s was mode %04o; took away other users' access (it holds signing keys)", path, mode)

@@ -27,6 +27,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from app.clock import SYSTEM_CLOCK, Clock, utc_now, wall_time
 from app.db import UTCDateTime, metadata
+from app.smart.keys import make_private
 
 KEY_FILE = "smart-sessions.fernet"
 
@@ -70,6 +71,8 @@ def load_or_create_key(directory: Path) -> Fernet:
                 os.link(tmp, path)
         finally:
             os.unlink(tmp)
+    for private in (directory, path):
+        make_private(private)
     return Fernet(path.read_bytes().strip())
 
 
