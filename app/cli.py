@@ -26,7 +26,7 @@ def _create_app() -> Flask:
     try:
         return create_app()
     except ConfigError as exc:
-        click.echo(f"gateway: {exc}", err=True)
+        click.echo(f"gateway: not starting: {exc}", err=True)  # as gunicorn's start says it (app/gunicorn_conf.py)
         sys.exit(CONFIG_ERROR_STATUS)
 
 

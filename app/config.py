@@ -24,6 +24,13 @@ class ConfigError(ValueError):
 SECRET_SETTINGS = ("DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "METRICS_TOKEN", "SMART_CLIENT_SECRET")
 
 
+def _metrics_token(raw: str | None) -> str | None:
+    """The bearer token /metrics asks for; None (open) only when unset: a blank one is a mistake, not a choice."""
+    if raw is not None and not raw.strip():
+        raise ConfigError("METRICS_TOKEN is set but empty: unset it for an open /metrics, or give the token")
+    return raw.strip() if raw else None
+
+
 def _secrets_from_files(source: dict[str, Any], names: tuple[str, ...]) -> None:
     for name in names:
         path = source.get(f"{name}_FILE")
@@ -95,6 +102,33 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw.rstrip("/")
 
 
+def _origins(raw: Any) -> list[str] | None:
+    """CORS_ALLOWED_ORIGINS as a list; None when unset, which app/cds/responses.py reads as every origin, or the
+    development origins alone while development settings are on."""
+    return None if raw is None else [o.strip() for o in str(raw).split(",") if o.strip()]
+
+
+def _public_base_url(raw: str) -> str:
+    """PUBLIC_BASE_URL: an http(s) origin and path only, since callers sign it as their audience and the
+    development rule reads its host; user info, a query, a fragment, whitespace or a bad port is a mistake."""
+    url = _url("PUBLIC_BASE_URL", raw, ("http", "https"))
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if (
+        not port_ok
+        or "@" in parts.netloc
+        or parts.query
+        or parts.fragment
+        or "#" in url
+        or any(c.isspace() for c in url)
+    ):
+        raise ConfigError(f"PUBLIC_BASE_URL must be http(s)://host[:port][/path], nothing else (got {raw!r})")
+    return url
+
+
 def _declared(name: str, setting: Setting, raw: Any) -> Any:
     """A setting a service declares (app.cds.service.Setting), validated like the others; unset is its default."""
     if raw is None or (isinstance(raw, str) and not raw.strip() and setting.type is not bool):
@@ -127,15 +161,14 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "HOST": str(get("HOST") or "127.0.0.1").strip(),
         "INSTANCE_PATH": str(instance),
         "KEYS_DIR": str(get("KEYS_DIR") or instance / "keys"),
-        "PUBLIC_BASE_URL": _url(
-            "PUBLIC_BASE_URL", get("PUBLIC_BASE_URL") or f"http://localhost:{port}", ("http", "https")
-        ),
+        "PUBLIC_BASE_URL": _public_base_url(get("PUBLIC_BASE_URL") or f"http://localhost:{port}"),
+        "PUBLIC_BASE_URL_SET": bool(get("PUBLIC_BASE_URL")),  # named, not defaulted (a worker's check needs it)
         "DATABASE_URL": get("DATABASE_URL") or f"sqlite:///{instance / 'gateway.db'}",
         "REDIS_URL": get("REDIS_URL") or None,
         "CDS_CLIENTS_FILE": str(get("CDS_CLIENTS_FILE") or DEV_CLIENTS_FILE),
-        "CDS_AUTH": _flag("CDS_AUTH", get("CDS_AUTH", "on")),
+        "CDS_AUTH": _flag("CDS_AUTH", get("CDS_AUTH") or "on"),  # blank is the default, as for every setting
         "FHIR_ALLOW_ANONYMOUS": _flag("FHIR_ALLOW_ANONYMOUS", get("FHIR_ALLOW_ANONYMOUS", "0")),
-        "CORS_ALLOWED_ORIGINS": [o.strip() for o in str(get("CORS_ALLOWED_ORIGINS", "*")).split(",") if o.strip()],
+        "CORS_ALLOWED_ORIGINS": _origins(get("CORS_ALLOWED_ORIGINS")),
         "HOOK_BUDGET_MS": _int("HOOK_BUDGET_MS", get("HOOK_BUDGET_MS", 500), 50, 60_000),
         "FHIR_TIMEOUT_S": _int("FHIR_TIMEOUT_S", get("FHIR_TIMEOUT_S", 5), 1, 120),
         "AUDIT_LOG": str(get("AUDIT_LOG") or instance / "audit.jsonl"),
@@ -159,7 +192,7 @@ def load_config(environ: Mapping[str, str] | None = None, overrides: Mapping[str
         "BREAKER_OPEN_SECONDS": _float("BREAKER_OPEN_SECONDS", get("BREAKER_OPEN_SECONDS", 30), 0.01, 3600),
         "BREAKER_HALF_OPEN_CALLS": _int("BREAKER_HALF_OPEN_CALLS", get("BREAKER_HALF_OPEN_CALLS", 3), 1, 1000),
         "ADMIN_TOKEN": get("ADMIN_TOKEN") or None,
-        "METRICS_TOKEN": get("METRICS_TOKEN") or None,
+        "METRICS_TOKEN": _metrics_token(get("METRICS_TOKEN")),
         "SMART_CLIENT_ID": str(get("SMART_CLIENT_ID") or "clinical-ai-gateway"),
         "SMART_CLIENT_SECRET": get("SMART_CLIENT_SECRET") or None,
         "SMART_SESSION_TTL_S": _int("SMART_SESSION_TTL_S", get("SMART_SESSION_TTL_S", 3600), 60, 86400),

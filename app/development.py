@@ -4,7 +4,7 @@ The development clients file trusts the CDS Hooks Sandbox, whose signing key is 
 ``gateway dev client`` trusts a key kept unguarded on a laptop; CDS_AUTH=off trusts everyone; FHIR_ALLOW_ANONYMOUS
 and WEBHOOKS_ALLOW_PRIVATE open paths to internal servers. Each is fine on a laptop and dangerous anywhere else, so
 with any of them the service starts only bound to loopback with PUBLIC_BASE_URL on localhost, and answers only
-callers on this host (no forwarding proxy in between).
+callers on this host (no forwarding proxy in between, no browser page of another site, no DNS-rebound name).
 """
 
 from __future__ import annotations
@@ -14,21 +14,47 @@ import binascii
 import ipaddress
 import json
 import logging
+import os
+import socket
+import stat
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import click
+from cryptography.hazmat.primitives import serialization
 from flask import request
 
 from app.cds.clients import DEV_CLIENTS_FILE
 from app.http import operation_outcome
+from app.smart.keys import public_jwk_members
 
 log = logging.getLogger(__name__)
 
-_FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")
-# The top-level member that marks a clients file as made for development (``gateway dev client`` writes it).
+# Headers a forwarding proxy adds (besides any X-Forwarded-*), lower case: their presence means the caller is
+# somewhere else.
+_FORWARDING_HEADERS = frozenset(
+    {
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "x-original-forwarded-for",
+        "x-envoy-external-address",
+    }
+)
+# The member that marks a clients file, or one client entry in it, as made for development (``gateway dev client``
+# writes it); present at all, whatever its value, it marks.
 DEVELOPMENT_MARK = "_development_only"
+# Where ``gateway dev client`` keeps its private key by default, under INSTANCE_PATH.
+DEV_CLIENT_DIR = "dev-client"
+DEV_CLIENT_KEY_FILE = "client-es384.pem"
+# The browser pages that may call a development service: the CDS Hooks Sandbox, and pages on this host.
+SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"
 
 
 def is_loopback(host: str | None) -> bool:
@@ -48,14 +74,8 @@ def is_loopback(host: str | None) -> bool:
 
 def development_settings(settings: Mapping[str, Any]) -> list[str]:
     """The development-only settings in use, each named as an operator would set or fix it."""
-    found = []
-    clients_file = Path(settings["CDS_CLIENTS_FILE"]).resolve()
-    if clients_file == DEV_CLIENTS_FILE:
-        found.append("CDS_CLIENTS_FILE unset (the development clients file trusts the CDS Hooks Sandbox's public key)")
-    elif trusts_a_published_key(clients_file):
-        found.append(f"CDS_CLIENTS_FILE {str(clients_file)!r} trusts the CDS Hooks Sandbox, whose key is public")
-    elif is_marked_development(clients_file):
-        found.append(f"CDS_CLIENTS_FILE {str(clients_file)!r} was made by `gateway dev client` for development")
+    clients_file = _development_clients_file(settings)
+    found = [clients_file] if clients_file else []
     if not settings["CDS_AUTH"]:
         found.append("CDS_AUTH=off")
     if settings["FHIR_ALLOW_ANONYMOUS"]:
@@ -63,6 +83,42 @@ def development_settings(settings: Mapping[str, Any]) -> list[str]:
     if settings["WEBHOOKS_ALLOW_PRIVATE"]:
         found.append("WEBHOOKS_ALLOW_PRIVATE=1")
     return found
+
+
+def _development_clients_file(settings: Mapping[str, Any]) -> str | None:
+    """Why CDS_CLIENTS_FILE is a development one, or None when it is a deployment's own."""
+    clients_file = Path(settings["CDS_CLIENTS_FILE"]).resolve()
+    if clients_file == DEV_CLIENTS_FILE:
+        return "CDS_CLIENTS_FILE unset (the development clients file trusts the CDS Hooks Sandbox's public key)"
+    if trusts_a_published_key(clients_file):
+        return f"CDS_CLIENTS_FILE {str(clients_file)!r} trusts the CDS Hooks Sandbox, whose key is public"
+    if is_marked_development(clients_file) or trusts_the_dev_client(clients_file, settings.get("INSTANCE_PATH")):
+        return f"CDS_CLIENTS_FILE {str(clients_file)!r} was made by `gateway dev client` for development"
+    return None
+
+
+def job_worker_refusal(settings: Mapping[str, Any]) -> str | None:
+    """Why a job worker may not start with these settings, or None. A worker listens nowhere, but it works for
+    whatever web server shares its ledger, so its development switches also need a deployment in development:
+    a development clients file, CDS_AUTH=off, or PUBLIC_BASE_URL set on localhost (the general rule has checked
+    that it is local; here it must be set, not defaulted, since a worker's environment may lack the server's)."""
+    in_use = development_settings(settings)
+    if not in_use or _development_clients_file(settings) or not settings["CDS_AUTH"]:
+        return None
+    if settings.get("PUBLIC_BASE_URL_SET"):
+        return None
+    return (
+        f"{in_use[0]}: development only, and CDS_CLIENTS_FILE is a deployment's own with PUBLIC_BASE_URL unset; a "
+        "job worker runs the jobs of every web server sharing its database, so its development switches need a "
+        "development clients file or PUBLIC_BASE_URL set on localhost"
+    )
+
+
+def _runs_as_job_worker() -> bool:
+    """Whether this process is ``gateway jobs worker`` (or ``flask --app app jobs worker``), read from its
+    command line because the application is built before click reaches the command."""
+    argv = sys.argv[1:]
+    return any(argv[i : i + 2] == ["jobs", "worker"] for i in range(len(argv)))
 
 
 def trusts_a_published_key(clients_file: Path) -> bool:
@@ -86,12 +142,34 @@ def trusts_a_published_key(clients_file: Path) -> bool:
 
 
 def is_marked_development(clients_file: Path) -> bool:
-    """Whether a clients file carries the development mark; unreadable files are left to the clients loader."""
+    """Whether a clients file, or any client entry in it, carries the development mark (whatever its value, so
+    that an entry merged into another file or a mark emptied still counts); unreadable files are left to the
+    clients loader."""
     try:
         document = json.loads(clients_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(document, dict) and bool(document.get(DEVELOPMENT_MARK))
+    marked = [document, *_clients(document)] if isinstance(document, dict) else []
+    return any(DEVELOPMENT_MARK in entry for entry in marked)
+
+
+def trusts_the_dev_client(clients_file: Path, instance_path: str | None) -> bool:
+    """Whether a clients file trusts the key ``gateway dev client`` keeps unguarded in INSTANCE_PATH, however its
+    entry was renamed or unmarked."""
+    if not instance_path:
+        return False
+    try:
+        key = serialization.load_pem_private_key(
+            (Path(instance_path) / DEV_CLIENT_DIR / DEV_CLIENT_KEY_FILE).read_bytes(), password=None
+        )
+        configured = json.loads(clients_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+    try:
+        members = public_jwk_members(key)
+    except TypeError:  # not a key `gateway dev client` makes
+        return False
+    return _key_numbers(members) in _public_keys(configured)
 
 
 def _clients(document: Any) -> list[dict]:
@@ -105,8 +183,13 @@ def _public_keys(document: Any) -> set[tuple]:
         jwks = client.get("jwks")
         for jwk in jwks.get("keys", ()) if isinstance(jwks, dict) else ():
             if isinstance(jwk, dict):
-                keys.add((jwk.get("kty"), jwk.get("crv"), *(_number(jwk.get(m)) for m in ("x", "y", "n", "e"))))
+                keys.add(_key_numbers(jwk))
     return keys
+
+
+def _key_numbers(jwk: Mapping[str, Any]) -> tuple:
+    """A public JWK as its type, curve and numbers, whatever their base64 spelling."""
+    return (jwk.get("kty"), jwk.get("crv"), *(_number(jwk.get(m)) for m in ("x", "y", "n", "e")))
 
 
 def _number(member: Any) -> int | None:
@@ -121,8 +204,8 @@ def _number(member: Any) -> int | None:
 
 def off_host_refusal(settings: Mapping[str, Any], binds: Iterable[str] | None = None) -> str | None:
     """One line naming the first development-only setting in use while the service is reachable from elsewhere
-    (PUBLIC_BASE_URL not on localhost, or a bind that is not loopback: ``HOST``, or gunicorn's actual ``binds``),
-    or None when the service may start."""
+    (PUBLIC_BASE_URL not on localhost, or a bind that is not loopback: ``HOST``, or the addresses actually
+    listened on, ``binds``), or None when the service may start."""
     in_use = development_settings(settings)
     why = _reachable_from_elsewhere(settings, binds) if in_use else None
     if not why:
@@ -133,12 +216,28 @@ def off_host_refusal(settings: Mapping[str, Any], binds: Iterable[str] | None = 
     )
 
 
+def reload_refusal(settings: Mapping[str, Any], path: Path) -> str | None:
+    """Why a changed CDS_CLIENTS_FILE may not replace the clients loaded before, or None. A change never turns
+    development-only trust on in a service that started without it (its callers were never limited to this host),
+    and otherwise meets the rule of a start, checked against the addresses actually listened on."""
+    changed = {**settings, "CDS_CLIENTS_FILE": str(path)}
+    in_use = development_settings(changed)
+    if in_use and not settings.get("DEVELOPMENT_SETTINGS"):
+        return f"{in_use[0]}: development only, and this service started without development settings"
+    return off_host_refusal(changed) or off_host_refusal(changed, tcp_listeners())
+
+
 def _reachable_from_elsewhere(settings: Mapping[str, Any], binds: Iterable[str] | None) -> str | None:
     base = settings["PUBLIC_BASE_URL"]
     if not is_loopback(urlsplit(base).hostname):
         return f"PUBLIC_BASE_URL is {base}"
-    for bind in [settings.get("HOST") or "127.0.0.1"] if binds is None else binds:
-        if not bind.startswith(("unix:", "fd://")) and not is_loopback(_bind_host(bind)):
+    if binds is None:
+        host = settings.get("HOST") or "127.0.0.1"
+        return None if is_loopback(_bind_host(host)) else f"HOST is {host}"
+    for bind in binds:
+        if bind.startswith("unix:"):  # only a proxy calls a unix socket, and then every caller looks alike
+            return f"it listens on {bind}, which a proxy would forward to"
+        if not is_loopback(_bind_host(bind)):
             return f"it listens on {bind}"
     return None
 
@@ -152,19 +251,104 @@ def _bind_host(bind: str) -> str:
     return bind.rpartition(":")[0] if ":" in bind else bind
 
 
+def bind_spelling(address: Any) -> str:
+    """A socket's address as gunicorn spells a bind: ``127.0.0.1:8080``, ``[::1]:8080``, ``unix:/path``."""
+    if isinstance(address, tuple):
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"unix:{address!r}" if isinstance(address, bytes) else f"unix:{address}"
+
+
+def tcp_listeners() -> list[str]:
+    """The TCP addresses this process listens on, however it came to (a --bind, another config file, an inherited
+    socket), spelled as binds; read from /proc, so none are seen off Linux."""
+    try:
+        descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+    found = (_listening_address(fd) for fd in descriptors)
+    return [bind_spelling(address) for address in found if isinstance(address, tuple)]
+
+
+def _listening_address(fd: int) -> Any:
+    """The address a listening stream socket ``fd`` is bound to, or None (not a socket, not listening, closed)."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+        duplicate = os.dup(fd)  # a socket object of our own to query, closed without touching ``fd``
+    except OSError:
+        return None
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return None
+    with sock:
+        try:
+            listening = sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            return sock.getsockname() if listening else None
+        except OSError:
+            return None
+
+
+def _flask_run_host() -> list[str]:
+    """The host ``flask run`` is about to listen on (it loads the application before it binds), if this is it."""
+    from flask.cli import run_command
+
+    context = click.get_current_context(silent=True)
+    if context is None or context.command is not run_command or not context.params.get("host"):
+        return []
+    return [f"{context.params['host']}:{context.params.get('port')}"]
+
+
+def is_development_origin(origin: str | None) -> bool:
+    """An Origin a development service answers across sites: the CDS Hooks Sandbox, or a page on this host."""
+    if not origin:
+        return False
+    if origin == SANDBOX_ORIGIN:
+        return True
+    try:
+        parts = urlsplit(origin)
+        return parts.scheme in ("http", "https") and is_loopback(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
+
+
+def _named_host(host_header: str) -> str | None:
+    """The host a Host header names (port aside), or None when it is malformed."""
+    try:
+        return urlsplit(f"//{host_header}").hostname
+    except ValueError:
+        return None
+
+
+def _forwarded(headers) -> bool:
+    names = (name.lower() for name, _ in headers.items())
+    return any(name in _FORWARDING_HEADERS or name.startswith("x-forwarded-") for name in names)
+
+
 def init_app(app) -> None:
-    """Say loudly which development settings are on, and answer only callers on this host while they are."""
+    """Say loudly which development settings are on, refuse to start where other hosts could call, and answer only
+    callers on this host, under a loopback name, while they are on."""
     in_use = development_settings(app.config)
     app.config["DEVELOPMENT_SETTINGS"] = in_use
     if not in_use:
         return
+    refusal = off_host_refusal(app.config, [*tcp_listeners(), *_flask_run_host()])
+    if not refusal and _runs_as_job_worker():
+        refusal = job_worker_refusal(app.config)
+    if refusal:
+        from app.config import ConfigError  # app.config imports this module
+
+        raise ConfigError(refusal)  # a gunicorn worker prints it as one line, then the arbiter halts
     for setting in in_use:
         log.warning("development only: %s; the service answers callers on this host alone", setting)
     refusal = f"Development settings are on ({'; '.join(in_use)}): this service answers callers on this host only"
 
     @app.before_request
     def _callers_on_this_host_only():
-        forwarded = any(name in request.headers for name in _FORWARDING_HEADERS)
-        if forwarded or not is_loopback(request.remote_addr):
+        # A page of another site resolving its own name to 127.0.0.1 (DNS rebinding) still sends its own name.
+        named = _named_host(request.host)
+        if _forwarded(request.headers) or not is_loopback(request.remote_addr) or not is_loopback(named):
             return operation_outcome(403, "forbidden", refusal)
         return None

@@ -37,12 +37,12 @@ from flask.cli import AppGroup
 from app.cds.clients import ClientRegistry
 from app.cds.service import get_service, load_services, services
 from app.config import PROJECT_ROOT
-from app.development import DEVELOPMENT_MARK
+from app.development import DEV_CLIENT_DIR, DEV_CLIENT_KEY_FILE, DEVELOPMENT_MARK
 from app.smart.keys import public_jwk_members, thumbprint
 
 DEV_ISSUER = "http://localhost/dev-client"
 ALGORITHM = "ES384"  # what the CDS Hooks Sandbox signs with
-KEY_FILE = "client-es384.pem"
+KEY_FILE = DEV_CLIENT_KEY_FILE
 CLIENTS_FILE = "clients.json"
 LOCAL_FHIR_SERVERS = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"]
 TOKEN_LIFETIME_S = 300
@@ -117,13 +117,18 @@ class DevClient:
     def clients_document(self) -> dict[str, Any]:
         """A CDS_CLIENTS_FILE trusting this key for DEV_ISSUER and FHIR servers on this machine, marked development."""
         jwk = {**public_jwk_members(self.private_key), "kid": self.kid, "use": "sig", "alg": ALGORITHM}
-        document = {
-            DEVELOPMENT_MARK: (
-                f"Made by `gateway dev client`; its private key is {self.key_path}. Development only: the gateway "
-                "starts with this file only where no other host can reach it."
-            ),
-            "clients": [{"iss": DEV_ISSUER, "jwks": {"keys": [jwk]}, "fhir_servers": LOCAL_FHIR_SERVERS}],
+        mark = (
+            f"Made by `gateway dev client`; its private key is {self.key_path}. Development only: the gateway "
+            "starts with this file only where no other host can reach it."
+        )
+        # The entry carries the mark too, so that copied into another file it still says what it is.
+        client = {
+            DEVELOPMENT_MARK: mark,
+            "iss": DEV_ISSUER,
+            "jwks": {"keys": [jwk]},
+            "fhir_servers": LOCAL_FHIR_SERVERS,
         }
+        document = {DEVELOPMENT_MARK: mark, "clients": [client]}
         ClientRegistry.from_mapping(document, source="development clients file")  # the service's own validation
         return document
 
@@ -197,7 +202,7 @@ def fresh_token_header(options: list[str]) -> str:
 
 
 def _directory(given: Path | None) -> Path:
-    return (given or Path(current_app.instance_path) / "dev-client").resolve()
+    return (given or Path(current_app.instance_path) / DEV_CLIENT_DIR).resolve()
 
 
 def _base_url(given: str | None) -> str:

@@ -8,7 +8,7 @@ stays with the worker that accepted it.
 import sys
 
 from app.config import ConfigError, load_config
-from app.development import off_host_refusal
+from app.development import bind_spelling, off_host_refusal
 from app.metrics import prepare_multiprocess_dir
 
 try:
@@ -56,17 +56,11 @@ def on_starting(server):
 
 def when_ready(server):
     """Development-only settings work only on loopback: check the addresses gunicorn actually listens on, which
-    --bind, GUNICORN_CMD_ARGS or an inherited socket may have set apart from HOST."""
-    refusal = off_host_refusal(_settings, [_listening_on(listener) for listener in server.LISTENERS])
+    --bind, GUNICORN_CMD_ARGS or an inherited socket may have set apart from HOST (each worker checks its own
+    sockets again when it loads the application, app/development.py)."""
+    refusal = off_host_refusal(_settings, [bind_spelling(listener.sock.getsockname()) for listener in server.LISTENERS])
     if refusal:
         _refuse(server, refusal)
-
-
-def _listening_on(listener) -> str:
-    address = listener.sock.getsockname()
-    if isinstance(address, tuple):
-        return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
-    return f"unix:{address}"
 
 
 def _refuse(server, message: str):

@@ -147,6 +147,15 @@ def serve_command(host: str, port: int) -> None:
     """Serve the embedded models over KServe v2 (werkzeug, threaded; production: gunicorn, see app.ai.serve)."""
     from werkzeug.serving import run_simple
 
+    from app.development import is_loopback
+
+    if not is_loopback(host):  # werkzeug's server is for development: it is not hardened for other hosts
+        raise click.BadParameter(
+            f"{host} is not this host alone; to serve other hosts run "
+            "gunicorn 'app.ai.serve:create_model_server()' instead",
+            param_hint="--host",
+        )
+
     run_simple(host, port, create_model_server(), threaded=True)
 
 

@@ -7,6 +7,7 @@ from flask import Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from app.cds.errors import CdsError, ClientNotTrusted
+from app.development import is_development_origin
 from app.http import http_error_outcome, json_response, operation_outcome
 
 __all__ = ["add_cors_headers", "cds_error", "json_response", "operation_outcome", "unrouted_error"]
@@ -14,20 +15,29 @@ __all__ = ["add_cors_headers", "cds_error", "json_response", "operation_outcome"
 
 def add_cors_headers(response: Response) -> Response:
     """CORS on every answer, errors included, or the browser hides them from the Sandbox (R-37)."""
-    allowed = current_app.config["CORS_ALLOWED_ORIGINS"]
-    origin = request.headers.get("Origin")
-    if "*" in allowed:
-        response.headers["Access-Control-Allow-Origin"] = "*"
-    elif origin and origin in allowed:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.vary.add("Origin")
-    else:
+    allowed = _allowed_origin(request.headers.get("Origin"))
+    if allowed is None:
         return response
+    response.headers["Access-Control-Allow-Origin"] = allowed
+    if allowed != "*":
+        response.vary.add("Origin")
     response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
     response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
     if request.method == "OPTIONS":
         response.headers["Access-Control-Max-Age"] = "600"
     return response
+
+
+def _allowed_origin(origin: str | None) -> str | None:
+    """What Access-Control-Allow-Origin says to ``origin``, or None: CORS_ALLOWED_ORIGINS when set; unset, every
+    origin, but while development settings are on only the Sandbox and pages on this host, so that no other site
+    drives a developer's service from the developer's browser."""
+    allowed = current_app.config["CORS_ALLOWED_ORIGINS"]
+    if allowed is None and current_app.config.get("DEVELOPMENT_SETTINGS"):
+        return origin if is_development_origin(origin) else None
+    if allowed is None or "*" in allowed:
+        return "*"
+    return origin if origin in allowed else None
 
 
 def cds_error(exc: CdsError) -> Response:

@@ -20,7 +20,7 @@ from app.cds.responses import unrouted_error
 from app.cds.routes import bp
 from app.cds.service import load_services
 from app.clock import SYSTEM_CLOCK, Clock, app_clock
-from app.development import off_host_refusal
+from app.development import reload_refusal
 from app.host_state import HostState
 from app.http import answer_unrouted, pooled_session
 
@@ -79,9 +79,8 @@ class CdsState:
 def init_app(app) -> None:
     """Load the declared services, build the shared state, register the endpoints and error handlers."""
     load_services()
-    # A file that is development-only is refused on reload as it would be at start (app/development.py).
-    refuse = lambda path: off_host_refusal({**app.config, "CDS_CLIENTS_FILE": str(path)})  # noqa: E731
-    clients = install_trusted_clients(app, refuse)
+    # A development-only file is refused on reload unless the service started in development (app/development.py).
+    clients = install_trusted_clients(app, lambda path: reload_refusal(app.config, path))
     state = CdsState(app.config, clients, app.extensions.get("host_state"), app_clock(app))
     app.extensions["cds"] = state
     if not state.auth_on:

@@ -404,3 +404,12 @@ def test_flask_models_serve_answers_v2(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_the_development_model_server_refuses_to_listen_beyond_this_host(tmp_path, host):
+    env = {**os.environ, "INSTANCE_PATH": str(tmp_path / "instance"), "AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    flask = [sys.executable, "-m", "flask", "--app", "app", "models", "serve", "--host", host, "--port", "1"]
+    done = subprocess.run(flask, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--host" in done.stderr and "gunicorn 'app.ai.serve:create_model_server()'" in done.stderr

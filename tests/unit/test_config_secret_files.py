@@ -27,6 +27,8 @@ def test_a_secret_is_read_from_its_file(tmp_path):
         ({"ADMIN_TOKEN_FILE": "{tmp}/absent"}, "ADMIN_TOKEN_FILE '{tmp}/absent' cannot be read: No such file"),
         ({"ADMIN_TOKEN_FILE": "{tmp}/empty"}, "ADMIN_TOKEN_FILE '{tmp}/empty' is empty"),
         ({"REDIS_URL_FILE": "{tmp}/token"}, "REDIS_URL must be"),  # the value is validated like any other
+        ({"METRICS_TOKEN": ""}, "METRICS_TOKEN is set but empty"),  # not a quiet "open"
+        ({"METRICS_TOKEN": "  "}, "METRICS_TOKEN is set but empty"),
     ],
 )
 def test_a_bad_secret_file_names_the_variable(tmp_path, extra, message):
