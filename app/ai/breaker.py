@@ -4,9 +4,9 @@ pybreaker supplies the states, the listeners and the Redis key layout, but its `
 protected call runs, which would serialise every thread; so it is never used. ``allow()`` hands out a Permit
 before the call and ``record()`` takes the outcome afterwards. Added here: failure-rate and slow-call windows
 with a minimum number of calls, a bounded number of half-open trial calls, outcomes that count as neither
-success nor failure (bad input), and state shared by the processes calling the same model (app.ai.breaker_state:
-through Redis across hosts, through this host's state file without Redis) and kept per process when neither
-answers.
+success nor failure (bad input), and state and window shared by the processes calling the same model
+(app.ai.breaker_state: through Redis across hosts, through this host's state file without Redis) and kept per
+process when neither answers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pybreaker
 
-from app.ai.breaker_state import View, shared_state
+from app.ai.breaker_state import FAILURE, SLOW, View, Window, shared_state
 from app.clock import SYSTEM_CLOCK, Clock
 from app.host_state import HostState
 from app.logs import describe
@@ -29,11 +29,11 @@ from app.logs import describe
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
-SUCCESS, FAILURE, IGNORED = "success", "failure", "ignored"
+SUCCESS, IGNORED = "success", "ignored"
 OUTCOMES = frozenset({SUCCESS, FAILURE, IGNORED})
 
-# While closed, allow() and `state` trust a shared answer this recent instead of asking again: a change made by
-# another process is seen within this time, and a busy process asks about 20 times a second, not per call.
+# `state` (a display: metrics, tests) trusts a shared answer this recent instead of asking again. allow() asks
+# the store at every call while closed, so that no process lets a call through after another one tripped it.
 SHARED_STATE_MAX_AGE_S = 0.05
 
 # Within one epoch (one opening) the shared state only moves open -> half-open -> closed, and each opening
@@ -45,9 +45,10 @@ _RANK = {OPEN: 0, HALF_OPEN: 1, CLOSED: 2}
 class Permit:
     """Leave for one model call from `CircuitBreaker.allow`; hand it back to `CircuitBreaker.record`.
 
-    ``state`` is the state it was granted in. A half-open permit carries a trial ``token`` and, when a shared
-    store granted it, the ``epoch`` (opening) it belongs to. ``generation`` ties it to this process's view, so an
-    outcome that arrives after the breaker has moved on is not counted in the new state.
+    ``state`` is the state it was granted in. A half-open permit carries a trial ``token``. When a shared store
+    granted it, ``epoch`` is the opening it belongs to: the store counts its outcome only in that same period.
+    ``generation`` ties it to this process's view, so an outcome that arrives after the breaker has moved on is
+    not counted in the new state.
     """
 
     state: str
@@ -72,21 +73,22 @@ class _QuietListener(pybreaker.CircuitBreakerListener):
 class CircuitBreaker:
     """A circuit breaker that decides before a call (`allow`) and learns its outcome after it (`record`).
 
-    Closed: every call is allowed; the last ``window_size`` outcomes recorded by this process are kept, and
-    once there are ``minimum_calls`` of them it opens when the failure rate reaches ``failure_rate_threshold``
-    or the rate of successes slower than ``slow_call_seconds`` reaches ``slow_call_rate_threshold``.
+    Closed: every call is allowed; the last ``window_size`` outcomes are kept, and once there are
+    ``minimum_calls`` of them it opens when the failure rate reaches ``failure_rate_threshold`` or the rate of
+    successes slower than ``slow_call_seconds`` reaches ``slow_call_rate_threshold``.
     Open: every call is refused for ``open_seconds``; then the next ``allow()`` moves it to half-open.
     Half-open: at most ``half_open_max_calls`` trial calls at a time; ``half_open_successes_to_close``
     successful trials close it, one failed or slow trial opens it again. A trial permit that is never handed
     back is reclaimed after ``open_seconds`` (or ``slow_call_seconds`` if longer).
 
     With ``redis_url`` (across hosts) or ``host_state`` (across this host's processes; with both, the host file
-    takes over while Redis is down) the state, its timing, the trial permits and the half-open successes are
-    shared by every process using the same ``name`` (a closed process notices a change within
-    SHARED_STATE_MAX_AGE_S); the closed-state window stays per process. With neither, or while neither
-    answers, everything is per process. Transitions go through a pybreaker.CircuitBreaker, so ``listeners``
-    hear ``state_change`` in every process that makes or notices one. ``clock`` (app.clock) times the open
-    period, trial permits, the shared answer's age and the host file; call durations come from the caller.
+    takes over while Redis is down) the state, its timing, the closed-state window, the trial permits and the
+    half-open successes are shared by every process using the same ``name``: each allow() and each outcome is
+    one operation on the store, so ``minimum_calls`` means the same with one process or many, and no process
+    lets a call through once another has tripped it. With neither, or while neither answers, everything is per
+    process. Transitions go through a pybreaker.CircuitBreaker, so ``listeners`` hear ``state_change`` in every
+    process that makes or notices one. ``clock`` (app.clock) times the open period, trial permits, the shared
+    answer's age and the host file; call durations come from the caller.
     """
 
     def __init__(
@@ -117,11 +119,8 @@ class CircuitBreaker:
             half_open_successes_to_close,
         )
         self.name = name
-        self._failure_rate = failure_rate_threshold
-        self._slow_rate = slow_call_rate_threshold
+        self._rule = Window(window_size, minimum_calls, failure_rate_threshold, slow_call_rate_threshold)
         self._slow_s = slow_call_seconds
-        self._window_size = window_size
-        self._minimum_calls = minimum_calls
         self._open_s = open_seconds
         self._max_trials = half_open_max_calls
         self._successes_to_close = half_open_successes_to_close
@@ -139,7 +138,7 @@ class CircuitBreaker:
         )
         self._generation = 0
         self._opened_at = 0.0
-        self._window: deque[tuple[bool, bool]] = deque()
+        self._window: deque[str] = deque()  # this process's own outcomes, while no store answers
         self._failures = 0
         self._slow = 0
         self._trials: dict[str, float] = {}  # this process's trial tokens -> expiry
@@ -154,6 +153,7 @@ class CircuitBreaker:
             max(1, round(self._trial_ttl_s * 1000)),
             half_open_max_calls,
             half_open_successes_to_close,
+            *self._rule,
         ]
         self._shared = shared_state(name, limits, redis_url, host_state, clock)
 
@@ -176,8 +176,6 @@ class CircuitBreaker:
                 return None
             if self._shared is None:
                 return self._allow_here()
-            if self._local.state == CLOSED and self._recently_checked():
-                return Permit(CLOSED, self._generation)
         token = self._new_token()
         view = self._shared.run("allow", token=token)
         with self._lock:
@@ -186,8 +184,11 @@ class CircuitBreaker:
             self._adopt(view)
             if view.granted:
                 return Permit(HALF_OPEN, self._generation, token, view.epoch)
-            # An answer overtaken by a newer one was not adopted: the newer state decides.
-            return Permit(CLOSED, self._generation) if self._local.state == CLOSED else None
+            if self._local.state != CLOSED:
+                return None
+            # An answer overtaken by a newer one was not adopted: the newer state decides, in its epoch.
+            epoch, _ = self._seen or (view.epoch, 0)
+            return Permit(CLOSED, self._generation, epoch=epoch)
 
     def record(self, permit: Permit, outcome: str, duration_s: float) -> None:
         """Count the outcome of a permitted call: ``success``, ``failure`` or ``ignored`` (bad input: neither).
@@ -202,25 +203,24 @@ class CircuitBreaker:
             verdict = IGNORED if outcome == IGNORED else FAILURE if outcome == FAILURE or slow else SUCCESS
             self._record_trial(permit, verdict)
         elif outcome != IGNORED:
-            self._record_closed(permit, outcome == FAILURE, slow)
+            self._record_closed(permit, SLOW if slow else outcome)
 
-    def _record_closed(self, permit: Permit, failed: bool, slow: bool) -> None:
+    def _record_closed(self, permit: Permit, verdict: str) -> None:
         with self._lock:
             if permit.generation != self._generation or self._local.state != CLOSED:
                 return  # admitted before the breaker last changed: it says nothing about the current state
-            self._count(failed, slow)
-            if not self._over_threshold():
-                return
-            self._clear_window()
-            generation = self._generation
-            if self._shared is None or not self._shared.up:
-                self._enter(OPEN)
-                return
-        view = self._shared.run("trip")
-        with self._lock:
+        if permit.epoch is not None and self._shared is not None:
+            view = self._shared.run("count", epoch=permit.epoch, verdict=verdict)
             if view is not None:
-                self._adopt(view)
-            elif self._generation == generation:
+                with self._lock:
+                    self._adopt(view)
+                return
+            # The store is gone: the outcome counts in this process's own window.
+        with self._lock:
+            if permit.generation != self._generation or self._local.state != CLOSED:
+                return
+            self._count(verdict)
+            if self._rule.trips(len(self._window), self._failures, self._slow):
                 self._enter(OPEN)
 
     def _record_trial(self, permit: Permit, verdict: str) -> None:
@@ -300,20 +300,14 @@ class CircuitBreaker:
         else:
             self._breaker.close()
 
-    def _count(self, failed: bool, slow: bool) -> None:
-        if len(self._window) == self._window_size:
-            old_failed, old_slow = self._window.popleft()
-            self._failures -= old_failed
-            self._slow -= old_slow
-        self._window.append((failed, slow))
-        self._failures += failed
-        self._slow += slow
-
-    def _over_threshold(self) -> bool:
-        calls = len(self._window)
-        if calls < self._minimum_calls:
-            return False
-        return self._failures / calls >= self._failure_rate or self._slow / calls >= self._slow_rate
+    def _count(self, verdict: str) -> None:
+        if len(self._window) == self._rule.size:
+            old = self._window.popleft()
+            self._failures -= old == FAILURE
+            self._slow -= old == SLOW
+        self._window.append(verdict)
+        self._failures += verdict == FAILURE
+        self._slow += verdict == SLOW
 
     def _clear_window(self) -> None:
         self._window.clear()

@@ -1,9 +1,10 @@
 """Where a circuit breaker's state is shared: Redis across hosts, or this host's state file across its processes.
 
-Each store answers one operation at a time, atomically (a Lua script in Redis, a write transaction in the
-file): ``peek``, ``allow`` (may move open -> half-open and hand out a trial permit), ``trip`` (closed -> open)
-and ``trial`` (a trial's verdict). ``run`` answers a `View`, or None while the store is unreachable, and then
-the breaker keeps its state per process (or on the next store of a `Failover`).
+Each store answers one operation at a time, atomically (a Lua script in Redis, a transaction in the file):
+``peek``, ``allow`` (may move open -> half-open and hand out a trial permit), ``count`` (a closed-state outcome
+enters the shared window of the last ``window_size`` outcomes, and the window may trip it: closed -> open) and
+``trial`` (a trial's verdict). ``run`` answers a `View`, or None while the store is unreachable, and then the
+breaker keeps its state per process (or on the next store of a `Failover`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from app.host_state import HostState, HostStateError
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
-SUCCESS, FAILURE = "success", "failure"
+SUCCESS, FAILURE, SLOW = "success", "failure", "slow"
 
 REDIS_TIMEOUT_S = 0.2  # connect and read; a dead Redis costs the call that finds out at most this, once
 RETRY_FIRST_S = 1.0  # after losing a store, first try again after this, doubling up to RETRY_MAX_S
@@ -31,13 +32,18 @@ RETRY_MAX_S = 30.0
 HOST_LINK = -1  # the host file's answers form one sequence of their own, apart from any Redis connection's
 
 # KEYS: state, opened_at (pybreaker's keys and formats), period (hash: epoch, opened_ms, successes),
-# trials (sorted set: trial token -> expiry). ARGV: op, open_ms, trial_ttl_ms, max_trials, successes_to_close,
-# token, epoch, verdict. Time is Redis's clock, so the hosts' clocks need not agree.
+# trials (sorted set: trial token -> expiry), window (hash: calls, failure, slow: counts since it was cleared),
+# outcomes (hash: slot -> verdict, a ring of the last window_size). ARGV: op, open_ms, trial_ttl_ms, max_trials,
+# successes_to_close, window_size, minimum_calls, failure_rate, slow_rate, token, epoch, verdict. Time is
+# Redis's clock, so the hosts' clocks need not agree.
 _SCRIPT = """
 local state_key, opened_at_key, period_key, trials_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local window_key, outcomes_key = KEYS[5], KEYS[6]
 local op, open_ms, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_trials, to_close = tonumber(ARGV[4]), tonumber(ARGV[5])
-local token, permit_epoch, verdict = ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local window, min_calls = tonumber(ARGV[6]), tonumber(ARGV[7])
+local failure_rate, slow_rate = tonumber(ARGV[8]), tonumber(ARGV[9])
+local token, permit_epoch, verdict = ARGV[10], tonumber(ARGV[11]), ARGV[12]
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -60,7 +66,7 @@ end
 local function enter(new_state)
   state = new_state
   redis.call('SET', state_key, new_state)
-  redis.call('DEL', trials_key)
+  redis.call('DEL', trials_key, window_key)
   redis.call('HSET', period_key, 'successes', 0)
 end
 
@@ -82,8 +88,22 @@ if op == 'allow' then
       granted = 1
     end
   end
-elseif op == 'trip' then
-  if state == 'closed' then trip() end
+elseif op == 'count' then
+  if state == 'closed' and permit_epoch == epoch then
+    -- the outcome takes the slot of the one recorded window_size calls ago, which leaves the window
+    local seq = redis.call('HINCRBY', window_key, 'calls', 1)
+    local slot = (seq - 1) % window
+    if seq > window then
+      local old = redis.call('HGET', outcomes_key, slot)
+      if old == 'failure' or old == 'slow' then redis.call('HINCRBY', window_key, old, -1) end
+    end
+    redis.call('HSET', outcomes_key, slot, verdict)
+    if verdict == 'failure' or verdict == 'slow' then redis.call('HINCRBY', window_key, verdict, 1) end
+    local calls = math.min(seq, window)
+    local failures = tonumber(redis.call('HGET', window_key, 'failure')) or 0
+    local slow = tonumber(redis.call('HGET', window_key, 'slow')) or 0
+    if calls >= min_calls and (failures / calls >= failure_rate or slow / calls >= slow_rate) then trip() end
+  end
 elseif op == 'trial' then
   redis.call('ZREM', trials_key, token)
   if state == 'half-open' and permit_epoch == epoch then
@@ -99,6 +119,21 @@ local left = 0
 if state == 'open' then left = open_left() end
 return {state, epoch, left, granted}
 """
+
+
+class Window(NamedTuple):
+    """The closed-state rule: over the last ``size`` outcomes, once there are ``minimum_calls``, trip at a
+    failure rate of ``failure_rate`` or a slow-call rate of ``slow_rate``."""
+
+    size: int
+    minimum_calls: int
+    failure_rate: float
+    slow_rate: float
+
+    def trips(self, calls: int, failures: int, slow: int) -> bool:
+        if calls < self.minimum_calls:
+            return False
+        return failures / calls >= self.failure_rate or slow / calls >= self.slow_rate
 
 
 class View(NamedTuple):
@@ -119,7 +154,7 @@ class RedisState:
     waits on a dead Redis except the one whose call finds it dead.
     """
 
-    def __init__(self, url: str, name: str, limits: list[int], clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, url: str, name: str, limits: list, clock: Clock = SYSTEM_CLOCK):
         self.name = name
         self._clock = clock
         self.link = 0  # counts connections: answers from different links cannot be ordered by epoch
@@ -132,7 +167,9 @@ class RedisState:
             retry=Retry(NoBackoff(), 0),  # no retries: a dead Redis must cost one short timeout, not several
         )
         prefix = f"{name}:{pybreaker.CircuitRedisStorage.BASE_NAMESPACE}:"
-        self.keys = [prefix + key for key in ("state", "opened_at", "period", "trials")]
+        # The window's keys name its size: processes configured with another size keep a window of their own.
+        window = f"window-{limits[4]}"
+        self.keys = [prefix + key for key in ("state", "opened_at", "period", "trials", window, f"{window}-outcomes")]
         self._script = self._client.register_script(_SCRIPT)
         self._limits = limits
         self._lock = threading.Lock()
@@ -207,17 +244,19 @@ class RedisState:
 class HostFileState:
     """The breaker's state in this host's state file: the same steps as the Redis script, in one transaction.
 
-    Time is the host's wall clock, which all its processes share. While the file cannot be written (disk full,
-    locked too long) ``run`` answers None and the file is tried again after a back-off.
+    Time is the host's wall clock, which all its processes share. A peek, and an allow that changes nothing
+    (closed, or open with time left), only read (WAL readers take no lock). While the file cannot be written
+    (disk full, locked too long) ``run`` answers None and the file is tried again after a back-off.
     """
 
-    def __init__(self, state: HostState, name: str, limits: list[int], clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, state: HostState, name: str, limits: list, clock: Clock = SYSTEM_CLOCK):
         self.name = name
         self._clock = clock
         self.link = HOST_LINK
         self.up = True
         self._state = state
-        self.open_ms, self.trial_ttl_ms, self.max_trials, self.to_close = limits
+        self.open_ms, self.trial_ttl_ms, self.max_trials, self.to_close = limits[:4]
+        self.window = Window(*limits[4:])
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self._retry_after = RETRY_FIRST_S
@@ -229,10 +268,10 @@ class HostFileState:
                     return None
                 self._retry_at = self._clock.monotonic() + self._retry_after  # this caller probes, the others wait
         try:
-            with self._state.write() as conn:
-                view = _Period.load(conn, self.name, int(self._clock.now() * 1000)).step(
-                    self, op, token, epoch, verdict
-                )
+            view = self._read_only(op)
+            if view is None:
+                with self._state.write() as conn:
+                    view = _Period.load(conn, self.name, self._now_ms()).step(self, op, token, epoch, verdict)
         except HostStateError as exc:
             self._went_down(exc)
             return None
@@ -241,6 +280,21 @@ class HostFileState:
                 self.up, self._retry_after = True, RETRY_FIRST_S
             log.info("circuit breaker %s: the host state file is writable again, state is shared again", self.name)
         return view
+
+    def _read_only(self, op: str) -> View | None:
+        """The answer of an operation that would change nothing, or None when it must write."""
+        if op not in ("peek", "allow"):
+            return None
+        rows = self._state.read(_Period.QUERY, (self.name,))
+        if not rows:
+            return None  # the first operation writes the row, and with it the epoch every answer then shares
+        period = _Period(None, self.name, self._now_ms(), rows[0])
+        if op == "allow" and not (period.state == CLOSED or period.open_left(self.open_ms) > 0):
+            return None
+        return period.view(self, granted=False)
+
+    def _now_ms(self) -> int:
+        return int(self._clock.now() * 1000)
 
     def _went_down(self, exc: Exception) -> None:
         with self._lock:
@@ -252,7 +306,9 @@ class HostFileState:
 
 
 class _Period:
-    """One breaker's row in the host state file, changed as the Redis script changes its keys."""
+    """One breaker's rows in the host state file, changed as the Redis script changes its keys."""
+
+    QUERY = "SELECT state, epoch, opened_ms, successes FROM breaker WHERE name = ?"
 
     def __init__(self, conn, name: str, now_ms: int, row: tuple | None):
         self.conn, self.name, self.now = conn, name, now_ms
@@ -260,8 +316,7 @@ class _Period:
 
     @classmethod
     def load(cls, conn, name: str, now_ms: int) -> _Period:
-        query = "SELECT state, epoch, opened_ms, successes FROM breaker WHERE name = ?"
-        return cls(conn, name, now_ms, conn.execute(query, (name,)).fetchone())
+        return cls(conn, name, now_ms, conn.execute(cls.QUERY, (name,)).fetchone())
 
     def step(self, limits: HostFileState, op: str, token: str, permit_epoch: int, verdict: str) -> View:
         granted = False
@@ -270,8 +325,9 @@ class _Period:
                 self.enter(HALF_OPEN)
             if self.state == HALF_OPEN:
                 granted = self.grant_trial(token, limits.trial_ttl_ms, limits.max_trials)
-        elif op == "trip" and self.state == CLOSED:
-            self.trip()
+        elif op == "count":
+            if self.state == CLOSED and permit_epoch == self.epoch and self.count(limits.window, verdict):
+                self.trip()
         elif op == "trial":
             self.conn.execute("DELETE FROM breaker_trial WHERE name = ? AND token = ?", (self.name, token))
             if self.state == HALF_OPEN and permit_epoch == self.epoch:
@@ -285,6 +341,9 @@ class _Period:
             "INSERT OR REPLACE INTO breaker (name, state, epoch, opened_ms, successes) VALUES (?, ?, ?, ?, ?)",
             (self.name, self.state, self.epoch, self.opened_ms, self.successes),
         )
+        return self.view(limits, granted)
+
+    def view(self, limits: HostFileState, granted: bool) -> View:
         left_ms = self.open_left(limits.open_ms) if self.state == OPEN else 0
         return View(self.state, self.epoch, left_ms / 1000, granted, HOST_LINK)
 
@@ -294,11 +353,34 @@ class _Period:
     def enter(self, state: str) -> None:
         self.state, self.successes = state, 0
         self.conn.execute("DELETE FROM breaker_trial WHERE name = ?", (self.name,))
+        self.conn.execute("DELETE FROM breaker_window WHERE name = ?", (self.name,))
 
     def trip(self) -> None:
         self.epoch += 1
         self.enter(OPEN)
         self.opened_ms = self.now
+
+    def count(self, window: Window, verdict: str) -> bool:
+        """Enter a closed-state outcome in the window (in the slot of the one it pushes out); whether the window
+        now trips the breaker."""
+        key = (self.name, window.size)
+        row = self.conn.execute("SELECT calls, failure, slow FROM breaker_window WHERE name = ? AND size = ?", key)
+        calls, failures, slow = row.fetchone() or (0, 0, 0)
+        slot = (*key, calls % window.size)
+        if calls >= window.size:
+            (old,) = self.conn.execute(
+                "SELECT verdict FROM breaker_outcome WHERE name = ? AND size = ? AND slot = ?", slot
+            ).fetchone()
+            failures, slow = failures - (old == FAILURE), slow - (old == SLOW)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO breaker_outcome (name, size, slot, verdict) VALUES (?, ?, ?, ?)", (*slot, verdict)
+        )
+        calls, failures, slow = calls + 1, failures + (verdict == FAILURE), slow + (verdict == SLOW)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO breaker_window (name, size, calls, failure, slow) VALUES (?, ?, ?, ?, ?)",
+            (*key, calls, failures, slow),
+        )
+        return window.trips(min(calls, window.size), failures, slow)
 
     def grant_trial(self, token: str, ttl_ms: int, max_trials: int) -> bool:
         self.conn.execute("DELETE FROM breaker_trial WHERE name = ? AND expires_ms <= ?", (self.name, self.now))
@@ -332,9 +414,7 @@ class Failover:
         return view if view is not None else self._fallback.run(op, token, epoch, verdict)
 
 
-def shared_state(
-    name: str, limits: list[int], redis_url: str | None, host: HostState | None, clock: Clock = SYSTEM_CLOCK
-):
+def shared_state(name: str, limits: list, redis_url: str | None, host: HostState | None, clock: Clock = SYSTEM_CLOCK):
     """Where the breaker ``name`` shares its state: Redis, the host file, Redis failing over to the file, or
     nowhere (None: per process). ``clock`` times the retries after an outage and, in the host file, the state."""
     redis_state = RedisState(redis_url, name, limits, clock) if redis_url else None

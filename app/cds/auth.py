@@ -24,8 +24,9 @@ from app.cds.clients import (
     verification_algorithms,
 )
 from app.cds.errors import ClientNotTrusted, ReplayCheckUnavailable
-from app.cds.replay import ReplayCache, StoreUnavailable
+from app.cds.replay import CLOCK_LEEWAY_S, ReplayCache, StoreUnavailable
 from app.clock import SYSTEM_CLOCK, Clock
+from app.http import read_body
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class ClientAuthenticator:
         public_base_url: str,
         replay: ReplayCache,
         session: requests.Session | None = None,
-        leeway_seconds: float = 5,
+        leeway_seconds: float = CLOCK_LEEWAY_S,
         jwks_refetch_floor_seconds: float = 60,
         http_timeout: tuple[float, float] = (2.0, 3.0),
         clock: Clock = SYSTEM_CLOCK,
@@ -128,20 +129,23 @@ class ClientAuthenticator:
             raise ClientNotTrusted("lifetime_too_long")
         ttl = max(math.ceil(remaining + self._leeway), 1)
         try:
-            first_use = self._replay.first_use(json.dumps([client.iss, jti]), ttl)
+            check = self._replay.check(json.dumps([client.iss, jti]), ttl)
         except StoreUnavailable as exc:
             log.error("client JWT replay check unavailable: %s", exc)
             raise ReplayCheckUnavailable("replay_check_unavailable") from None
-        if not first_use:
+        if not check.first_use:
             raise ClientNotTrusted("replayed_jti")
-        since = self._replay.remembers_since
-        if claims["iat"] < (math.floor(since) if math.isfinite(since) else since):
-            # The replay store lost or never had what came before (a restarted Redis, a switch to a fallback):
-            # a token issued then may have been used already. No leeway here: it would be a replay window. The
-            # whole second, because iat usually has no fraction: a token made just after the switch is not lost.
+        if claims["iat"] < self._replay_cut_off(check.remembers_since):
             raise ClientNotTrusted("issued_before_replay_memory")
         tenant = client.tenant or claimed_tenant
         return Principal(iss=client.iss, tenant=tenant, client=client, jti=jti)
+
+    def _replay_cut_off(self, since: float) -> float:
+        """The earliest iat the replay store can vouch for. The store lost what came before ``since`` (a
+        restarted Redis, a new host file, a switch to a fallback), and a token used just before then may carry
+        an iat up to the leeway ahead of that use: so the cut-off is the leeway after the (next whole second
+        of the) start, and fresh calls in those first seconds are refused too."""
+        return math.ceil(since) + self._leeway if math.isfinite(since) else since
 
 
 def _bearer_token(header: str | None) -> str:
@@ -307,11 +311,7 @@ class _RemoteKeySets:
         ) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code}")
-            body = bytearray()
-            for chunk in response.iter_content(16_384):
-                body += chunk
-                if len(body) > _JWKS_MAX_BYTES or time.monotonic() > deadline:
-                    raise ValueError("JWK Set too large or too slow")
+            body = read_body(response, limit=_JWKS_MAX_BYTES, deadline=deadline)
         data = json.loads(body)
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
             raise ValueError("not a JWK Set")

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -29,23 +29,40 @@ from app.host_state import HostState, HostStateError
 
 log = logging.getLogger(__name__)
 
+# How far a client's clock may run ahead of ours (iat, nbf): the authenticator refuses a token issued before a
+# store's start plus this, since such a token may have been used just before the store (re)started.
+CLOCK_LEEWAY_S = 5.0
+
 
 class StoreUnavailable(Exception):
     """The store did not answer."""
 
 
+class Check(NamedTuple):
+    """One check's answer: whether the key was new, and since when (seconds since the epoch) the stores that
+    answered it remember: a token issued before then cannot be checked."""
+
+    first_use: bool
+    remembers_since: float
+
+
 class ReplayCache(Protocol):
     """What the authenticator needs: remember a key for a while, atomically, and say since when it remembers."""
 
-    remembers_since: float  # seconds since the epoch; a token issued before this cannot be checked
-
-    def first_use(self, key: str, ttl_seconds: int) -> bool:
-        """Atomically record ``key`` for ``ttl_seconds``: True the first time, False while remembered; raises
-        StoreUnavailable when it cannot tell."""
+    def check(self, key: str, ttl_seconds: int) -> Check:
+        """Atomically record ``key`` for ``ttl_seconds`` (new the first time, not while remembered), with the
+        memory's start as it was for this very check; raises StoreUnavailable when it cannot tell."""
         ...
 
 
-class MemoryReplayCache:
+class _Checks:
+    """``first_use``: a check's first half, for callers that need no start time."""
+
+    def first_use(self, key: str, ttl_seconds: int) -> bool:
+        return self.check(key, ttl_seconds).first_use  # type: ignore[attr-defined]
+
+
+class MemoryReplayCache(_Checks):
     """A per-process replay cache: thread-safe, and expired keys are purged so memory follows live tokens."""
 
     remembers_since = float("-inf")
@@ -56,16 +73,16 @@ class MemoryReplayCache:
         self._heap: list[tuple[float, str]] = []
         self._lock = threading.Lock()
 
-    def first_use(self, key: str, ttl_seconds: int) -> bool:
+    def check(self, key: str, ttl_seconds: int) -> Check:
         with self._lock:
             now = self._clock()
             self._purge(now)
             if key in self._expiry:
-                return False
+                return Check(False, self.remembers_since)
             expires = now + max(ttl_seconds, 1)
             self._expiry[key] = expires
             heapq.heappush(self._heap, (expires, key))
-            return True
+            return Check(True, self.remembers_since)
 
     def __len__(self) -> int:
         with self._lock:
@@ -79,18 +96,22 @@ class MemoryReplayCache:
             del self._expiry[key]
 
 
-class HostReplayCache:
-    """The replay cache of this host's processes, in the host state file (one short write per call)."""
+class HostReplayCache(_Checks):
+    """The replay cache of this host's processes, in the host state file (one short write per call). The file's
+    own start is read in the same transaction, so a file made anew (deleted, or after a reboot) counts at once."""
 
     PURGE_EVERY_S = 10.0
 
     def __init__(self, state: HostState, clock: Clock = SYSTEM_CLOCK):
         self._state = state
         self._clock = clock
-        self.remembers_since = state.started_at
         self._next_purge = 0.0
 
-    def first_use(self, key: str, ttl_seconds: int) -> bool:
+    @property
+    def remembers_since(self) -> float:
+        return self._state.started_at
+
+    def check(self, key: str, ttl_seconds: int) -> Check:
         now = self._clock.now()
         try:
             with self._state.write() as conn:
@@ -103,9 +124,10 @@ class HostReplayCache:
                 if now >= self._next_purge:
                     self._next_purge = now + self.PURGE_EVERY_S
                     conn.execute("DELETE FROM jti WHERE expires <= ?", (now,))
+                (since,) = conn.execute("SELECT value FROM meta WHERE name = 'started_at'").fetchone()
         except HostStateError as exc:
             raise StoreUnavailable(str(exc)) from None
-        return recorded == 1
+        return Check(recorded == 1, float(since))
 
 
 # KEYS: the jti's key; a hash saying since when this Redis remembers, and for which run of the server (its
@@ -125,11 +147,12 @@ return {0, since}
 """
 
 
-class RedisReplayCache:
+class RedisReplayCache(_Checks):
     """A replay cache shared by every process and host through Redis (SET NX EX), in one script call.
 
     Raises StoreUnavailable when Redis does not answer. A Redis that restarted remembers only from its restart
-    on, and says so in ``remembers_since``.
+    on, and says so in each check's answer (``remembers_since`` keeps the latest, for display). At its first
+    answer, the server's maxmemory-policy is checked once: a Redis that may evict keys forgets jtis.
     """
 
     PREFIX = "cds:jti:"
@@ -144,17 +167,44 @@ class RedisReplayCache:
         )
         self._script = self._redis.register_script(_REDIS_SCRIPT)
         self.remembers_since = float("inf")  # nothing is known until Redis has answered once
+        self._policy_checked = False
+        self._policy_lock = threading.Lock()
 
-    def first_use(self, key: str, ttl_seconds: int) -> bool:
+    def check(self, key: str, ttl_seconds: int) -> Check:
         try:
             recorded, since = self._script(keys=[self.PREFIX + key, self.SINCE_KEY], args=[max(int(ttl_seconds), 1)])
         except redis.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         self.remembers_since = float(since)
-        return bool(recorded)
+        if not self._policy_checked:
+            self._check_eviction_policy()
+        return Check(bool(recorded), float(since))
+
+    def _check_eviction_policy(self) -> None:
+        """One ERROR if Redis may evict keys: an evicted jti is accepted again (a replay), with no other sign."""
+        with self._policy_lock:
+            if self._policy_checked:
+                return
+            self._policy_checked = True
+        try:
+            policy = self._redis.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.RedisError as exc:  # CONFIG renamed away or denied by an ACL, as managed services do
+            policy, reason = None, type(exc).__name__
+        else:
+            reason = "CONFIG GET gave no value"
+        if policy is None:
+            log.warning(
+                "Redis maxmemory-policy could not be checked (%s); the jti replay cache needs noeviction", reason
+            )
+        elif policy != "noeviction":
+            log.error(
+                "Redis maxmemory-policy is %s: under memory pressure it may evict jti keys, and an evicted jti "
+                "is accepted again (a replay); set maxmemory-policy noeviction",
+                policy,
+            )
 
 
-class SharedReplayCache:
+class SharedReplayCache(_Checks):
     """The host file, always, and Redis too when configured: a key is new only if every store that answered
     says so. Redis being down costs one short timeout per ``retry_after_seconds`` (one caller probes) and one
     WARNING per outage; the host file being unusable raises StoreUnavailable (the call is refused)."""
@@ -182,18 +232,19 @@ class SharedReplayCache:
             since = max(since, self._redis.remembers_since)
         return since
 
-    def first_use(self, key: str, ttl_seconds: int) -> bool:
-        new_here = self._host.first_use(key, ttl_seconds)
-        if not new_here or self._redis is None or not self._may_try_redis():
-            return new_here
+    def check(self, key: str, ttl_seconds: int) -> Check:
+        here = self._host.check(key, ttl_seconds)
+        if not here.first_use or self._redis is None or not self._may_try_redis():
+            return Check(here.first_use, max(here.remembers_since, self._lost_redis_at))
         try:
-            new_everywhere = self._redis.first_use(key, ttl_seconds)
+            everywhere = self._redis.check(key, ttl_seconds)
         except StoreUnavailable as exc:
             self._went_down(exc)
-            return new_here
+            return Check(True, max(here.remembers_since, self._lost_redis_at))
         if self._redis_down:
             self._came_back()
-        return new_here and new_everywhere
+        since = max(here.remembers_since, self._lost_redis_at, everywhere.remembers_since)
+        return Check(everywhere.first_use, since)
 
     def _may_try_redis(self) -> bool:
         if not self._redis_down:
@@ -211,8 +262,12 @@ class SharedReplayCache:
             if self._redis_down:
                 return
             self._redis_down = True
-            # Other hosts go on recording in Redis: a token they saw may come here now, unseen by our file.
-            self._lost_redis_at = self._clock.now()
+            # Other hosts go on recording in Redis: a token they saw may come here now, unseen by our file. A loss
+            # is not a store's restart: tokens issued before it are refused, not the fresh ones of the next seconds
+            # too (the authenticator adds the leeway, rounded up to a whole second, to every cut-off; taken back
+            # here), or every Redis blip would refuse all calls for the leeway. Replays across hosts during the
+            # outage are the documented trade-off.
+            self._lost_redis_at = self._clock.now() - CLOCK_LEEWAY_S - 1
         log.warning(
             "Redis unreachable for the jti replay cache (%s); this host's file only, retry every %.0f s",
             exc,

@@ -124,3 +124,83 @@ def test_a_client_jwt_is_accepted_once_whichever_worker_gets_it(gateway, signing
     refused_elsewhere = [r for r in hook_records() if r["pid"] != accepted_by]
     assert refused_elsewhere, "no replay reached the other worker"
     assert all(r["status"] == 401 for r in refused_elsewhere)
+
+
+MIN_CALLS = 8
+
+
+@pytest.fixture(params=["host-file", "scratch-redis"])
+def window_gateway(request, tmp_path, signing_key, model_server):
+    """Two workers whose breaker opens after MIN_CALLS failures in a window of as many calls."""
+    redis_url = ""
+    if request.param == "scratch-redis":
+        redis_url = request.getfixturevalue("own_redis").url
+        remember_for_a_while(redis_url)
+    port = free_port()
+    (tmp_path / "clients.json").write_text(json.dumps(clients_document(signing_key, [])))
+    env = {
+        "WEB_CONCURRENCY": "2",
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "INSTANCE_PATH": str(tmp_path),
+        "CDS_CLIENTS_FILE": str(tmp_path / "clients.json"),
+        "AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "REDIS_URL": redis_url,
+        "AI_BACKEND": "kserve",
+        "AI_URL": model_server.url,
+        "HOOK_BUDGET_MS": "1500",
+        "LATE_RESULT_TTL_S": "0",
+        "BREAKER_WINDOW": str(MIN_CALLS),
+        "BREAKER_MIN_CALLS": str(MIN_CALLS),
+        "BREAKER_OPEN_SECONDS": "60",
+    }
+    with gunicorn(env, port) as base:
+        yield base
+
+
+def remember_for_a_while(redis_url: str) -> None:
+    """Make a fresh Redis's jti memory start a minute ago, so that tokens signed now are not refused as
+    issued before it (the replay cache's own tests cover that refusal)."""
+    import redis
+
+    from app.cds.replay import RedisReplayCache
+
+    server = redis.Redis.from_url(redis_url)
+    run_id = server.info("server")["run_id"]
+    server.hset(RedisReplayCache.SINCE_KEY, mapping={"since": f"{time.time() - 60:.6f}", "run_id": run_id})
+
+
+def sessions_by_worker(base: str, audit: Path, workers: int) -> list[requests.Session]:
+    """One keep-alive session held by each worker (an unauthenticated hook tells which worker answered)."""
+    body = json.dumps({"hook": "patient-view"})
+    headers = {"Authorization": "Bearer x.y.z", "Content-Type": "application/json"}
+    held: dict[int, requests.Session] = {}
+    for _ in range(20):
+        sessions = [requests.Session() for _ in range(8)]
+        with ThreadPoolExecutor(len(sessions)) as pool:  # concurrent connections spread over the workers
+            list(pool.map(lambda s: s.post(base + SERVICE, data=body, headers=headers, timeout=10), sessions))
+        for session in sessions:
+            session.post(base + SERVICE, data=body, headers=headers, timeout=10)
+            pid = json.loads(audit.read_text().splitlines()[-1])["pid"]
+            held.setdefault(pid, session)
+        if len(held) == workers:
+            return list(held.values())
+    raise AssertionError(f"keep-alive connections reached {len(held)} of {workers} workers")
+
+
+def test_the_failure_window_is_shared_so_the_minimum_holds_whatever_the_worker_count(
+    window_gateway, model_server, signing_key, hook_body, tmp_path
+):
+    sessions = sessions_by_worker(window_gateway, tmp_path / "audit.jsonl", workers=2)
+    body = json.dumps(hook_body)
+    model_server.set_mode("error500")
+    before = model_server.calls
+    for _ in range(2 * MIN_CALLS):  # the workers in turn, until a round reaches the model no more
+        round_began = model_server.calls
+        for session in sessions:
+            token = signing_key.token(window_gateway + SERVICE)
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            assert session.post(window_gateway + SERVICE, data=body, headers=headers, timeout=10).status_code == 200
+        if model_server.calls == round_began:
+            break
+    failing = model_server.calls - before
+    assert MIN_CALLS <= failing <= MIN_CALLS + 1, f"{failing} failing model calls before every worker stopped"

@@ -114,6 +114,44 @@ def test_one_instance_opens_and_the_other_refuses(store):
         assert storage.opened_at is not None
 
 
+def record_in_turn(instances: list[CircuitBreaker], outcomes: str, duration_s: float = 0.01) -> None:
+    """One call per outcome ("f" failure, "s" success), taking the instances in turn."""
+    for turn, outcome in enumerate(outcomes):
+        breaker = instances[turn % len(instances)]
+        permit = breaker.allow()
+        assert permit is not None
+        breaker.record(permit, "failure" if outcome == "f" else "success", duration_s)
+
+
+def test_the_closed_window_counts_the_outcomes_of_every_instance(store):
+    instances = [store.make(), store.make()]
+    record_in_turn(instances, "fff")
+    assert [breaker.allow() is not None for breaker in instances] == [True, True], "3 calls: under minimum_calls"
+    record_in_turn(instances, "f")  # two failures each: four in the shared window
+    assert [breaker.allow() for breaker in instances] == [None, None]
+
+
+def test_slow_calls_of_every_instance_count_towards_the_slow_call_rate(store):
+    instances = [store.make(slow_call_rate_threshold=0.5), store.make(slow_call_rate_threshold=0.5)]
+    record_in_turn(instances, "ssss", duration_s=0.2)
+    assert [breaker.allow() for breaker in instances] == [None, None]
+
+
+def test_an_outcome_leaves_the_shared_window_after_window_size_newer_ones(store):
+    instances = [store.make(failure_rate_threshold=0.75), store.make(failure_rate_threshold=0.75)]
+    record_in_turn(instances, "ffssff")  # the window now holds s s f f: 50 %
+    assert instances[0].allow() is not None
+    record_in_turn(instances, "f")  # s f f f: 75 %
+    assert [breaker.allow() for breaker in instances] == [None, None]
+
+
+def test_no_instance_lets_a_call_through_once_another_tripped_it(store):
+    first, second = store.make(), store.make()
+    assert second.allow() is not None  # second has just read the shared state
+    trip(first)
+    assert second.allow() is None
+
+
 def test_half_open_trials_are_limited_across_instances(store):
     instances = [store.make(half_open_max_calls=2) for _ in range(3)]
     trip(instances[0])

@@ -22,7 +22,7 @@ from werkzeug import Response
 from app.cds.auth import ClientAuthenticator, Principal
 from app.cds.clients import ClientRegistry
 from app.cds.errors import ClientNotTrusted
-from app.cds.replay import MemoryReplayCache
+from app.cds.replay import Check, MemoryReplayCache
 from app.clock import SYSTEM_CLOCK, Clock
 from tests.support.clock import FakeClock
 
@@ -355,11 +355,9 @@ def test_replay_entry_lives_for_the_remaining_lifetime_plus_leeway(registry):
     recorded = []
 
     class Recording:
-        remembers_since = float("-inf")
-
-        def first_use(self, key, ttl_seconds):
+        def check(self, key, ttl_seconds):
             recorded.append(ttl_seconds)
-            return True
+            return Check(True, float("-inf"))
 
     ClientAuthenticator(registry, BASE, Recording(), leeway_seconds=5).authenticate(
         bearer(token(lifetime=120)), DISCOVERY
@@ -375,9 +373,11 @@ def test_a_token_issued_before_the_replay_store_remembers_is_refused(registry):
 
     authenticator = ClientAuthenticator(registry, BASE, Restarted(), leeway_seconds=5)
     now = int(time.time())
-    refused = bearer(token(iat=now - 12, exp=now + 240))
+    # The cut-off is ceil(since) + leeway, about now - 5: a token a few seconds older than it was issued before
+    # the store began remembering, plus the clock leeway its use could lag behind iat.
+    refused = bearer(token(iat=now - 6, exp=now + 240))
     assert rejection(authenticator, refused) == "issued_before_replay_memory", "no leeway: it would be a window"
-    assert authenticator.authenticate(bearer(token(iat=now - 8, exp=now + 240)), DISCOVERY)
+    assert authenticator.authenticate(bearer(token(iat=now - 4, exp=now + 240)), DISCOVERY)
 
 
 # Tenant
