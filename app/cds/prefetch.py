@@ -15,7 +15,7 @@ from urllib.parse import quote
 from app.cds.errors import PrefetchUnavailable
 from app.cds.request import HookRequest
 from app.fhir.client import Client, FhirError, FhirNotFound, next_link
-from app.fhir.compartment import BundleAliases, Compartment
+from app.fhir.compartment import BundleAliases, Compartment, as_read_from, shared_base
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,39 @@ def render(template: str, context: dict[str, Any]) -> str:
 
 
 def is_failure(value: Any) -> bool:
-    """True for an OperationOutcome, or a Bundle holding only OperationOutcomes: the client's prefetch failed."""
+    """True for an OperationOutcome, or a Bundle holding only OperationOutcomes: the client's prefetch failed.
+    A search Bundle whose outcomes are notes (``search.mode`` ``outcome``, no error or fatal issue) is an
+    answer, usually an empty one: FHIR R4 3.1.1.4 (Bundle.entry.search.mode) and 3.1.1.6 (search errors)."""
     if not isinstance(value, dict):
         return False
     if value.get("resourceType") == "OperationOutcome":
         return True
     if value.get("resourceType") == "Bundle":
-        kinds = [(e.get("resource") or {}).get("resourceType") for e in value.get("entry") or () if isinstance(e, dict)]
-        return bool(kinds) and all(k == "OperationOutcome" for k in kinds)
+        entries = (
+            [e for e in value.get("entry") or () if isinstance(e, dict)] if isinstance(value.get("entry"), list) else []
+        )
+        outcomes = [e for e in entries if _resource_type(e) == "OperationOutcome"]
+        if not entries or len(outcomes) < len(entries):
+            return False
+        return any(not _search_note(e) for e in outcomes)
     return False
+
+
+def _resource_type(entry: dict[str, Any]) -> Any:
+    resource = entry.get("resource")
+    return resource.get("resourceType") if isinstance(resource, dict) else None
+
+
+def _search_note(entry: dict[str, Any]) -> bool:
+    """An OperationOutcome entry a server adds to a search answer as a note: mode ``outcome``, no error in it."""
+    search = entry.get("search")
+    issues = entry["resource"].get("issue")
+    return (
+        isinstance(search, dict)
+        and search.get("mode") == "outcome"
+        and isinstance(issues, list)
+        and all(isinstance(i, dict) and i.get("severity") in ("information", "warning") for i in issues)
+    )
 
 
 @dataclass(frozen=True)
@@ -94,8 +118,10 @@ def screen(
     values: dict[str, Any], request: HookRequest, encounter_keys: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The prefetch without resources of another patient (or, for ``encounter_keys``, another encounter), and how
-    many were left out per key. A lone resource that does not belong becomes None."""
-    patient = Compartment(request.patient_id, request.fhir_server, BundleAliases(values.values()))
+    many were left out per key. A lone resource that does not belong becomes None. Without ``fhirServer``, the
+    server is the one base every absolute ``fullUrl`` names, if they agree (ADR 0003)."""
+    server = request.fhir_server or shared_base(values.values())
+    patient = Compartment(request.patient_id, server, BundleAliases(values.values()))
     encounter = patient.of_encounter(request.encounter_id) if encounter_keys else patient
     screened: dict[str, Any] = {}
     dropped: dict[str, int] = {}
@@ -257,7 +283,7 @@ class PrefetchResolver:
     ) -> Callable[[], Any]:
         def fetch():
             if "?" in query or "/" not in query.strip("/"):
-                first = access.client.get(query, deadline)
+                first = as_read_from(access.client.get(query, deadline))
                 if pages_needed == FIRST_PAGE or first.get("resourceType") != "Bundle" or is_failure(first):
                     return first
                 pages.add(first)
@@ -295,16 +321,17 @@ class PrefetchResolver:
 
 
 def _follow(access: FhirAccess, pages: _Pages, deadline: float) -> dict[str, Any]:
-    """Read the ``next`` pages (only from URLs the client's allowlist accepts) into ``pages``; all of them merged."""
+    """Read the ``next`` pages into ``pages``; all of them merged. A page is read only from under the hook's
+    ``fhirServer``: the access token was issued for that server, not for every server the client may name."""
     count = 1
     while (url := next_link(pages.last())) is not None:
         if count >= MAX_PAGES:
             raise FhirError(f"search has more than {MAX_PAGES} pages")
-        if not access.allows(url):
-            raise FhirError("next link points outside the allowed FHIR server")
+        if not (access.allows(url) and access.client.holds(url)):
+            raise FhirError("next link points outside the request's FHIR server")
         page = access.client.get(url, deadline)
         if page.get("resourceType") != "Bundle":
             raise FhirError("a next page was not a Bundle")
-        pages.add(page)
+        pages.add(as_read_from(page))
         count += 1
     return pages.merged()

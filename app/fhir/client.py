@@ -13,6 +13,7 @@ import requests
 from app import http
 
 FHIR_JSON = "application/fhir+json"
+DECODE_ROUNDS = 4  # percent-decodings of a path segment before one that still changes is refused
 
 
 class FhirError(Exception):
@@ -163,10 +164,7 @@ class Client:
             raise FhirNotFound("resource not found", response.status_code)
         if response.status_code != 200:
             raise FhirError(f"FHIR server answered {response.status_code}", response.status_code)
-        try:
-            body = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise FhirError("FHIR server answered with a body that is not JSON") from None
+        body = _loads(response.content)
         if not isinstance(body, dict) or "resourceType" not in body:
             raise FhirError("FHIR server answered with JSON that is not a FHIR resource")
         return body
@@ -203,14 +201,25 @@ class Client:
 
 
 def _stays_under_base(relative: str, url: str, base: str) -> bool:
-    """Whether a relative reference stays under ``base``: no "..", ".", "/x" or "\\" in its path, and no segment
-    that decodes to one or holds a "/" ("Encounter/../../admin" or "..%2fadmin" would take our token elsewhere
-    on the server)."""
+    """Whether a relative reference stays under ``base``: not rooted ("/x"), and no segment that is, or decodes
+    to, a dot segment, a "/" or a "\\" ("Encounter/../../admin", "..%2fadmin" or Tomcat's "..;" would take our
+    token elsewhere on the server)."""
     path = urlsplit(relative).path
-    if not url.startswith(base) or path.startswith("/") or "\\" in unquote(path):
+    if not url.startswith(base) or path.startswith("/"):
         return False
-    decoded = [unquote(segment) for segment in path.split("/")]
-    return not any(segment in (".", "..") or "/" in segment for segment in decoded)
+    return not any(_leaves_base(segment) for segment in path.split("/"))
+
+
+def _leaves_base(segment: str) -> bool:
+    """Whether one path segment may climb or split on some server: percent-decoded until stable (``%252e`` is
+    ``.`` to a server that decodes twice) and without its ``;parameters``, it is "." or "..", or it holds a "/"
+    or a "\\"; one that still decodes after ``DECODE_ROUNDS`` rounds is refused too."""
+    for _ in range(DECODE_ROUNDS):
+        decoded = unquote(segment)
+        if decoded == segment:
+            return segment.split(";")[0] in (".", "..") or "/" in segment or "\\" in segment
+        segment = decoded
+    return True
 
 
 def _interaction(method: str, relative: str) -> tuple[str | None, str]:
@@ -230,11 +239,21 @@ def _interaction(method: str, relative: str) -> tuple[str | None, str]:
     return resource_type, method.lower()
 
 
-def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+def _loads(content: bytes) -> Any:
+    """A FHIR server's JSON answer. orjson refuses text that is not valid Unicode, a lone surrogate escape
+    ("\\ud800") included, which would otherwise fail much later, when a page or card holding it is encoded."""
     try:
-        body = orjson.loads(response.content) if response.content else {}
-    except orjson.JSONDecodeError:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        if "surrogate" in str(exc):
+            raise FhirError(
+                "FHIR server answered with JSON holding a lone surrogate (an unpaired \\ud800-\\udfff)"
+            ) from None
         raise FhirError("FHIR server answered with a body that is not JSON") from None
+
+
+def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+    body = _loads(response.content) if response.content else {}
     return body if isinstance(body, dict) else {}
 
 

@@ -5,8 +5,10 @@ A resource of a type in the FHIR R4 patient compartment belongs when the element
 refers to the context patient, and to no other patient. A reference counts when it is relative (``Patient/123``,
 with or without ``/_history/2``), absolute under the context's FHIR server, or a ``urn:uuid:`` that a Bundle
 entry's ``fullUrl`` gives to that patient. Anything else (another patient, no patient link, a contained
-``#ref``, another server, an identifier alone) does not belong. Types outside the compartment (Medication,
-Practitioner, Organization, OperationOutcome, ...) are not patient data and always pass.
+``#ref``, another server, an identifier alone, a ``type`` that is not the referenced type) does not belong.
+Types outside the compartment (Medication, Practitioner, Organization, OperationOutcome, ...) are not patient
+data and pass. A Bundle entry whose absolute ``fullUrl`` is on another server is not used at all: its resource
+lives there, and its relative references resolve there (R4 Bundle, "Resolving references in Bundles").
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ ENCOUNTER_LINKS: dict[str, tuple[str, ...]] = {
 _BY_SUBJECT = frozenset(kind for kind, paths in PATIENT_LINKS.items() if paths == ("subject",))
 _RELATIVE = re.compile(r"([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_WEB = ("http", "https")
 
 
 def _origin_and_path(url: str) -> tuple[str, str, int | None, str] | None:
@@ -197,6 +200,44 @@ def bundle_aliases(values: Iterable[Any]) -> dict[str, str | None]:
     return aliases
 
 
+def entry_base(full_url: str) -> str | None:
+    """The server base of an absolute http(s) ``fullUrl``: the URL without its ``Type/id[/_history/v]``; None when
+    it is not one (a ``urn:``, or a URL of another shape)."""
+    if full_url.partition("://")[0].lower() not in _WEB:
+        return None
+    base = full_url.partition("/_history/")[0].rpartition("/")[0].rpartition("/")[0]
+    return base if _RELATIVE.fullmatch(full_url[len(base) + 1 :]) else None
+
+
+def shared_base(values: Iterable[Any]) -> str | None:
+    """The one server base every absolute http(s) ``fullUrl`` in these Bundles names, or None (none, or several):
+    where a prefetch sent without ``fhirServer`` came from, when it says so consistently."""
+    bases = set()
+    for bundle in values:
+        entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle" else None
+        for entry in entries if isinstance(entries, list) else ():
+            full_url = entry.get("fullUrl") if isinstance(entry, dict) else None
+            if isinstance(full_url, str) and full_url.partition("://")[0].lower() in _WEB:
+                bases.add(entry_base(full_url))
+    return bases.pop() if len(bases) == 1 else None
+
+
+def as_read_from(bundle: Any) -> Any:
+    """A Bundle the service read from ``fhirServer`` itself, without its entries' absolute ``fullUrl``s: the answer
+    is that server's, whatever base it prints (one behind a proxy often prints its internal base), so its relative
+    references resolve against ``fhirServer``. Entries a client sent keep theirs and are checked (ADR 0003)."""
+    entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle" else None
+    if not isinstance(entries, list):
+        return bundle
+    kept = [{k: v for k, v in e.items() if k != "fullUrl"} if _absolute_full_url(e) else e for e in entries]
+    return {**bundle, "entry": kept}
+
+
+def _absolute_full_url(entry: Any) -> bool:
+    full_url = entry.get("fullUrl") if isinstance(entry, dict) else None
+    return isinstance(full_url, str) and full_url.partition("://")[0].lower() in _WEB
+
+
 @dataclass(frozen=True)
 class Compartment:
     """The patient (and, for encounter-scoped reads, the encounter) in context, and where references resolve."""
@@ -207,9 +248,11 @@ class Compartment:
     by_encounter: bool = False
     encounter_id: str | None = None
     _patient_ref: str | None = field(init=False, repr=False, compare=False)
+    _server_prefix: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_patient_ref", f"Patient/{self.patient_id}" if self.patient_id else None)
+        object.__setattr__(self, "_server_prefix", self.fhir_server.rstrip("/") + "/" if self.fhir_server else None)
 
     def of_encounter(self, encounter_id: str | None) -> Compartment:
         """The same compartment, narrowed to one encounter (with no encounter id, nothing encounter-bound holds)."""
@@ -221,11 +264,16 @@ class Compartment:
         if not isinstance(ref, str):
             return None
         if ref.startswith("urn:uuid:"):
-            return self.aliases.get(ref)
-        if "://" in ref:
-            ref = self._relative_to_server(ref)
-        match = _RELATIVE.fullmatch(ref or "")
-        return f"{match[1]}/{match[2]}" if match else None
+            named = self.aliases.get(ref)
+        else:
+            if "://" in ref:
+                ref = self._relative_to_server(ref)
+            match = _RELATIVE.fullmatch(ref or "")
+            named = f"{match[1]}/{match[2]}" if match else None
+        # A ``type`` that contradicts the reference makes it name nothing for sure.
+        if named is None or reference.get("type", named.partition("/")[0]) != named.partition("/")[0]:
+            return None
+        return named
 
     def _relative_to_server(self, url: str) -> str | None:
         server = _origin_and_path(self.fhir_server) if self.fhir_server else None
@@ -235,6 +283,20 @@ class Compartment:
         base = server[3].rstrip("/") + "/"
         return here[3][len(base) :] if here[3].startswith(base) else None
 
+    def _lives_here(self, full_url: Any, resource: Any) -> bool:
+        """Whether a Bundle entry's ``fullUrl`` leaves its resource on the context's server: a ``urn:`` (or none)
+        does; an absolute http(s) one only when its base is ``fhirServer``, compared as absolute references are."""
+        if not isinstance(full_url, str):
+            return True
+        if self._server_prefix is not None and full_url.startswith(self._server_prefix):
+            named = f"{resource.get('resourceType')}/{resource.get('id')}" if isinstance(resource, dict) else None
+            if full_url[len(self._server_prefix) :] == named:
+                return True  # the common case, on the hook path: the server's own URL of the resource
+        if full_url.partition("://")[0].lower() not in _WEB:
+            return True
+        rest = self._relative_to_server(full_url)
+        return rest is not None and _RELATIVE.fullmatch(rest) is not None
+
     def _links_to(self, resource: dict[str, Any], paths: tuple[str, ...], kind: str, ident: str | None) -> bool:
         """True when the references at ``paths`` name ``kind/ident`` at least once, and nothing else of ``kind``
         nor anything unknown."""
@@ -242,7 +304,7 @@ class Compartment:
             return False
         if len(paths) == 1 and "." not in paths[0]:  # the common case, on the hook path: one plain relative link
             link = resource.get(paths[0])
-            if isinstance(link, dict) and link.get("reference") == f"{kind}/{ident}":
+            if isinstance(link, dict) and link.get("reference") == f"{kind}/{ident}" and link.get("type", kind) == kind:
                 return True
         targets = [self.target(r) for r in _references(resource, paths)]
         if any(t is None for t in targets):
@@ -250,9 +312,12 @@ class Compartment:
         of_kind = [t for t in targets if t.startswith(kind + "/")]
         return bool(of_kind) and all(t == f"{kind}/{ident}" for t in of_kind)
 
-    def holds(self, resource: Any) -> bool:
-        """Whether a service may use this resource: it is not patient data, or it is the context patient's (and,
-        when narrowed, recorded in the context encounter)."""
+    def holds(self, resource: Any, full_url: Any = None) -> bool:
+        """Whether a service may use this resource (with the ``fullUrl`` of its Bundle entry, if any): it is on the
+        context's server, and it is not patient data or it is the context patient's (and, when narrowed, recorded
+        in the context encounter)."""
+        if full_url is not None and not self._lives_here(full_url, resource):
+            return False
         if not isinstance(resource, dict):
             return True
         kind = resource.get("resourceType")
@@ -260,7 +325,7 @@ class Compartment:
             return True  # not a FHIR resource: no service reads it as one
         if kind in _BY_SUBJECT and self._patient_ref and not self.by_encounter:
             subject = resource.get("subject")
-            if isinstance(subject, dict) and subject.get("reference") == self._patient_ref:
+            if isinstance(subject, dict) and subject.get("reference") == self._patient_ref and "type" not in subject:
                 return True
         if kind == "Patient":
             return bool(self.patient_id) and resource.get("id") == self.patient_id
@@ -287,7 +352,7 @@ class Compartment:
         if sent is None:
             return value, 0
         entries = sent if isinstance(sent, list) else []  # entries that are not a list cannot be checked: none used
-        kept = [e for e in entries if not isinstance(e, dict) or self.holds(e.get("resource"))]
+        kept = [e for e in entries if not isinstance(e, dict) or self.holds(e.get("resource"), e.get("fullUrl"))]
         if entries is sent and len(kept) == len(entries):
             return value, 0
         screened = {k: v for k, v in value.items() if k != "entry"}

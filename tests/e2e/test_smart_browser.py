@@ -7,7 +7,6 @@ with the Medplum FHIR test server behind it.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import threading
@@ -90,8 +89,7 @@ def gateway(make_app, tmp_path, signing_key, hook_body, fhir_server):
 
 
 def risk_card(gateway: str, signing_key, hook_body: dict, ehr: SmartEhr) -> dict:
-    body = copy.deepcopy(hook_body)
-    body["fhirServer"] = ehr.fhir_base
+    body = json.loads(json.dumps(hook_body).replace(hook_body["fhirServer"], ehr.fhir_base))  # entries live there
     token = signing_key.token(gateway + SERVICE)
     response = requests.post(gateway + SERVICE, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert response.status_code == 200, response.text

@@ -155,8 +155,7 @@ def test_a_next_page_on_the_fhir_server_that_holds_another_patients_data_is_not_
     )
     b_first = fhir_server.get_json("Condition", {"patient": other, "_count": 1})
     (next_url,) = [link["url"] for link in b_first["link"] if link["relation"] == "next"]
-    body = copy.deepcopy(hook_body)
-    body["fhirServer"] = fhir_server.base_url
+    body = json.loads(json.dumps(hook_body).replace(hook_body["fhirServer"], fhir_server.base_url))  # entries too
     body["fhirAuthorization"] = {
         "access_token": "hook-token",
         "token_type": "Bearer",
