@@ -140,8 +140,8 @@ KEY_WORDS = {
     "ldl": "LDL results",
     "bloodPressure": "blood-pressure results",
     "smoking": "smoking status results",
-    "conditions": "conditions",
-    "medications": "medications",
+    "conditions": "conditions (diabetes, clinical ASCVD)",
+    "medications": "medications (statins, blood-pressure treatment)",
 }
 LABELS = {
     "age": "Age",
@@ -187,6 +187,7 @@ class PceInputs(Inputs):
     ascvd: list[Finding] = field(default_factory=list)
     statin_status_known: bool = True
     conditions_read: bool = True
+    conditions_partial: bool = False  # some pages of the conditions were read: a "no" means "none seen"
     age: int | None = None
     first = ("patient", "deceased", "age", "sex")  # a deceased patient, then age, then sex
 
@@ -527,6 +528,9 @@ def _extract(
     partial = incomplete - unavailable
     if "medications" in partial:  # a statin may be on a page that could not be read: none is proposed then
         inputs.statin_status_known = False
+    # Diabetes or ASCVD on an unread page could only move the patient to a group of higher intensity: the groups
+    # are decided on what was read, and the card says the conditions may be incomplete.
+    inputs.conditions_partial = "conditions" in partial
     note = incomplete_note(partial, KEY_WORDS)
     if note is not None:
         inputs.problems.append(note)
@@ -719,7 +723,10 @@ def summary(decision: Decision, inputs: PceInputs, risk: float | None, options: 
     else:
         head = f"10-year ASCVD risk {_percent(risk)} ({risk_category(risk)})"
         head += {Group.DIABETES: " with diabetes", Group.OLDER: f" at age {inputs.age}"}.get(group, "")
-    return fit_summary(f"{head}: ", _action_words(decision, inputs), _old_flag(inputs, _used(decision), options))
+    partial = "; conditions incomplete" if inputs.conditions_partial and group is not Group.ASCVD else ""
+    return fit_summary(
+        f"{head}: ", _action_words(decision, inputs), _old_flag(inputs, _used(decision), options) + partial
+    )
 
 
 def _cell(name: str, inputs: PceInputs) -> tuple[str, str]:
@@ -748,7 +755,11 @@ def _cell(name: str, inputs: PceInputs) -> tuple[str, str]:
     if name == "smoker":
         return f"{'current smoker' if finding.value else 'not a current smoker'} ({finding.text})", when
     verb = DISPLAY.date_verb(name)
-    return (f"yes: {finding.text}", f"{verb} {when}" if when else "") if finding.value else ("no", "")
+    if finding.value:
+        return f"yes: {finding.text}", f"{verb} {when}" if when else ""
+    return (
+        ("none in the pages read (incomplete)", "") if name == "diabetes" and inputs.conditions_partial else ("no", "")
+    )
 
 
 def _table(inputs: PceInputs, names: Iterable[str]) -> list[str]:

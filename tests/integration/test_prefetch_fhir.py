@@ -220,6 +220,7 @@ def paged(fhir_server):
 def with_paged_conditions(hook_body: dict, first_page: dict, fhir_server: str, token: bool = True) -> dict:
     body = for_patient(hook_body, PAGED)
     body["prefetch"]["conditions"] = first_page
+    body = json.loads(json.dumps(body).replace(hook_body["fhirServer"], fhir_server))  # the entries live there too
     body["fhirServer"] = fhir_server
     if token:
         body["fhirAuthorization"] = without_prefetch(hook_body, fhir_server)["fhirAuthorization"]
@@ -231,6 +232,8 @@ def moved(first_page: dict, base: str) -> dict:
     page = copy.deepcopy(first_page)
     for link in page["link"]:
         link["url"] = base + "/Condition?" + link["url"].partition("?")[2]
+    for entry in page.get("entry", []):
+        entry["fullUrl"] = f"{base}/Condition/{entry['resource']['id']}"
     return page
 
 
@@ -276,8 +279,9 @@ def test_with_the_fhir_server_down_the_sent_page_is_used_and_the_card_says_it_ma
 
     card = response.get_json()["cards"][0]
     assert card["summary"].startswith("10-year ASCVD risk") and "not calculated" not in card["summary"]
-    assert "| Diabetes | no |  |" in card["detail"]
-    assert "Note: Conditions may be incomplete: not every page could be read from the EHR" in card["detail"]
+    assert "| Diabetes | none in the pages read (incomplete) |  |" in card["detail"]  # not "no": a page is unread
+    note = "Note: Conditions (diabetes, clinical ASCVD) may be incomplete: not every page could be read from the EHR"
+    assert note in card["detail"]
     (record,) = audit_records("hook")
     assert record["prefetch_incomplete"] == ["conditions"]
 
@@ -302,7 +306,7 @@ def test_with_the_fhir_server_too_slow_the_sent_page_is_used_and_the_card_says_i
 
     card = response.get_json()["cards"][0]
     assert "not calculated" not in card["summary"]
-    assert "Conditions may be incomplete" in card["detail"]
+    assert "Conditions (diabetes, clinical ASCVD) may be incomplete" in card["detail"]
     # Kept on purpose, generous: the server takes 10 s and FHIR_TIMEOUT_S is 5 s; answering well before shows
     # the 500 ms hook budget ended the wait.
     assert elapsed < 2.5
@@ -317,5 +321,5 @@ def test_when_the_fhir_server_may_not_be_called_the_sent_page_is_used_and_the_ca
 
     card = response.get_json()["cards"][0]
     assert "not calculated" not in card["summary"]
-    assert "Conditions may be incomplete" in card["detail"]
+    assert "Conditions (diabetes, clinical ASCVD) may be incomplete" in card["detail"]
     assert audit_records("fhir.fetch") == []

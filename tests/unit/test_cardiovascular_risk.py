@@ -817,7 +817,23 @@ def test_incomplete_inputs_are_named_in_one_line_and_the_risk_is_still_given(app
     [card] = service.cardiovascular_risk(_call(prefetch, incomplete=frozenset({"conditions", "medications"})))
     assert card.summary.startswith("10-year ASCVD risk ") and "not calculated" not in card.summary
     lines = [line for line in card.detail.splitlines() if "may be incomplete" in line]
-    assert lines == ["Note: Conditions and medications may be incomplete: not every page could be read from the EHR"]
+    assert lines == [
+        "Note: Conditions (diabetes, clinical ASCVD) and medications (statins, blood-pressure treatment) may be"
+        " incomplete: not every page could be read from the EHR"
+    ]
+
+
+def test_partly_read_conditions_say_none_seen_rather_than_no(app_context):
+    """A diabetes on an unread page would change the group: the card does not state "Diabetes: no" as a fact."""
+    prefetch = {**_prefetch(), "medications": _bundle([])}
+    [complete] = service.cardiovascular_risk(_call(prefetch))
+    [partial] = service.cardiovascular_risk(_call(prefetch, incomplete=frozenset({"conditions"})))
+    assert "| Diabetes | no |" in complete.detail.replace("  ", " ")
+    assert "| Diabetes | no |" not in partial.detail.replace("  ", " ")
+    assert "none in the pages read (incomplete)" in partial.detail
+    assert partial.summary.endswith("; conditions incomplete") and len(partial.summary) < 140
+    assert not complete.summary.endswith("; conditions incomplete")
+    assert len(partial.suggestions) == len(complete.suggestions)  # what was read still calls for the statin
 
 
 def test_no_statin_is_proposed_when_the_medications_may_be_incomplete(app_context):
@@ -833,7 +849,7 @@ def test_no_statin_is_proposed_when_the_medications_may_be_incomplete(app_contex
 def test_the_fallback_also_says_which_inputs_may_be_incomplete(monkeypatch):
     monkeypatch.setattr(service, "today", lambda: TODAY)
     [card] = fallback(_call(_prefetch(), incomplete=frozenset({"conditions"})), "timed out")
-    assert "Conditions may be incomplete: not every page could be read from the EHR" in card.detail
+    assert "Conditions (diabetes, clinical ASCVD) may be incomplete: not every page could be read" in card.detail
 
 
 def test_a_prediction_from_another_backend_is_shown_with_its_name_and_version():
