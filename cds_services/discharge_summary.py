@@ -1,10 +1,11 @@
 """discharge-summary (encounter-discharge): an AI draft of the discharge summary, prepared off the hook's budget.
 
 The hook answers at once with an info card and enqueues one job per (service, model version, FHIR server,
-encounter), so repeated hook calls for the same discharge make one job. The worker gathers the encounter's
-conditions, procedures, medications and results with our own SMART Backend Services credentials (the hook's
-token is for that call only), drafts the summary, writes a preliminary DocumentReference with a conditional
-create keyed on the job id (a re-run finds the first document), and emits ``discharge-summary.ready``.
+patient, encounter), so repeated hook calls for the same discharge make one job, and a call naming another patient
+never shares it. The worker gathers the encounter's conditions, procedures, medications and results with our own
+SMART Backend Services credentials (the hook's token is for that call only), drafts the summary, writes a
+preliminary DocumentReference with a conditional create keyed on the job id (a re-run finds the first document),
+and emits ``discharge-summary.ready``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -34,7 +36,7 @@ from app.fhir.compartment import Compartment, bundle_aliases
 from app.jobs import ledger
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, job_handler, submit
 from app.jobs.retry import ExponentialBackoff, RetryPolicy
-from app.smart.job_page import job_explanation
+from app.smart.job_page import job_belongs, job_explanation
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ SETTINGS = {
     "LLM_TIMEOUT_S": Setting(int, 60, 1, 600),
 }
 JOB_KIND = "discharge-summary.draft"
+# The audit event with how many gathered resources were left out as another patient's or encounter's (counts only).
+SCREENED_EVENT = "job.fhir-screened"
+# Begins every dead-letter reason about the encounter itself, so that the card can say what went wrong.
+ENCOUNTER_UNREADABLE = "the encounter could not be read"
 READY_EVENT = "discharge-summary.ready"
 LOINC_DISCHARGE_SUMMARY = {"system": "http://loinc.org", "code": "18842-5", "display": "Discharge summary"}
 # HL7 security label "AI asserted": tells every reader of the chart that software wrote this document.
@@ -96,9 +102,11 @@ def summary_model_version(app: Flask) -> str:
     return f"{SUMMARY_MODEL}@{backend.model(SUMMARY_MODEL).version}"
 
 
-def job_id_for(model_version: str, fhir_server: str, encounter_id: str) -> str:
-    """The idempotency key: opaque (no PHI in URLs, webhooks or logs), the same for the same discharge."""
-    key = "\x1f".join((SERVICE_ID, model_version, fhir_server.rstrip("/"), encounter_id))
+def job_id_for(model_version: str, fhir_server: str, patient_id: str, encounter_id: str) -> str:
+    """The idempotency key: opaque (no PHI in URLs, webhooks or logs), the same for the same discharge of the same
+    patient. The patient is in it so that a hook naming another patient for the encounter never reaches this job
+    (jobs keyed before the patient was part of the key are not found by hook calls; their links still open)."""
+    key = "\x1f".join((SERVICE_ID, model_version, fhir_server.rstrip("/"), patient_id, encounter_id))
     return "ds-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -139,7 +147,9 @@ STATUS_CARDS = {
 
 def _status_card(call: ServiceCall, job: ledger.Job) -> Card:
     summary, indicator = STATUS_CARDS[job.state]
-    if job.state in (ledger.DEAD, ledger.EXPIRED):
+    if job.state == ledger.DEAD and ENCOUNTER_UNREADABLE in (job.last_error or ""):
+        detail = "The encounter could not be read for this patient from the FHIR server. Write the summary as usual."
+    elif job.state in (ledger.DEAD, ledger.EXPIRED):
         detail = "Write the discharge summary as usual. The failure is in the gateway's dead letter queue for review."
     else:
         detail = (
@@ -173,7 +183,7 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
     if not _can_write_back(client):
         return _cannot_draft("Write-back to this EHR is not configured (no SMART Backend Services credentials).")
     app = current_app._get_current_object()
-    job_id = job_id_for(summary_model_version(app), fhir_server, request.context["encounterId"])
+    job_id = job_id_for(summary_model_version(app), fhir_server, request.patient_id, request.encounter_id)
     submit(
         app,
         JOB_KIND,
@@ -188,7 +198,10 @@ def discharge_summary(call: ServiceCall) -> list[Card]:
         },
         expires_in=app.config["DISCHARGE_SUMMARY_TTL_S"],
     )
-    return [_status_card(call, ledger.get(app.extensions["db"], job_id))]
+    job = ledger.get(app.extensions["db"], job_id)
+    if job is None or not job_belongs(job, request.patient_id, fhir_server):
+        return _cannot_draft("The gateway holds no draft job for this patient's encounter.")
+    return [_status_card(call, job)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,41 +220,51 @@ def _fhir_client(ctx: JobContext) -> Client:
     if not trusted.allows_fhir_server(server):
         raise PermanentFailure("the job's FHIR server is not on its client's allowlist")
     session, timeout = app.extensions["cds"].session, app.config["FHIR_TIMEOUT_S"]
-    observe = ctx.fhir_auditor(
-        iss=payload["client_iss"],
-        user=payload.get("user_id"),
-        service=SERVICE_ID,
-        hookInstance=payload.get("hook_instance"),
-        patient=f"Patient/{payload['patient_id']}",
-    )
+    observe = ctx.fhir_auditor(**_who(payload))
     send = smart.fhir_sender(app, trusted)
     if send is None:
         raise PermanentFailure("no SMART Backend Services credentials (smart_backend) for this client")
     return Client(server, None, session, timeout, send=send, observe=observe)
 
 
-def gather(fhir: Client, patient_id: str, encounter_id: str) -> tuple[dict, dict]:
+def _who(payload: dict[str, Any]) -> dict[str, Any]:
+    """Who asked for the job and for whom, as hook audit records say it: the tags of the job's audit records."""
+    return {
+        "iss": payload["client_iss"],
+        "user": payload.get("user_id"),
+        "service": SERVICE_ID,
+        "hookInstance": payload.get("hook_instance"),
+        "patient": f"Patient/{payload['patient_id']}",
+    }
+
+
+def gather(
+    fhir: Client,
+    patient_id: str,
+    encounter_id: str,
+    on_screened: Callable[[dict[str, int]], None] = lambda dropped: None,
+) -> tuple[dict, dict]:
     """The encounter and what was recorded in it: conditions, procedures, medications, results, the patient.
 
     Only the context patient's records of this encounter are kept (``app.fhir.compartment``): a server that answers
-    ``encounter=`` with another patient's resource does not put it in the draft.
+    ``encounter=`` with another patient's resource does not put it in the draft. ``on_screened`` gets how many were
+    left out per gathered key (counts only, for the audit record).
     """
     try:
         encounter = fhir.get(f"Encounter/{encounter_id}")
     except FhirNotFound:
-        raise PermanentFailure("the encounter does not exist on the FHIR server") from None
+        raise PermanentFailure(f"{ENCOUNTER_UNREADABLE}: it does not exist on the FHIR server") from None
     patient = Compartment(patient_id, fhir.base)
-    # An encounter without a subject is taken as the context's (its id came with the hook); one naming another
-    # patient is not drafted at all.
-    if encounter.get("id") != encounter_id or ("subject" in encounter and not patient.holds(encounter)):
-        raise PermanentFailure("the encounter on the FHIR server is not the context patient's")
+    # An encounter naming no patient (no subject) is not known to be the context's: it is not drafted either.
+    if encounter.get("id") != encounter_id or not patient.holds(encounter):
+        raise PermanentFailure(f"{ENCOUNTER_UNREADABLE}: on the FHIR server it is not the context patient's")
     resources: dict[str, list[dict]] = {}
     try:
         resources["patient"] = [r for r in [fhir.get(f"Patient/{patient_id}")] if patient.holds(r)]
     except FhirNotFound:
         resources["patient"] = []
     query = urlencode({"encounter": f"Encounter/{encounter_id}", "_count": 200})
-    dropped = 0
+    dropped: dict[str, int] = {}
     for key, resource_type in GATHERED.items():
         # Paging links are followed only on this server: our token for it must not travel anywhere else.
         bundle = fhir.search_all(f"{resource_type}?{query}", max_pages=MAX_PAGES, allow_url=fhir.holds)
@@ -253,10 +276,15 @@ def gather(fhir: Client, patient_id: str, encounter_id: str) -> tuple[dict, dict
             and isinstance(e.get("resource"), dict)
             and e["resource"].get("resourceType") == resource_type
         ]
+        # Our own read of the server: the base its fullUrls print is not checked (compartment.as_read_from).
         resources[key] = [r for r in found if in_encounter.holds(r)]
-        dropped += len(found) - len(resources[key])
+        if len(found) > len(resources[key]):
+            dropped[key] = len(found) - len(resources[key])
     if dropped:
-        log.warning("discharge summary: %d resources of another patient or encounter were left out", dropped)
+        log.warning(
+            "discharge summary: %d resources of another patient or encounter were left out", sum(dropped.values())
+        )
+    on_screened(dropped)
     return encounter, resources
 
 
@@ -334,7 +362,15 @@ def _stale(job: ledger.Job) -> bool:
 
 def _draft(app: Flask, ctx: JobContext, fhir: Client) -> dict[str, Any]:
     job, payload = ctx.job, ctx.payload
-    encounter, resources = gather(fhir, payload["patient_id"], payload["encounter_id"])
+    encounter, resources = gather(
+        fhir,
+        payload["patient_id"],
+        payload["encounter_id"],
+        # counts only: which resources were left out, and what they held, never reaches the audit trail
+        lambda dropped: ctx.audit(
+            SCREENED_EVENT, **_who(payload), dropped=sum(dropped.values()), dropped_by_key=dropped or None
+        ),
+    )
     try:
         prediction = summarise(extract_inputs(encounter, resources))
     except InvalidModelInput as exc:

@@ -15,8 +15,9 @@ from app.cds.request import CONTROL, MAX_URL, parse_json_object
 from app.db import feedback as feedback_table
 
 OUTCOMES = ("accepted", "overridden")
-# RFC 3339 section 5.6 date-time: no week dates, ordinal dates or basic format (which fromisoformat accepts).
-RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+# RFC 3339 section 5.6 date-time: no week dates, ordinal dates or basic format (which fromisoformat accepts); the
+# fraction of a second may have any number of digits (time-secfrac), of which microseconds are kept.
+RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 MAX_ID = 200  # card_uuid's column; ids of suggestions and reason codes are held to the same
 # Free text may have tabs and line breaks, never other control characters (NUL included).
 TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")

@@ -44,6 +44,10 @@ _USER_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # C0 and C1 control characters (NUL included): never part of an identifier or a URL.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# RFC 6750 section 2.1 b64token: all an access token may hold to travel in an Authorization header as it is.
+B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# RFC 6749 section 3.3 scope: scope-tokens of printable ASCII (no '"' or '\\'), separated by spaces.
+SCOPE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")
 MAX_HOOK_INSTANCE = 200
 MAX_URL = 2048
 
@@ -142,42 +146,65 @@ def _check_text(value: str, path: str, max_length: int) -> str:
 
 
 def _check_fhir_server(value: str) -> str:
-    """An absolute http(s) URL, nothing else: it names the server we may fetch from and is stored with results."""
+    """An absolute http(s) base URL, nothing else: it names the server we may fetch from and is stored with results.
+    No query or fragment: paths and searches are appended to it, and could not follow either."""
     try:
         parts = urlsplit(value)
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port  # port: ValueError when out of range
     except ValueError:  # e.g. an unclosed IPv6 bracket
-        parts = None
+        scheme, host, port = "", None, None
     if (
-        parts is None
-        or parts.scheme.lower() not in ("http", "https")
-        or not parts.hostname
+        scheme not in ("http", "https")
+        or not host
+        or port == 0
         or len(value) > MAX_URL
         or CONTROL.search(value)
-        or any(c.isspace() for c in value)
+        or any(c.isspace() or c in "?#" for c in value)
     ):
-        raise BadHookRequest("fhirServer must be an absolute http(s) URL", "fhirServer")
+        raise BadHookRequest("fhirServer must be an absolute http(s) URL, without a query or fragment", "fhirServer")
     return value.rstrip("/")
 
 
 def _parse_authorization(data: dict[str, Any]) -> FhirAuthorization | None:
+    """CDS Hooks 2.0 fhirAuthorization: each member of its type, the token one that can be sent as it is."""
     auth = _optional(data, "fhirAuthorization", dict)
     if auth is None:
         return None
     where = "fhirAuthorization."
+    # Checked before anything is said about it: a message never quotes the token.
+    access_token = _require(auth, "access_token", str, where)
+    if not B64TOKEN.fullmatch(access_token):
+        raise BadHookRequest(
+            "fhirAuthorization.access_token must be a bearer token: letters, digits and -._~+/ then any '='",
+            "fhirAuthorization.access_token",
+        )
     token_type = _require(auth, "token_type", str, where)
     if token_type.lower() != "bearer":
         raise BadHookRequest("fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type")
-    expires_in = auth.get("expires_in")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
-        raise BadHookRequest("fhirAuthorization.expires_in must be a number", "fhirAuthorization.expires_in")
+    scope = _require(auth, "scope", str, where)
+    if not SCOPE.fullmatch(scope):
+        raise BadHookRequest(
+            "fhirAuthorization.scope must be space-separated OAuth scopes (printable ASCII)", "fhirAuthorization.scope"
+        )
+    patient = _optional(auth, "patient", str, where)
+    if patient is not None and not FHIR_ID.fullmatch(patient):
+        raise BadHookRequest("fhirAuthorization.patient must be a FHIR id", "fhirAuthorization.patient")
     return FhirAuthorization(
-        access_token=_require(auth, "access_token", str, where),
+        access_token=access_token,
         token_type=token_type,
-        expires_in=int(expires_in),
-        scope=_require(auth, "scope", str, where),
+        expires_in=_seconds(auth.get("expires_in"), "fhirAuthorization.expires_in"),
+        scope=scope,
         subject=_require(auth, "subject", str, where),
-        patient=_optional(auth, "patient", str, where),
+        patient=patient,
     )
+
+
+def _seconds(value: Any, path: str) -> int:
+    """A lifetime in whole seconds (an integer; 300.0 is read as 300)."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 0:
+        raise BadHookRequest(f"{path} must be a whole number of seconds, 0 or more", path)
+    return int(value)
 
 
 def _is_resource(value: Any) -> bool:

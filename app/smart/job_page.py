@@ -33,10 +33,27 @@ def job_explanation(*, label: str, title: str) -> Explanation:
 
 
 def job_view(result: StoredResult, context: LaunchContext) -> dict[str, Any]:
-    """The template's ``job``: the stored result's job as the ledger has it now (``found`` False when gone)."""
+    """The template's ``job``: the stored result's job as the ledger has it now (``found`` False when gone, or when
+    the job is not for the result's patient on the result's FHIR server: a page never shows another patient's)."""
     job_id = result.data.get("job_id") if isinstance(result.data, dict) else None
     job = ledger.get(current_app.extensions["db"], job_id) if isinstance(job_id, str) else None
+    if job is not None and not job_belongs(job, result.patient_id, result.fhir_server):
+        job = None
     return {"job": job_status(job)}
+
+
+def job_belongs(job: ledger.Job, patient_id: str | None, fhir_server: str | None) -> bool:
+    """Whether a job's payload names this patient on this FHIR server: a job naming no patient belongs to none."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    return (
+        patient_id is not None
+        and payload.get("patient_id") == patient_id
+        and _server(payload.get("fhir_server")) == _server(fhir_server)
+    )
+
+
+def _server(url: Any) -> str | None:
+    return url.rstrip("/") if isinstance(url, str) else None
 
 
 def job_status(job: ledger.Job | None) -> dict[str, Any]:

@@ -95,6 +95,7 @@ def test_the_ai_down_is_retried_then_dead_lettered_and_the_card_says_so(make_app
                         "id": encounter,
                         "status": "finished",
                         "class": {"code": "IMP"},
+                        "subject": {"reference": "Patient/pat-1"},
                     },
                     "request": {"method": "PUT", "url": f"Encounter/{encounter}"},
                 }

@@ -513,7 +513,7 @@ def test_a_job_that_is_gone_or_failed_is_said_so(app, engine, hook_body):
     result = _job_result(engine, "discharge-summary:gone")
     with app.app_context():
         assert "This job could not be found" in text_of(render_result(result, context(hook_body)))
-    ledger.enqueue(engine, "discharge-summary:dead", "discharge-summary", {}, max_attempts=1)
+    ledger.enqueue(engine, "discharge-summary:dead", "discharge-summary", {"patient_id": "p1"}, max_attempts=1)
     claimed = ledger.claim(engine, "worker-1", kinds=["discharge-summary"])
     assert ledger.fail(engine, claimed, "E", permanent=True) == ledger.DEAD
     with app.app_context():

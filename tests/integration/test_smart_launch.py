@@ -470,7 +470,8 @@ def test_result_for_another_patient_is_refused(gateway, ehr):
 def test_job_result_loads_its_job(gateway, ehr, rendered):
     from app.jobs import ledger
 
-    ledger.enqueue(gateway.extensions["db"], "job-smart-1", "discharge-summary", {"encounter": "e1"})
+    payload = {"encounter": "e1", "patient_id": PATIENT_ID}
+    ledger.enqueue(gateway.extensions["db"], "job-smart-1", "discharge-summary", payload)
     result = store_result(gateway, patient=PATIENT_ID, kind="discharge-summary", data={"job_id": "job-smart-1"})
     assert launch_to_app(Browser(gateway), ehr, result).status == 200
     assert "Waiting to start" in rendered[0]["page"]  # the queued job's status, read from the ledger
