@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from app import results
 from app.cds.clients import FhirBase
 from app.clock import Clock, app_clock
+from app.fhir.compartment import Compartment
 from app.http import pooled_session
 from app.logs import describe
 from app.smart import launch, pages
@@ -196,8 +197,7 @@ def app_page():
         raise PatientMismatch("This result was made for another EHR than the one that opened this page.")
 
     context = _launch_context(token, pages.LaunchContext)
-    html = pages.render_result(result, context, csrf_token=current.state["csrf"])
-    return Response(html, 200, content_type="text/html; charset=utf-8")
+    return _html(pages.render_result(result, context, csrf_token=current.state["csrf"]))
 
 
 def _launch_context(token: dict, make_context):
@@ -212,13 +212,22 @@ def _launch_context(token: dict, make_context):
             patient = fhir_get(f"Patient/{launch.quote_path(patient_id)}")
         except (requests.RequestException, ValueError) as exc:
             log.warning("patient banner fetch failed: %s", describe(exc))
+        if patient is not None and not _is_patient(patient, patient_id, token["iss"]):
+            log.warning("patient banner fetch answered with another resource than the launch's Patient")
+            patient = None
     return make_context(
         patient=patient,
         need_patient_banner=need_banner,
         user=token.get("user"),
         granted_scopes=launch.granted_scopes(token),
         fhir_get=fhir_get,
+        fhir_server=token["iss"],
     )
+
+
+def _is_patient(resource: dict, patient_id: str, iss: str) -> bool:
+    """Whether a read of the launch's Patient answered with that Patient (and not another's data)."""
+    return resource.get("resourceType") == "Patient" and Compartment(patient_id, iss).holds(resource)
 
 
 @bp.post("/logout")
@@ -232,24 +241,25 @@ def logout():
     if not expected or not hmac.compare_digest(expected.encode(), given.encode()):
         raise CsrfFailed("This sign-out form has expired. Reload the page and try again.")
     smart.store.delete(current.token)
-    html = pages.render_error("Signed out", "You have signed out of the app. Open it again from the EHR.")
-    response = Response(html, 200, content_type="text/html; charset=utf-8")
+    response = _html(pages.render_error("Signed out", "You have signed out of the app. Open it again from the EHR."))
     _clear_cookie(response)
     return response
 
 
+def _html(page: str, status: int = 200) -> Response:
+    """An HTML answer; a lone surrogate that reached the page becomes "?" instead of failing the answer."""
+    return Response(page.encode("utf-8", "replace"), status, content_type="text/html; charset=utf-8")
+
+
 @bp.errorhandler(LaunchError)
 def launch_error(exc: LaunchError):
-
-    return Response(pages.render_error(exc.title, exc.message), exc.status, content_type="text/html; charset=utf-8")
+    return _html(pages.render_error(exc.title, exc.message), exc.status)
 
 
 @bp.errorhandler(HTTPException)
 def http_error(exc: HTTPException):
     """An HTML page, not the CDS endpoints' OperationOutcome, for the app's own 4xx (e.g. a wrong method)."""
-
-    html = pages.render_error(exc.name, exc.description or exc.name)
-    return Response(html, exc.code or 500, content_type="text/html; charset=utf-8")
+    return _html(pages.render_error(exc.name, exc.description or exc.name), exc.code or 500)
 
 
 @bp.errorhandler(Exception)
@@ -257,9 +267,9 @@ def unexpected_error(exc: Exception):
     if isinstance(exc, HTTPException):
         return http_error(exc)
     log.error("SMART app error: %s", describe(exc))
-
-    html = pages.render_error("Something went wrong", "The app could not show this page. Try again from the EHR.")
-    return Response(html, 500, content_type="text/html; charset=utf-8")
+    return _html(
+        pages.render_error("Something went wrong", "The app could not show this page. Try again from the EHR."), 500
+    )
 
 
 def _security_headers(response: Response) -> Response:

@@ -7,8 +7,8 @@ Nothing here touches Flask's request or the session store, so each step is testa
 from __future__ import annotations
 
 import hmac
-import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -19,11 +19,13 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import jwt
+import orjson
 import requests
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.requests_client import OAuth2Session
 
 from app.cds.clients import FhirBase
+from app.http import read_body
 from app.logs import describe
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ DISCOVERY_TTL_S = 300.0
 DISCOVERY_FAILURE_TTL_S = 30.0  # a failed discovery is shown again, not retried, for this long
 DISCOVERY_FETCHES_PER_MINUTE = 10  # per allowlist entry: a ":*" entry names a base on every port
 DISCOVERY_MAX_BYTES = 256 * 1024
+TOKEN_MAX_BYTES = 64 * 1024
+FHIR_MAX_BYTES = 8 * 1024 * 1024  # one Patient, or a page of NEWER_COUNT observations
+JWKS_MAX_BYTES = 256 * 1024
+MAX_EXPIRES_IN_S = 10**9  # about 30 years: anything longer is not a token lifetime
 WELL_KNOWN = "/.well-known/smart-configuration"
 MAX_PARAMETER_CHARS = 2048  # iss and launch: they end up in a redirect URL
 REFRESH_LEEWAY_S = 30.0
@@ -80,7 +86,7 @@ class DiscoveryTimedOut(DiscoveryFailed):
 
 class TooManyDiscoveries(LaunchError):
     status = 429
-    title = "Too many launches from new addresses"
+    title = "Too many look-ups of this EHR's SMART configuration"
 
 
 class PkceUnsupported(DiscoveryFailed):
@@ -103,6 +109,22 @@ class AccessDenied(LaunchError):
 class TokenExchangeFailed(LaunchError):
     status = 502
     title = "The EHR did not grant access"
+
+
+class TokenExchangeTimedOut(TokenExchangeFailed):
+    status = 504
+
+
+class CodeRefused(LaunchError):
+    title = "The EHR did not accept this sign-in"
+
+
+class UnusableJson(ValueError):
+    """A body that is not the JSON object expected; ``what`` says why, quoting nothing of it."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
 
 
 class LaunchExpired(LaunchError):
@@ -215,8 +237,9 @@ class DiscoveryCache:
             fetched.popleft()
         if len(fetched) >= self.fetches_per_minute:
             raise TooManyDiscoveries(
-                f"Launches from {len(fetched)} new addresses of the trusted FHIR server {base.entry} came in the last "
-                "minute, more than this app looks up; this one was not contacted. Start again from the EHR in a minute."
+                f"This app looked up the SMART configuration of the trusted FHIR server {base.entry} {len(fetched)} "
+                "times in the last minute, the most it does; the EHR was not contacted for this launch. Start again "
+                "from the EHR in a minute."
             )
         fetched.append(now)
 
@@ -287,13 +310,7 @@ def _read_json(iss: str, http: requests.Session, timeout: float) -> dict[str, An
             if response.status_code != 200:
                 redirect = " (a redirect, which the app does not follow)" if response.is_redirect else ""
                 raise _failure(DiscoveryFailed, iss, f"answered HTTP {response.status_code}{redirect}")
-            body = bytearray()
-            for chunk in response.iter_content(64 * 1024):
-                body += chunk
-                if len(body) > DISCOVERY_MAX_BYTES:
-                    raise _failure(DiscoveryFailed, iss, f"is larger than {DISCOVERY_MAX_BYTES // 1024} KB")
-                if time.monotonic() > deadline:
-                    raise requests.Timeout("the body came too slowly")
+            body = read_body(response, limit=DISCOVERY_MAX_BYTES, deadline=deadline)
     except requests.Timeout:
         raise _failure(DiscoveryTimedOut, iss, f"did not answer within {timeout:g} s") from None
     except requests.exceptions.SSLError:
@@ -302,12 +319,33 @@ def _read_json(iss: str, http: requests.Session, timeout: float) -> dict[str, An
         raise _failure(DiscoveryFailed, iss, "could not be reached: no connection could be made") from None
     except requests.RequestException as exc:
         raise _failure(DiscoveryFailed, iss, f"could not be read ({type(exc).__name__})") from None
-    try:
-        document = json.loads(body)
     except ValueError:
-        raise _failure(DiscoveryFailed, iss, "is not JSON") from None
+        raise _failure(DiscoveryFailed, iss, f"is larger than {DISCOVERY_MAX_BYTES // 1024} KB") from None
+    try:
+        return json_object(body)
+    except UnusableJson as exc:
+        raise _failure(DiscoveryFailed, iss, exc.what) from None
+
+
+# What orjson's refusals mean, in words for the error page (orjson is strict: no NaN, no lone surrogates, and at
+# most 1024 levels, so no document can exhaust the stack).
+_JSON_PROBLEMS = (
+    ("depth limit", "is nested too deeply to read (JSON more than 1024 levels deep)"),
+    ("number is infinity", "has a number too large to read"),
+    ("surrogate in string", "is not valid Unicode (it has a lone surrogate)"),
+    ("not valid UTF-8", "is not valid UTF-8 text"),
+)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A body from the EHR that must be a JSON object; UnusableJson says what is wrong otherwise."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        what = next((words for marker, words in _JSON_PROBLEMS if marker in exc.msg), "is not JSON")
+        raise UnusableJson(what) from None
     if not isinstance(document, dict):
-        raise _failure(DiscoveryFailed, iss, "is not a JSON object")
+        raise UnusableJson("is not a JSON object")
     return document
 
 
@@ -354,6 +392,70 @@ def _oauth(settings: ClientSettings, **kwargs: Any) -> OAuth2Session:
     )
     session.trust_env = False
     return session
+
+
+def _token_call(settings: ClientSettings, call: Callable[[OAuth2Session, dict[str, Any]], Any]) -> dict[str, Any]:
+    """One call of the token endpoint (``call(oauth, options)`` passes ``options`` on to authlib), its answer read
+    within ``settings.timeout`` in all and checked before authlib sees it (authlib raises on odd numbers)."""
+    deadline = time.monotonic() + settings.timeout
+
+    def checked(response: requests.Response) -> requests.Response:
+        with response:
+            try:
+                body = read_body(response, limit=TOKEN_MAX_BYTES, deadline=deadline)
+            except ValueError:
+                raise UnusableJson(f"is larger than {TOKEN_MAX_BYTES // 1024} KB") from None
+        if response.status_code >= 500:
+            response.raise_for_status()
+        response._content = orjson.dumps(_token_fields(json_object(body)))
+        return response
+
+    with _oauth(settings) as oauth:
+        oauth.register_compliance_hook("access_token_response", checked)
+        oauth.register_compliance_hook("refresh_token_response", checked)
+        return dict(call(oauth, {"stream": True, "allow_redirects": False}))
+
+
+def _token_fields(token: dict[str, Any]) -> dict[str, Any]:
+    """The members of a token response the app reads, each of the type it must be; UnusableJson names the first
+    that is not. An error response keeps only its error code and description."""
+    if "error" in token:
+        error = token["error"] if isinstance(token["error"], str) else "unknown_error"
+        described = token.get("error_description")
+        return {"error": error, **({"error_description": described} if isinstance(described, str) else {})}
+    for name in ("access_token", "refresh_token", "scope", "id_token", "patient", "encounter", "token_type"):
+        if token.get(name) is not None and not isinstance(token[name], str):
+            raise UnusableJson(f"has a {name} that is not a string")
+    if token.get("need_patient_banner") is not None and not isinstance(token["need_patient_banner"], bool):
+        raise UnusableJson("has a need_patient_banner that is not true or false")
+    kept = {name: token[name] for name in (*TOKEN_MEMBERS, "token_type") if token.get(name) is not None}
+    expires_in = token.get("expires_in")
+    if isinstance(expires_in, str) and expires_in.isascii() and expires_in.isdigit() and len(expires_in) <= 10:
+        expires_in = int(expires_in)  # some EHRs send the number as a string
+    if expires_in is not None:
+        if not (_is_number(expires_in) and 0 <= expires_in <= MAX_EXPIRES_IN_S):
+            raise UnusableJson("has an expires_in that is not a number of seconds")
+        kept["expires_in"] = expires_in
+    return kept
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` can be written out (PyJWT's JSON reader lets lone surrogates through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (not true or false, not an integer beyond any float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def begin(
@@ -420,14 +522,34 @@ def complete(
     if not args.get("code"):
         raise LaunchError("The EHR's response had no authorization code. Start again from the EHR.")
     try:
-        with _oauth(settings) as oauth:
-            token = oauth.fetch_token(
+        token = _token_call(
+            settings,
+            lambda oauth, options: oauth.fetch_token(
                 pending["token_endpoint"],
                 grant_type="authorization_code",
                 code=args["code"],
                 code_verifier=pending["code_verifier"],
-            )
-    except (OAuthError, requests.RequestException, ValueError) as exc:
+                **options,
+            ),
+        )
+    except OAuthError as exc:
+        log.warning("SMART code exchange refused at %s: %s", pending["token_endpoint"], describe(exc))
+        if exc.error == "invalid_grant":  # a stale, used or forged code: the request's fault, not the EHR's
+            raise CodeRefused(
+                "The EHR did not accept this sign-in (its code is used, expired or not the EHR's). Start again "
+                "from the EHR."
+            ) from None
+        raise TokenExchangeFailed("The EHR did not exchange the sign-in code. Start again from the EHR.") from None
+    except UnusableJson as exc:
+        log.warning("SMART code exchange at %s: the token response %s", pending["token_endpoint"], exc.what)
+        raise TokenExchangeFailed(
+            f"The EHR's token response {exc.what}. Start again from the EHR; if this persists, tell its administrators."
+        ) from None
+    except requests.Timeout:
+        raise TokenExchangeTimedOut(
+            f"The EHR's token endpoint did not answer within {settings.timeout:g} s. Start again from the EHR."
+        ) from None
+    except (requests.RequestException, ValueError) as exc:
         log.warning("SMART code exchange failed at %s: %s", pending["token_endpoint"], describe(exc))
         raise TokenExchangeFailed("The EHR did not exchange the sign-in code. Start again from the EHR.") from None
     if not token.get("access_token"):
@@ -452,7 +574,7 @@ def fhir_user(
         log.warning("SMART id_token not validated: the EHR's SMART configuration has no jwks_uri")
         return None
     try:
-        key = jwt.PyJWKClient(pending["jwks_uri"], timeout=settings.timeout).get_signing_key_from_jwt(id_token)
+        key = _signing_key(pending["jwks_uri"], id_token, settings.timeout)
         claims = jwt.decode(
             id_token,
             key.key,
@@ -469,18 +591,38 @@ def fhir_user(
             },
         )
         _check_times(claims, time.time() if now is None else now, ID_TOKEN_LEEWAY_S)
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, RecursionError) as exc:  # PyJWT reads the token's JSON with json.loads: no depth limit
         log.warning("SMART id_token rejected: %s", describe(exc))
         raise TokenExchangeFailed("The EHR's identity token could not be verified. Start again from the EHR.") from None
     user = claims.get("fhirUser") or claims.get("profile")
-    return user if isinstance(user, str) else None
+    return user if isinstance(user, str) and _unicode(user) else None
+
+
+def _signing_key(jwks_uri: str, id_token: str, timeout: float) -> jwt.PyJWK:
+    """The EHR's key that signed ``id_token``, from its JWK Set read within ``timeout`` in all and size-capped
+    (PyJWKClient reads with urllib: a read timeout per byte, no overall deadline, no cap)."""
+    deadline = time.monotonic() + timeout
+    try:
+        with requests.get(
+            jwks_uri, headers={"Accept": "application/json"}, timeout=timeout, stream=True, allow_redirects=False
+        ) as response:
+            response.raise_for_status()
+            key_set = jwt.PyJWKSet.from_dict(json_object(read_body(response, limit=JWKS_MAX_BYTES, deadline=deadline)))
+    except (requests.RequestException, ValueError) as exc:
+        raise jwt.PyJWKClientError(f"the EHR's JWK Set could not be read ({type(exc).__name__})") from None
+    kid = jwt.get_unverified_header(id_token).get("kid")
+    signing = [k for k in key_set.keys if k.public_key_use in ("sig", None)]
+    matching = [k for k in signing if k.key_id == kid] if kid is not None else signing
+    if len(matching) != 1:
+        raise jwt.PyJWKClientError("no single key of the EHR's JWK Set matches the id_token's kid")
+    return matching[0]
 
 
 def _check_times(claims: dict[str, Any], now: float, leeway: float) -> None:
     """``exp`` not passed and ``iat`` (and ``nbf`` when sent) not ahead of ``now``, give or take ``leeway``."""
     times = {name: claims[name] for name in ("exp", "iat", "nbf") if name in claims}
-    if not all(isinstance(value, int | float) and not isinstance(value, bool) for value in times.values()):
-        raise jwt.InvalidTokenError("exp, iat and nbf must be numbers")
+    if not all(_is_number(value) for value in times.values()):
+        raise jwt.InvalidTokenError("exp, iat and nbf must be finite numbers")
     if now >= times["exp"] + leeway:
         raise jwt.ExpiredSignatureError("Signature has expired")
     if max(times["iat"], times.get("nbf", times["iat"])) > now + leeway:
@@ -500,10 +642,9 @@ def token_state(token: dict[str, Any], pending: dict[str, Any], now: float | Non
 
 
 def _expires_in(token: dict[str, Any]) -> float | None:
-    try:
-        return float(token["expires_in"])
-    except (KeyError, TypeError, ValueError):
-        return None
+    """The token's lifetime in seconds (checked by ``_token_fields``), or None when the EHR gave none."""
+    value = token.get("expires_in")
+    return None if value is None else float(value)
 
 
 def needs_refresh(state: dict[str, Any], now: float | None = None) -> bool:
@@ -519,8 +660,17 @@ def refresh(state: dict[str, Any], *, settings: ClientSettings, now: float | Non
     if not state.get("refresh_token"):
         raise LaunchExpired("This launch has expired. Start again from the EHR.")
     try:
-        with _oauth(settings) as oauth:
-            token = oauth.refresh_token(state["token_endpoint"], refresh_token=state["refresh_token"])
+        token = _token_call(
+            settings,
+            lambda oauth, options: oauth.refresh_token(
+                state["token_endpoint"], refresh_token=state["refresh_token"], **options
+            ),
+        )
+    except UnusableJson as exc:
+        log.warning("SMART token refresh at %s: the token response %s", state["token_endpoint"], exc.what)
+        raise LaunchExpired(
+            f"This launch has expired: the EHR's token response {exc.what}. Start again from the EHR."
+        ) from None
     except (OAuthError, requests.RequestException, ValueError) as exc:
         log.info("SMART token refresh failed at %s: %s", state["token_endpoint"], describe(exc))
         raise LaunchExpired("This launch has expired. Start again from the EHR.") from None
@@ -545,14 +695,16 @@ def fhir_getter(iss: str, access_token: str, http: requests.Session, timeout: fl
         where = path.split("?", 1)[0].lstrip("/")
         if any(c in where for c in ":\\%") or "//" in where or any(s in (".", "..") for s in where.split("/")):
             raise ValueError("fhir_get takes a path relative to the FHIR base")
-        response = http.get(
+        deadline = time.monotonic() + timeout
+        with http.get(
             f"{base}/{path.lstrip('/')}",
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/fhir+json"},
             timeout=timeout,
             allow_redirects=False,
-        )
-        response.raise_for_status()
-        return response.json()
+            stream=True,
+        ) as response:
+            response.raise_for_status()
+            return json_object(read_body(response, limit=FHIR_MAX_BYTES, deadline=deadline))
 
     return get
 

@@ -25,6 +25,7 @@ from jinja2 import BaseLoader, ChoiceLoader, Environment, FileSystemLoader, Pack
 
 from app.cds.service import get_service
 from app.fhir.codes import codes_in
+from app.fhir.compartment import Compartment
 from app.fhir.record import concept_text, effective_text, quantity_text, usable_observation
 from app.logs import describe
 from app.results import StoredResult
@@ -59,6 +60,7 @@ class LaunchContext:
     user: str | None
     granted_scopes: frozenset[str]
     fhir_get: Callable[[str], dict] | None = field(default=None, repr=False)
+    fhir_server: str | None = None  # the launch's iss: where the live data's references resolve
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def _observation_value(observation: dict, codes: set[str], system: str) -> str:
     shown = quantity_text(observation.get("valueQuantity"))
     if shown:
         return shown
-    for component in observation.get("component") or ():
+    for component in _list(observation.get("component")):
         if isinstance(component, dict) and codes_in(component.get("code"), system) & codes:
             shown = quantity_text(component.get("valueQuantity")) or concept_text(component.get("valueCodeableConcept"))
             if shown:
@@ -200,12 +202,13 @@ def newer_values(result: StoredResult, context: LaunchContext) -> list[NewerValu
         raise LiveCheckFailed("Newer values could not be checked: the EHR's FHIR server gave an unexpected answer.")
     labels = {item.get("name"): item.get("label") for item in data.get("inputs") or () if isinstance(item, dict)}
     found = []
-    for entry in bundle.get("entry") or ():
+    compartment = Compartment(patient_id, context.fhir_server)
+    for entry in _list(bundle.get("entry")):
         observation = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(observation, dict) or observation.get("resourceType") != "Observation":
             continue
-        if not usable_observation(observation):
-            continue
+        if not usable_observation(observation) or not compartment.holds(observation):
+            continue  # another patient's (or another server's) observation is never shown
         observed = codes_in(observation.get("code"), system)
         for name, group in loinc.items():
             if observed & set(group):
@@ -215,7 +218,7 @@ def newer_values(result: StoredResult, context: LaunchContext) -> list[NewerValu
                         label=labels.get(name) or name.replace("_", " "),
                         display=_observation_value(observation, set(group), system),
                         date=effective_text(observation),
-                        source=f"Observation/{observation.get('id', '?')}",
+                        source=f"Observation/{_text(observation.get('id')) or '?'}",
                     )
                 )
                 break
@@ -311,15 +314,25 @@ def result_view(result: StoredResult, context: LaunchContext) -> dict[str, Any]:
     }
 
 
+def _list(value: Any) -> list:
+    """A FHIR array member; anything else the EHR sent in its place counts as none."""
+    return value if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str:
+    """A FHIR string member, stripped; anything else counts as not recorded."""
+    return value.strip() if isinstance(value, str) else ""
+
+
 def _name(patient: dict) -> str:
-    names = [n for n in patient.get("name") or () if isinstance(n, dict)]
+    names = [n for n in _list(patient.get("name")) if isinstance(n, dict)]
     chosen = next((n for n in names if n.get("use") == "official"), names[0] if names else None)
     if chosen is None:
         return ""
-    if isinstance(chosen.get("text"), str) and chosen["text"].strip():
-        return chosen["text"].strip()
-    parts = [str(p) for p in chosen.get("given") or ()] + ([str(chosen["family"])] if chosen.get("family") else [])
-    return " ".join(parts)
+    if _text(chosen.get("text")):
+        return _text(chosen["text"])
+    parts = [_text(p) for p in [*_list(chosen.get("given")), chosen.get("family")]]
+    return " ".join(p for p in parts if p)
 
 
 def _banner(context: LaunchContext) -> dict[str, Any] | None:
@@ -331,8 +344,8 @@ def _banner(context: LaunchContext) -> dict[str, Any] | None:
     return {
         "loaded": True,
         "name": _name(patient) or "Name not recorded",
-        "birth_date": patient.get("birthDate") or "not recorded",
-        "gender": patient.get("gender") or "not recorded",
+        "birth_date": _text(patient.get("birthDate")) or "not recorded",
+        "gender": _text(patient.get("gender")) or "not recorded",
     }
 
 

@@ -24,6 +24,7 @@ def observation(oid: str, code: str, value: float, when: str) -> dict:
         "resourceType": "Observation",
         "id": oid,
         "status": "final",
+        "subject": {"reference": "Patient/p1"},
         "code": {"coding": [{"system": LOINC, "code": code}]},
         "effectiveDateTime": when,
         "valueQuantity": {"value": value, "unit": "mg/dL"},
