@@ -59,6 +59,7 @@ from app.ai import batch_lane
 from app.batch import runs, tasks
 from app.batch.parts import patient_of
 from app.batch.scoring import PatientResources, Scored
+from app.fhir.compartment import Compartment
 from app.jobs import ledger, presence
 from app.jobs.registry import JobContext, job_kind
 from app.jobs.worker import Worker
@@ -150,6 +151,9 @@ def wait_for_quiet(limit: float) -> float:
 
 # ---- the baseline ---------------------------------------------------------------------------------------------
 
+# The generated files use relative references only: the compartment rule needs no server to read them.
+ANY_SERVER = Compartment(None, None)
+
 
 def bare_loop(settings: dict[str, str], directory: str, today: date) -> dict[str, float]:
     """Parse every NDJSON file, group by patient in memory, score each patient; runs in a process of its own."""
@@ -162,7 +166,7 @@ def bare_loop(settings: dict[str, str], directory: str, today: date) -> dict[str
         with open(Path(directory) / f"{resource_type}.ndjson", "rb") as handle:
             for line in handle:
                 resource = orjson.loads(line)
-                patients[patient_of(resource)].append(resource)
+                patients[patient_of(resource, ANY_SERVER)].append(resource)
     parsed = time.perf_counter()
     scored = 0
     with app.app_context(), batch_lane():

@@ -21,7 +21,7 @@ def _counts_line(view: dict) -> str:
     return (
         f"{counts.get('patients', 0)} patients: {counts.get('scored', 0)} scored, "
         f"{counts.get('notScored', 0)} not scored, {counts.get('worklist', 0)} on the worklist, "
-        f"{counts.get('badLines', 0)} bad lines"
+        f"{counts.get('badLines', 0)} bad lines, {counts.get('dropped', 0)} resources of no patient left out"
     )
 
 

@@ -30,8 +30,10 @@ import orjson
 import requests
 
 from app import http
+from app.batch.parts import open_private
 from app.clock import SYSTEM_CLOCK, Clock
 from app.fhir.client import FHIR_JSON, Sender
+from app.private_files import private_folders
 
 log = logging.getLogger(__name__)
 
@@ -390,11 +392,11 @@ class BulkDataClient:
         of ``expected_type``). Counts non-blank lines."""
         target = self._file_url(url, requires_access_token)
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        private_folders(dest.parent)
         part = dest.with_name(dest.name + ".part")
         stream = _Stream()
         try:
-            with open(part, "wb") as out:
+            with open_private(part) as out:
                 cuts = 0
                 while True:
                     try:

@@ -21,9 +21,11 @@ import contextlib
 import csv
 import hashlib
 import io
+import logging
 import math
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,24 +34,50 @@ from typing import Any
 
 import orjson
 
+from app.ai.types import ModelUnavailable
 from app.batch.scoring import NotScored, PatientResources, Population, Scored
-from app.fhir.record import reference_id, reference_type
+from app.fhir.compartment import PATIENT_LINKS, Compartment
+from app.logs import describe
+from app.private_files import private_folders, tighten
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 SHARED_TYPES = frozenset({"Medication"})  # resources of no patient that scoring may need (MedicationRequest refs)
-# Where a resource names its patient, in the order looked at.
-PATIENT_FIELDS = ("subject", "patient", "beneficiary")
 HISTOGRAM_STEP = 0.005  # 0.5 % bins: the 5 %, 7.5 % and 20 % thresholds fall on bin edges
 HISTOGRAM_TOP = 0.30  # one bin for 30 % and over
 WORKLIST_FIELDS = ("patient", "risk_percent", "category", "action")
 REASON_SYSTEM = "urn:clinical-ai-gateway:batch:not-scored-reason"
 SUBJECT_EXTENSION = "urn:clinical-ai-gateway:batch:subject"
+UNREADABLE = "record could not be read"  # the NotScored reason of a patient whose scoring raised
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) readable by the service alone: batch files hold PHI."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+class UnsafeDirectory(Exception):
+    """BATCH_DIR is writable by other users and is not ours to make private: a run must not write PHI there."""
+
+
+def private_root(root: Path) -> Path:
+    """BATCH_DIR, made private when missing or ours (as INSTANCE_PATH is); UnsafeDirectory when others may write in
+    it and it is not ours to change (another user's, or shared with the sticky bit): they could read a run's PHI
+    or put files in its place."""
+    private_folders(root)
+    info = root.stat()
+    problem = None
+    if info.st_mode & stat.S_ISVTX:
+        problem = "is a shared folder (sticky bit)"
+    elif info.st_uid != os.geteuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    if problem and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeDirectory(
+            f"BATCH_DIR {root} is writable by group or others and {problem}: give the service a folder of its own "
+            "(0700) or set BATCH_DIR to another directory"
+        )
+    if problem is None:
+        try:
+            tighten(root)
+        except OSError as exc:
+            raise UnsafeDirectory(f"BATCH_DIR {root} cannot be made private ({exc.strerror})") from None
+    return root
 
 
 @contextlib.contextmanager
@@ -59,11 +87,11 @@ def atomic_dir(final: Path) -> Iterator[Path | None]:
     if final.is_dir():
         yield None
         return
-    private_dir(final.parent)
+    private_folders(final.parent)
     for stale in final.parent.glob(f".{final.name}.*"):
         shutil.rmtree(stale, ignore_errors=True)
     temporary = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}"
-    private_dir(temporary)
+    private_folders(temporary)
     try:
         yield temporary
         for name in os.listdir(temporary):
@@ -80,7 +108,7 @@ def atomic_dir(final: Path) -> Iterator[Path | None]:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write a whole file or nothing: a temporary file, fsync, rename."""
-    private_dir(path.parent)
+    private_folders(path.parent)
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
     with open(temporary, "wb", opener=_private_opener) as handle:
         handle.write(data)
@@ -90,11 +118,13 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def _private_opener(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
+    descriptor = os.open(path, flags, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file left by an earlier attempt keeps its mode through os.open
+    return descriptor
 
 
 def open_private(path: Path, mode: str = "wb"):
-    """Open a new file readable by the service alone."""
+    """Open a file readable by the service alone (0600 whatever the umask, and whatever an old file had)."""
     return open(path, mode, opener=_private_opener)
 
 
@@ -157,16 +187,30 @@ def bucket_of(patient_id: str, buckets: int) -> int:
     return int.from_bytes(digest, "big") % buckets
 
 
-def patient_of(resource: dict[str, Any]) -> str | None:
-    """The id of the patient a resource belongs to (the Patient's own id), or None."""
-    if resource.get("resourceType") == "Patient":
-        return resource.get("id") if isinstance(resource.get("id"), str) and resource["id"] else None
-    for name in PATIENT_FIELDS:
-        reference = resource.get(name)
-        if isinstance(reference, dict) and reference_type(reference) in ("Patient", None):
-            found = reference_id(reference)
-            if found:
-                return found
+def patient_of(resource: dict[str, Any], server: Compartment) -> str | None:
+    """The id of the patient a resource belongs to by the hook's rule (``app.fhir.compartment``): its patient link
+    is ``Patient/id`` relative or absolute under the export's server (``server``, a Compartment of no patient),
+    and names no one else; None for a bare id, a ``urn:uuid:``, a contained or another server's patient, and for
+    resources of no patient. The Patient's own id for a Patient."""
+    kind = resource.get("resourceType")
+    if kind == "Patient":
+        ident = resource.get("id")
+        valid = isinstance(ident, str) and server.target({"reference": f"Patient/{ident}"}) == f"Patient/{ident}"
+        candidate = ident if valid else None
+    else:
+        candidate = _linked_patient(resource, PATIENT_LINKS.get(kind, ()), server)
+    return candidate if candidate and Compartment(candidate, server.fhir_server).holds(resource) else None
+
+
+def _linked_patient(resource: dict[str, Any], paths: tuple[str, ...], server: Compartment) -> str | None:
+    """The first patient a top-level patient link names: the one ``holds`` is then asked about. Links through a
+    repeating element (an Appointment's participants, a Group's members) name no one patient and give None."""
+    for path in paths:
+        links = resource.get(path)  # None for a dotted path
+        for link in links if isinstance(links, list) else (links,):
+            target = server.target(link)
+            if target and target.startswith("Patient/"):
+                return target.removeprefix("Patient/")
     return None
 
 
@@ -183,22 +227,28 @@ def bad_line(where: str, why: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SplitCounts:
+    """A range's lines: all, unreadable, shared (Medication...), and ``dropped``: resources of no patient of the
+    export (another server's, a bare id...), left out unscored."""
+
     lines: int
     bad: int
     shared: int
+    dropped: int = 0
 
     def to_json(self) -> dict[str, int]:
-        return {"lines": self.lines, "bad": self.bad, "shared": self.shared}
+        return {"lines": self.lines, "bad": self.bad, "shared": self.shared, "dropped": self.dropped}
 
 
-def split_range(run_dir: Path, index: int, part: Range, buckets: int) -> SplitCounts | None:
-    """Copy range ``index``'s lines into one file per bucket under ``split/RRRRR``; None when it was done before."""
+def split_range(run_dir: Path, index: int, part: Range, buckets: int, fhir_server: str) -> SplitCounts | None:
+    """Copy range ``index``'s lines into one file per bucket under ``split/RRRRR``, each resource to the bucket of
+    the patient it belongs to on ``fhir_server`` (the export's); None when it was done before."""
     final = run_dir / "split" / f"{index:05d}"
+    server = Compartment(None, fhir_server)
     with atomic_dir(final) as out:
         if out is None:
             return None
         handles: dict[int, Any] = {}
-        lines = bad = shared = 0
+        lines = bad = shared = dropped = 0
         bad_lines: list[bytes] = []
         shared_lines: list[bytes] = []
         try:
@@ -221,15 +271,13 @@ def split_range(run_dir: Path, index: int, part: Range, buckets: int) -> SplitCo
                         bad += 1
                         bad_lines.append(orjson.dumps(bad_line(where, "not a FHIR resource (no resourceType)")))
                         continue
-                    patient = patient_of(resource)
+                    patient = patient_of(resource, server)
                     if patient is None:
                         if resource["resourceType"] in SHARED_TYPES and isinstance(resource.get("id"), str):
                             shared += 1
                             shared_lines.append(line)
                         else:
-                            bad += 1
-                            why = f"a {resource['resourceType']} that names no patient"
-                            bad_lines.append(orjson.dumps(bad_line(where, why)))
+                            dropped += 1
                         continue
                     bucket = bucket_of(patient, buckets)
                     handle = handles.get(bucket)
@@ -242,7 +290,7 @@ def split_range(run_dir: Path, index: int, part: Range, buckets: int) -> SplitCo
         for name, rows in (("bad.ndjson", bad_lines), ("shared.ndjson", shared_lines)):
             with open_private(out / name) as handle:
                 handle.writelines(row + b"\n" for row in rows)
-        counts = SplitCounts(lines, bad, shared)
+        counts = SplitCounts(lines, bad, shared, dropped)
         with open_private(out / "counts.json") as handle:
             handle.write(orjson.dumps(counts.to_json()))
     return counts
@@ -285,8 +333,9 @@ def shared_resources(run_dir: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def bucket_patients(run_dir: Path, bucket: int) -> dict[str, list[dict[str, Any]]]:
+def bucket_patients(run_dir: Path, bucket: int, fhir_server: str) -> dict[str, list[dict[str, Any]]]:
     """The bucket's resources grouped by patient, each (type, id) once."""
+    server = Compartment(None, fhir_server)
     patients: dict[str, list[dict[str, Any]]] = {}
     seen: set[tuple[str, str]] = set()
     for path in sorted((run_dir / "split").glob(f"*/b{bucket:06d}.ndjson")):
@@ -297,7 +346,7 @@ def bucket_patients(run_dir: Path, bucket: int) -> dict[str, list[dict[str, Any]
                 if key[1] and key in seen:
                     continue
                 seen.add(key)
-                patients.setdefault(patient_of(resource), []).append(resource)  # type: ignore[arg-type]
+                patients.setdefault(patient_of(resource, server), []).append(resource)  # type: ignore[arg-type]
     return patients
 
 
@@ -426,6 +475,18 @@ def not_scored_outcome(patient_id: str, outcome: NotScored, population: Populati
     }
 
 
+def score_one(score: Callable[[PatientResources], Scored | NotScored], patient: PatientResources) -> Scored | NotScored:
+    """``score`` of one patient; a patient whose record makes it raise is NotScored (UNREADABLE), so one bad
+    record never costs the others. A model that is unavailable still raises: the whole bucket waits for it."""
+    try:
+        return score(patient)
+    except ModelUnavailable:
+        raise
+    except Exception as exc:  # the type and place only: the message may quote the record
+        log.warning("batch: a patient's record could not be scored: %s", describe(exc))
+        return NotScored(UNREADABLE, f"the record could not be read ({type(exc).__name__})")
+
+
 def score_bucket(
     run_dir: Path,
     bucket: int,
@@ -434,14 +495,15 @@ def score_bucket(
     identity: Identity,
     occurrence: str,
     today,
+    fhir_server: str,
 ) -> BucketSummary | None:
-    """Score every patient of a bucket into ``parts/bBBBBB``; None when it was done before. Exceptions from
-    ``score`` (a model that is down) propagate before anything is written: the bucket is done again later."""
+    """Score every patient of a bucket into ``parts/bBBBBB``; None when it was done before. A model that is
+    unavailable raises before anything is written: the bucket is done again later."""
     final = run_dir / "parts" / f"b{bucket:06d}"
     if final.is_dir():
         return None
     shared = shared_resources(run_dir)
-    patients = bucket_patients(run_dir, bucket)
+    patients = bucket_patients(run_dir, bucket, fhir_server)
     summary = BucketSummary()
     assessments, outcomes, worklist = [], [], []
     for patient_id in sorted(patients):
@@ -449,7 +511,7 @@ def score_bucket(
         if not any(r.get("resourceType") == "Patient" for r in resources):
             outcome: Scored | NotScored = NotScored("patient", "the export holds no Patient resource for this patient")
         else:
-            outcome = score(PatientResources(patient_id, resources, today, shared))
+            outcome = score_one(score, PatientResources(patient_id, resources, today, shared))
         summary.add(outcome)
         if isinstance(outcome, NotScored):
             outcomes.append(orjson.dumps(not_scored_outcome(patient_id, outcome, population)))

@@ -28,6 +28,8 @@ then says "not recorded", or derives the figure as noted, and never fails::
                  "scored": 950,                             # default: the sum of byCategory
                  "notScored": 50,                           # default: the sum of notScoredReasons
                  "badLines": 2,                             # NDJSON lines that could not be read
+                 "dropped": 3,                              # resources of no patient of the export (another
+                                                            # server's, a bare id, urn:uuid...): left out
                  "worklist": 310,                           # rows of worklist.csv
                  "writtenBack": 0},                         # RiskAssessments written to the EHR
       "byCategory": {"low": 500, "borderline": 100, "intermediate": 250, "high": 100},
@@ -230,6 +232,12 @@ def _count_rows(summary: Mapping[str, Any]) -> dict[str, Any]:
                 "Unreadable input lines",
                 _int_text(_count(counts.get("badLines"))),
                 "NDJSON lines that could not be read",
+            ),
+            (
+                "Resources left out",
+                _int_text(_count(counts.get("dropped"))),
+                "resources of no patient of this export (another server's, or a patient named by a bare id or "
+                "urn:uuid): not scored",
             ),
             ("On the worklist", _int_text(_count(counts.get("worklist"))), "patients for whom an action is proposed"),
             (

@@ -53,9 +53,9 @@ def start():
     try:
         body = orjson.loads(request.get_data(cache=False))
     except orjson.JSONDecodeError:
-        return operation_outcome(400, "invalid", "The body must be a JSON object")
+        return operation_outcome(400, "invalid", "The body must be a JSON object", "body")
     if not isinstance(body, dict):
-        return operation_outcome(400, "invalid", "The body must be a JSON object")
+        return operation_outcome(400, "invalid", "The body must be a JSON object", "body")
     for name, value in body.items():
         if name not in _FIELDS:
             return operation_outcome(400, "invalid", f"Unknown field {name!r}", name)

@@ -46,6 +46,7 @@ from app.clock import app_clock, wall_time
 from app.jobs.registry import JobContext, PermanentFailure, Snooze, job_handler, submit
 from app.jobs.retry import ExponentialBackoff, RetryPolicy
 from app.logs import describe
+from app.private_files import private_folders
 from app.webhooks import emit
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,6 @@ def start(
         since=since,
         write_back=write_back,
     )
-    parts.private_dir(run_dir(app, run.id))
     submit(app, EXPORT, job_id(run.id, "export"), {"run": run.id})
     audit(app).record("batch", action="start", run=run.id, service=service_id, iss=client_iss, writeBack=write_back)
     return run
@@ -183,7 +183,8 @@ def _failing(ctx: JobContext, run: runs.Run, exc: BaseException) -> None:
 
 
 def _stage(fn):
-    """Common to every stage: skip an ended run, fail the run on a part's last failure, count and time it."""
+    """Common to every stage: skip an ended run, fail the run on a part's last failure or a BATCH_DIR others may
+    write in, count and time it."""
 
     def handler(ctx: JobContext) -> Any:
         run = _active_run(ctx)
@@ -191,6 +192,7 @@ def _stage(fn):
             return {"skipped": True}
         stage, started = ctx.job.kind.split(".")[1], time.monotonic()
         try:
+            _private_run_dir(ctx.app, run.id)
             result = fn(ctx, run)
         except Snooze:
             PARTS.labels(stage, "waiting").inc()
@@ -206,6 +208,15 @@ def _stage(fn):
     handler.__name__ = fn.__name__
     handler.__doc__ = fn.__doc__
     return handler
+
+
+def _private_run_dir(app: Flask, run_id: str) -> Path:
+    """The run's directory, private, in a BATCH_DIR no one else may write in; PermanentFailure when it is not."""
+    try:
+        parts.private_root(Path(app.config["BATCH_DIR"]))
+    except parts.UnsafeDirectory as exc:
+        raise PermanentFailure(str(exc)) from None
+    return private_folders(run_dir(app, run_id))
 
 
 def run_sender(app: Flask, run: runs.Run):
@@ -240,7 +251,7 @@ def _export(ctx: JobContext, run: runs.Run, client: BulkDataClient) -> dict[str,
         run = runs.get(engine, run.id)
     manifest = Manifest.from_json(run.manifest)
     directory = run_dir(app, run.id)
-    parts.private_dir(directory / "export")
+    private_folders(directory / "export")
     files = []
     for number, output in enumerate(manifest.output):
         relative = f"export/{number:03d}-{output.type}.ndjson"
@@ -362,7 +373,7 @@ def split_stage(ctx: JobContext, run: runs.Run) -> dict[str, Any]:
     index = int(ctx.payload["range"])
     if index >= len(ranges):  # enqueued by a release that wrote its plan later: never with this order, but harmless
         raise Snooze(SPLIT_WAIT_S, "waiting for the plan")
-    counts = parts.split_range(run_dir(ctx.app, run.id), index, ranges[index], buckets)
+    counts = parts.split_range(run_dir(ctx.app, run.id), index, ranges[index], buckets, run.fhir_server)
     _after_split(ctx, run)
     return counts.to_json() if counts else {"done before": True}
 
@@ -408,7 +419,14 @@ def score_stage(ctx: JobContext, run: runs.Run) -> dict[str, Any]:
     try:
         with batch_lane():
             summary = parts.score_bucket(
-                directory, bucket, population.score, population, identity(app, run.id), occurrence, today
+                directory,
+                bucket,
+                population.score,
+                population,
+                identity(app, run.id),
+                occurrence,
+                today,
+                run.fhir_server,
             )
     except ModelUnavailable as exc:
         note = f"paused: model unavailable ({exc.reason})"
@@ -440,8 +458,8 @@ def finish_stage(ctx: JobContext, run: runs.Run) -> dict[str, Any]:
     directory = run_dir(app, run.id)
     files = outputs.merge(directory, buckets, len(ranges))
     summary = run_summary(app, run, final=True, files=files)
-    (directory / outputs.REPORT).write_text(render_report(summary), encoding="utf-8")
-    (directory / outputs.REPORT).chmod(0o600)
+    with parts.open_private(directory / outputs.REPORT) as handle:
+        handle.write(render_report(summary).encode())
     manifest = {
         "run": run.id,
         "service": run.service,
@@ -491,7 +509,7 @@ def run_summary(app: Flask, run: runs.Run, *, final: bool = False, files: list |
     _, buckets = _plan(run)
     there = directory.is_dir()
     scored = parts.progress(directory) if there else parts.BucketSummary()
-    bad = sum(_json(path).get("bad", 0) for path in directory.glob("split/*/counts.json")) if there else 0
+    splits = [_json(path) for path in directory.glob("split/*/counts.json")] if there else []
     written = sum(_json(path).get("sent", 0) for path in directory.glob("parts/b*.written")) if there else 0
     done = len(list(directory.glob("parts/b*/summary.json"))) if there else 0
     now = datetime.now(UTC).isoformat()
@@ -520,7 +538,8 @@ def run_summary(app: Flask, run: runs.Run, *, final: bool = False, files: list |
             "patients": scored.patients,
             "scored": scored.scored,
             "notScored": scored.not_scored,
-            "badLines": bad,
+            "badLines": sum(split.get("bad", 0) for split in splits),
+            "dropped": sum(split.get("dropped", 0) for split in splits),
             "worklist": scored.worklist,
             "writtenBack": written if run.write_back else None,
         },

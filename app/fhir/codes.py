@@ -28,17 +28,25 @@ OMB_HISPANIC = "2135-2"  # an ethnicity, sometimes recorded as a race
 
 
 def codings(concept: Any) -> list[dict[str, Any]]:
-    """The Codings of a CodeableConcept, or the Coding itself; malformed members are left out."""
+    """The Codings of a CodeableConcept, or the Coding itself; malformed members (not an object, a system or code
+    that is not a string, a ``coding`` that is not a list) are left out, so no input can make a match raise."""
     if not isinstance(concept, dict):
         return []
     if "coding" not in concept and ("code" in concept or "system" in concept):
-        return [concept]
-    return [c for c in concept.get("coding") or () if isinstance(c, dict)]
+        found = [concept]
+    else:
+        found = concept.get("coding")
+        found = found if isinstance(found, list) else []
+    return [c for c in found if isinstance(c, dict) and _well_formed(c)]
+
+
+def _well_formed(coding: dict[str, Any]) -> bool:
+    return all(isinstance(coding.get(key), str | None) for key in ("system", "code"))
 
 
 def codes_in(concept: Any, system: str) -> set[str]:
     """The codes of ``system`` in a CodeableConcept or Coding."""
-    return {str(c["code"]) for c in codings(concept) if c.get("system") == system and c.get("code")}
+    return {c["code"] for c in codings(concept) if c.get("system") == system and c.get("code")}
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,10 @@ class CodeSet:
         return ",".join(f"{system}|{code}" for system, codes in self.codes.items() for code in codes)
 
     def matches_coding(self, coding: Any) -> bool:
-        if not isinstance(coding, dict) or not coding.get("code"):
+        """True when the Coding is in this set; a malformed Coding (see ``codings``) matches nothing."""
+        if not isinstance(coding, dict) or not coding.get("code") or not _well_formed(coding):
             return False
-        system, code = coding.get("system"), str(coding["code"])
+        system, code = coding.get("system"), coding["code"]
         if (system, code) in self._pairs:
             return True
         starts = self.prefixes.get(system) if self.prefixes else None

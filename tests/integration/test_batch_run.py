@@ -7,8 +7,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import stat
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -16,13 +19,18 @@ import pytest
 from werkzeug import Request, Response
 
 from app.batch import runs, tasks, writeback
+from app.batch.scoring import PatientResources, Scored
+from app.cds.service import get_service
 from app.clock import app_clock
+from app.fhir.codes import CONDITION_CLINICAL
 from app.jobs import ledger
 from app.jobs.worker import Worker
 from app.smart.keys import KeyStore
-from tests.conftest import PUBLIC_BASE_URL
+from tests.conftest import PUBLIC_BASE_URL, require
 from tests.support.clock import FakeClock
-from tests.support.population import seed_population
+from tests.support.databases import postgres_database, postgres_unavailable
+from tests.support.population import patient_id as population_id
+from tests.support.population import patient_resources, seed_population, write_population
 from tests.support.tokens import TEST_ISSUER, clients_document
 
 SERVICE = "cardiovascular-risk"
@@ -351,3 +359,163 @@ def test_a_run_the_export_could_not_ask_for_is_refused_at_the_start(batch_app, b
     refused = batch_app.test_client().post("/admin/batch", json=body, headers={"Authorization": "Bearer operator"})
     assert refused.status_code == 422 and words in refused.get_json()["issue"][0]["diagnostics"]
     assert runs.recent(batch_app.extensions["db"]) == []
+
+
+# ---- issue 9 applied to the batch: only the export's patients, one bad record costs no one else, private files ----
+
+LEAK_PREFIX, LEAK_SEED, LEAK_PATIENTS = "leak", 21, 12
+
+
+def _clean_outcome(app, index: int):
+    """What the service makes of one population patient's own resources, as of the export's day."""
+    resources = [r for _, r in patient_resources(index, LEAK_SEED, prefix=LEAK_PREFIX)]
+    patient = PatientResources(population_id(index, LEAK_PREFIX), resources, datetime.now(UTC).date())
+    with app.app_context():
+        return get_service(SERVICE).population.score(patient)
+
+
+def _foreign_resources(app, directory: Path) -> tuple[str, float, list[str]]:
+    """A scored patient, and three resources that name it in ways the hook does not accept (another server, a bare
+    id, a urn:uuid) added to the export source: a diabetes, a higher cholesterol, a higher pressure."""
+    index, outcome = next(
+        (i, o) for i in range(1, LEAK_PATIENTS + 1) if isinstance(o := _clean_outcome(app, i), Scored)
+    )
+    target = population_id(index, LEAK_PREFIX)
+    own = [r for kind, r in patient_resources(index, LEAK_SEED, prefix=LEAK_PREFIX) if kind == "Observation"]
+    latest = "2026-11-01T00:00:00Z"
+    diabetes = {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}
+    condition = {
+        "resourceType": "Condition",
+        "id": "leak-evil-diabetes",
+        "clinicalStatus": {"coding": [{"system": CONDITION_CLINICAL, "code": "active"}]},
+        "code": diabetes,
+        "subject": {"reference": f"http://evil.example/fhir/Patient/{target}"},
+        "onsetDateTime": latest,
+    }
+    cholesterol = next(o for o in own if o.get("code", {}).get("coding", [{}])[0].get("code") == "2093-3")
+    bare = {**cholesterol, "id": "leak-bare-cholesterol", "subject": {"reference": target}, "effectiveDateTime": latest}
+    bare["valueQuantity"] = {"value": 330, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+    pressure = {
+        "resourceType": "Observation",
+        "id": "leak-urn-pressure",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+        "valueQuantity": {"value": 195, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"},
+        "subject": {"reference": f"urn:uuid:{target}"},
+        "effectiveDateTime": latest,
+    }
+    with (directory / "Condition.ndjson").open("a") as handle:
+        handle.write(json.dumps(condition) + "\n")
+    with (directory / "Observation.ndjson").open("a") as handle:
+        handle.write(json.dumps(bare) + "\n" + json.dumps(pressure) + "\n")
+    return target, outcome.probability, [condition["id"], bare["id"], pressure["id"]]
+
+
+@pytest.mark.parametrize(("group", "dropped"), [(None, 3), ("leak", 1)])
+def test_resources_of_another_server_or_a_bare_or_urn_reference_are_left_out_and_counted(
+    batch_app, bulk, tmp_path, group, dropped
+):
+    write_population(tmp_path / "source", LEAK_PATIENTS, LEAK_SEED, group_id="leak", prefix=LEAK_PREFIX)
+    target, clean_risk, foreign = _foreign_resources(batch_app, tmp_path / "source")
+    bulk.bulk_source(tmp_path / "source")
+    run = drive(batch_app, start(batch_app, bulk, group=group).id)
+    assert run.state == runs.SUCCEEDED, run.error
+    directory = tasks.run_dir(batch_app, run.id)
+    written = (directory / "RiskAssessment.ndjson").read_text() + (directory / "OperationOutcome.ndjson").read_text()
+    assert not [f for f in foreign if f in written]  # a Patient-level export has all three; a Group export one
+    (assessment,) = [
+        a for a in ndjson(directory / "RiskAssessment.ndjson") if a["subject"]["reference"].endswith(target)
+    ]
+    assert assessment["prediction"][0]["probabilityDecimal"] == round(clean_risk, 6)  # as if they were not there
+    assert run.summary["counts"]["dropped"] == dropped and run.summary["counts"]["patients"] == LEAK_PATIENTS
+    records = [json.loads(line) for line in Path(batch_app.config["AUDIT_LOG"]).read_text().splitlines()]
+    (ended,) = [r for r in records if r.get("run") == run.id and r["action"] == "succeeded"]
+    assert ended["dropped"] == dropped
+    page = batch_app.test_client().get(f"/admin/batch/{run.id}/report", headers={"Authorization": "Bearer operator"})
+    assert re.search(rf"Resources left out</t[hd]>\s*<td[^>]*>{dropped}<", page.get_data(as_text=True))
+
+
+def like_batch_app(make_app, batch_app, clock, **overrides):
+    """An application like ``batch_app`` (its clients, keys, part size, clock and admin token) with ``overrides``."""
+    keep = ("CDS_CLIENTS_FILE", "KEYS_DIR", "BATCH_PART_BYTES", "ADMIN_TOKEN")
+    return make_app(CLOCK=clock, **{name: batch_app.config[name] for name in keep}, **overrides)
+
+
+@pytest.fixture
+def postgres_batch_app(make_app, batch_app, clock):
+    require(postgres_unavailable())
+    with postgres_database() as url:
+        yield like_batch_app(make_app, batch_app, clock, DATABASE_URL=url)
+
+
+def test_one_malformed_resource_costs_no_one_else_on_postgresql(postgres_batch_app, bulk, tmp_path):
+    write_population(tmp_path / "source", 40, seed=22, group_id="malformed", prefix="malformed")
+    broken = {
+        "resourceType": "Condition",
+        "id": "malformed-system",
+        "code": {"coding": [{"system": {"x": 1}, "code": "I10"}]},
+        "subject": {"reference": f"Patient/{population_id(1, 'malformed')}"},
+    }
+    with (tmp_path / "source" / "Condition.ndjson").open("a") as handle:
+        handle.write(json.dumps(broken) + "\n")
+    bulk.bulk_source(tmp_path / "source")
+    run = drive(postgres_batch_app, start(postgres_batch_app, bulk, group="malformed").id)
+    assert (run.state, run.error) == (runs.SUCCEEDED, None)
+    counts = run.summary["counts"]
+    assert counts["patients"] == 40 and counts["scored"] > 0
+    assert "record could not be read" not in run.summary["notScoredReasons"]  # a malformed coding matches nothing
+
+
+@pytest.fixture
+def permissive_umask():
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def test_a_run_under_a_permissive_umask_keeps_every_directory_and_file_private(
+    make_app, batch_app, clock, bulk, tmp_path, permissive_umask
+):
+    batch_dir = tmp_path / "batchout" / "nested" / "batch"
+    app = like_batch_app(make_app, batch_app, clock, BATCH_DIR=str(batch_dir))
+    seed_population(bulk, 6, seed=23, group_id="umask", prefix="umask")
+    run = start(app, bulk, group="umask")
+    worker, clock = Worker(app), app_clock(app)
+    clock.advance(max(0.0, time.time() - clock.now()))
+    export = tasks.run_dir(app, run.id) / "export"
+    for _ in range(50):  # the export stage, one job at a time, until it has downloaded the files (PHI)
+        if worker.run_once() is None:
+            clock.advance(2.0)
+        if runs.get(app.extensions["db"], run.id).state != runs.EXPORTING:
+            break
+    private = [tmp_path / "batchout", tmp_path / "batchout" / "nested", batch_dir, tasks.run_dir(app, run.id), export]
+    assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in private} == {str(p): 0o700 for p in private}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in export.iterdir()} == {0o600}
+    run = drive(app, run.id)
+    assert run.state == runs.SUCCEEDED, run.error
+    outputs = list(tasks.run_dir(app, run.id).iterdir())
+    assert {stat.S_IMODE(p.stat().st_mode) for p in outputs} == {0o600} and len(outputs) == 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving BATCH_DIR to another user needs root")
+def test_a_run_refuses_a_batch_dir_that_others_may_write_in_and_is_not_ours(make_app, batch_app, clock, bulk, tmp_path):
+    batch_dir = tmp_path / "shared-batch"
+    batch_dir.mkdir()
+    os.chown(batch_dir, 65534, 65534)
+    batch_dir.chmod(0o777)
+    app = like_batch_app(make_app, batch_app, clock, BATCH_DIR=str(batch_dir))
+    seed_population(bulk, 2, seed=24, group_id="unsafe", prefix="unsafe")
+    run = drive(app, start(app, bulk, group="unsafe").id)
+    assert run.state == runs.FAILED
+    assert "BATCH_DIR" in run.error and "writable by group or others" in run.error
+    assert list(batch_dir.iterdir()) == []  # nothing of the run written there
+    assert not [e for e in bulk.bulk_log() if e["path"].endswith("/$export")]  # nor anything asked of the EHR
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"a string"', b"\xff\xfe"])
+def test_a_start_body_that_is_not_a_json_object_is_named(batch_app, body):
+    answer = batch_app.test_client().post(
+        "/admin/batch", data=body, content_type="application/json", headers={"Authorization": "Bearer operator"}
+    )
+    assert answer.status_code == 400
+    assert answer.get_json()["issue"][0]["expression"] == ["body"]

@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.ai.types import ModelUnavailable
 from app.batch import outputs, parts
 from app.batch.parts import Identity, Range
 from app.batch.scoring import NotScored, PatientResources, Population, Scored
+from app.fhir.compartment import Compartment
 
 POPULATION = Population(
     score=lambda p: Scored(0.1, "intermediate", "toy", "1", (f"Patient/{p.patient_id}",), "Propose a statin"),
@@ -24,6 +26,7 @@ POPULATION = Population(
     reasons={"age": "Age outside 40-79"},
 )
 IDENTITY = Identity("https://gateway.example/batch", "run-0123456789abcdef")
+SERVER = "https://ehr.example/fhir"
 
 
 def write(path: Path, lines: list[bytes]) -> str:
@@ -64,13 +67,14 @@ def test_a_split_puts_each_patient_in_one_bucket_and_reports_bad_lines(tmp_path)
     ranges = parts.plan_ranges(tmp_path, [name], 2_000)
     assert len(ranges) > 3
     buckets = 7
-    totals = [parts.split_range(tmp_path, i, r, buckets) for i, r in enumerate(ranges)]
+    totals = [parts.split_range(tmp_path, i, r, buckets, SERVER) for i, r in enumerate(ranges)]
     assert sum(t.lines for t in totals) == len(lines)
-    assert sum(t.bad for t in totals) == 3 and sum(t.shared for t in totals) == 1
-    assert parts.split_range(tmp_path, 0, ranges[0], buckets) is None  # done before: not again
+    assert sum(t.bad for t in totals) == 2 and sum(t.shared for t in totals) == 1
+    assert sum(t.dropped for t in totals) == 1  # the Practitioner: no patient's
+    assert parts.split_range(tmp_path, 0, ranges[0], buckets, SERVER) is None  # done before: not again
     found: dict[str, set[int]] = {}
     for bucket in range(buckets):
-        for patient, resources in parts.bucket_patients(tmp_path, bucket).items():
+        for patient, resources in parts.bucket_patients(tmp_path, bucket, SERVER).items():
             found.setdefault(patient, set()).add(bucket)
             assert len(resources) == 6  # the Patient and its five observations
     assert sorted(found) == sorted(f"p{i}" for i in range(40))
@@ -80,7 +84,6 @@ def test_a_split_puts_each_patient_in_one_bucket_and_reports_bad_lines(tmp_path)
     assert diagnostics == [
         "000-mixed.ndjson line 241: not valid JSON",
         "000-mixed.ndjson line 242: not a FHIR resource (no resourceType)",
-        "000-mixed.ndjson line 243: a Practitioner that names no patient",
     ]
     assert "not json" not in str(bad)  # the line's content (maybe PHI) is not copied
     assert list(parts.shared_resources(tmp_path)) == ["Medication/m1"]
@@ -101,7 +104,7 @@ def test_a_step_killed_before_its_rename_leaves_nothing_half_done(tmp_path):
 
 def score_all(run: Path, buckets: int, score=POPULATION.score) -> list:
     return [
-        parts.score_bucket(run, b, score, POPULATION, IDENTITY, "2026-01-01T00:00:00Z", date(2026, 1, 1))
+        parts.score_bucket(run, b, score, POPULATION, IDENTITY, "2026-01-01T00:00:00Z", date(2026, 1, 1), SERVER)
         for b in range(buckets)
     ]
 
@@ -112,7 +115,7 @@ def test_scored_buckets_merge_into_outputs_with_a_manifest(tmp_path):
     name = write(tmp_path / "export" / "000-Patient.ndjson", lines)
     ranges = parts.plan_ranges(tmp_path, [name], 500)
     for i, r in enumerate(ranges):
-        parts.split_range(tmp_path, i, r, 4)
+        parts.split_range(tmp_path, i, r, 4, SERVER)
 
     def score(patient: PatientResources):
         if patient.patient_id.endswith("7"):
@@ -144,12 +147,12 @@ def test_scored_buckets_merge_into_outputs_with_a_manifest(tmp_path):
 
 def test_a_model_failure_writes_nothing_for_the_bucket(tmp_path):
     name = write(tmp_path / "export" / "000-Patient.ndjson", [orjson.dumps({"resourceType": "Patient", "id": "p"})])
-    parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 1000)[0], 1)
+    parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 1000)[0], 1, SERVER)
 
     def down(patient):
-        raise ConnectionError("model down")
+        raise ModelUnavailable("down")
 
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ModelUnavailable):
         score_all(tmp_path, 1, down)
     assert not (tmp_path / "parts" / "b000000").exists()
     assert score_all(tmp_path, 1)[0].scored == 1
@@ -163,12 +166,33 @@ def test_bucket_of_is_stable_and_spreads():
     assert min(counts) > 850
 
 
-def test_patient_of_reads_subject_patient_and_absolute_references():
-    assert parts.patient_of({"resourceType": "Patient", "id": "a"}) == "a"
-    assert parts.patient_of({"resourceType": "Condition", "subject": {"reference": "Patient/b"}}) == "b"
-    assert parts.patient_of({"resourceType": "X", "patient": {"reference": "https://ehr/fhir/Patient/c"}}) == "c"
-    assert parts.patient_of({"resourceType": "X", "subject": {"reference": "Group/g"}}) is None
-    assert parts.patient_of({"resourceType": "Patient"}) is None
+def test_patient_of_reads_relative_references_and_absolute_ones_on_the_export_server():
+    server = Compartment(None, SERVER)
+    assert parts.patient_of({"resourceType": "Patient", "id": "a"}, server) == "a"
+    assert parts.patient_of({"resourceType": "Condition", "subject": {"reference": "Patient/b"}}, server) == "b"
+    absolute = {"resourceType": "AllergyIntolerance", "patient": {"reference": f"{SERVER}/Patient/c/_history/2"}}
+    assert parts.patient_of(absolute, server) == "c"
+    assert parts.patient_of({"resourceType": "Coverage", "beneficiary": {"reference": "Patient/d"}}, server) == "d"
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        {"resourceType": "Condition", "subject": {"reference": "http://evil.example/fhir/Patient/p1"}},
+        {"resourceType": "Observation", "subject": {"reference": "p1"}},
+        {"resourceType": "Observation", "subject": {"reference": "urn:uuid:p1"}},
+        {"resourceType": "Observation", "subject": {"reference": "#p1"}},
+        {"resourceType": "Observation", "subject": {"identifier": {"value": "p1"}}},
+        {"resourceType": "Observation", "subject": {"reference": "Group/g"}},
+        {"resourceType": "MedicationRequest", "subject": [{"reference": "Patient/p1"}, {"reference": "Patient/p2"}]},
+        {"resourceType": "Practitioner", "id": "dr"},
+        {"resourceType": "Patient"},
+        {"resourceType": "Patient", "id": 7},
+        {"resourceType": "Patient", "id": "a/b"},
+    ],
+)
+def test_patient_of_is_none_for_resources_the_hook_would_not_use(resource):
+    assert parts.patient_of(resource, Compartment(None, SERVER)) is None
 
 
 def test_range_round_trips_through_json():
@@ -179,7 +203,7 @@ def test_range_round_trips_through_json():
 def test_a_patient_treated_whatever_the_risk_is_on_the_worklist_first(tmp_path):
     lines = [orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(3)]
     name = write(tmp_path / "export" / "000-Patient.ndjson", lines)
-    parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 10_000)[0], 1)
+    parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 10_000)[0], 1, SERVER)
 
     def score(patient: PatientResources):
         if patient.patient_id == "p2":
@@ -196,3 +220,39 @@ def test_a_patient_treated_whatever_the_risk_is_on_the_worklist_first(tmp_path):
         ("p0", "10.0", "Propose a statin"),
         ("p1", "10.0", "Propose a statin"),
     ]
+
+
+def test_a_patient_whose_record_breaks_scoring_is_not_scored_and_the_bucket_goes_on(tmp_path, caplog):
+    lines = [orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) for i in range(3)]
+    name = write(tmp_path / "export" / "000-Patient.ndjson", lines)
+    parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 10_000)[0], 1, SERVER)
+
+    def score(patient: PatientResources):
+        if patient.patient_id == "p1":
+            raise TypeError("unhashable type: 'dict' in Jane Doe's coding")
+        return POPULATION.score(patient)
+
+    (summary,) = score_all(tmp_path, 1, score)
+    assert (summary.scored, summary.not_scored, summary.reasons) == (2, 1, {parts.UNREADABLE: 1})
+    (line,) = (tmp_path / "parts" / "b000000" / "OperationOutcome.ndjson").read_bytes().splitlines()
+    issue = orjson.loads(line)["issue"][0]
+    assert issue["diagnostics"] == "the record could not be read (TypeError)"
+    assert "TypeError at" in caplog.text and "Jane Doe" not in caplog.text + str(issue)
+
+
+def test_a_split_leaves_out_resources_of_no_patient_of_the_export_and_counts_them(tmp_path):
+    lines = [
+        orjson.dumps({"resourceType": "Patient", "id": "p1"}),
+        orjson.dumps({"resourceType": "Condition", "id": "c1", "subject": {"reference": f"{SERVER}/Patient/p1"}}),
+        orjson.dumps(
+            {"resourceType": "Condition", "id": "c2", "subject": {"reference": "http://evil/fhir/Patient/p1"}}
+        ),
+        orjson.dumps({"resourceType": "Observation", "id": "o1", "subject": {"reference": "p1"}}),
+        orjson.dumps({"resourceType": "Observation", "id": "o2", "subject": {"reference": "urn:uuid:p1"}}),
+    ]
+    name = write(tmp_path / "export" / "000-mixed.ndjson", lines)
+    counts = parts.split_range(tmp_path, 0, parts.plan_ranges(tmp_path, [name], 10_000)[0], 1, SERVER)
+    assert (counts.lines, counts.bad, counts.dropped) == (5, 0, 3)
+    assert orjson.loads((tmp_path / "split" / "00000" / "counts.json").read_bytes())["dropped"] == 3
+    ((patient, resources),) = parts.bucket_patients(tmp_path, 0, SERVER).items()
+    assert patient == "p1" and [r["id"] for r in resources] == ["p1", "c1"]

@@ -45,7 +45,15 @@ def typical() -> dict:
         },
         "transactionTime": "2026-03-01T09:00:05Z",
         "parts": {"done": 40, "total": 40},
-        "counts": {"patients": 540, "scored": 508, "notScored": 32, "badLines": 2, "worklist": 133, "writtenBack": 131},
+        "counts": {
+            "patients": 540,
+            "scored": 508,
+            "notScored": 32,
+            "badLines": 2,
+            "dropped": 3,
+            "worklist": 133,
+            "writtenBack": 131,
+        },
         "byCategory": {"low": 285, "borderline": 90, "intermediate": 113, "high": 20},
         "notScoredReasons": {"age-out-of-range": 12, "missing-hdl": 20},
         "reasonLabels": {"missing-hdl": "No HDL cholesterol result"},
@@ -91,6 +99,7 @@ def test_a_typical_run_shows_its_counts_by_category_and_reason_times_and_files()
     assert "Patients seen 540" in page and "Scored 508 94.1 % of patients seen" in page
     assert "Not scored 32 5.9 % of patients seen" in page
     assert "Unreadable input lines 2" in page and "On the worklist 133" in page and "Written back 131" in page
+    assert "Resources left out 3 resources of no patient of this export" in page
     assert "Low under 5 % 285 56.1 %" in page
     assert "Borderline 5 % to under 7.5 % 90 17.7 %" in page
     assert "Intermediate 7.5 % to under 20 % 113 22.2 %" in page
