@@ -54,7 +54,7 @@ class Backlog:
         self.engine = engine
         self.added = 0
         declared = job_kind(CANARY)
-        ledger.enqueue(engine, self._next_id(), CANARY, {}, max_attempts=declared.max_attempts)
+        ledger.enqueue(engine, self._next_id(), CANARY, {}, max_attempts=declared.retry.attempts({}))
         with engine.connect() as conn:
             row = conn.execute(sa.select(ledger.jobs).where(ledger.jobs.c.id == self._id(0))).one()
         self.template = dict(row._mapping)
