@@ -6,10 +6,12 @@ stays with the worker that accepted it.
 """
 
 import sys
+from pathlib import Path
 
 from app.config import ConfigError, load_config
 from app.development import bind_spelling, off_host_refusal
 from app.metrics import prepare_multiprocess_dir
+from app.private_files import private_file
 
 try:
     _settings = load_config()  # once, in the master, before any worker: a bad setting is one line, exit status 2
@@ -28,6 +30,8 @@ limit_request_field_size = 20_000
 timeout = 30
 graceful_timeout = 20
 accesslog = _settings["ACCESS_LOG"]  # off by default: keep logs lean; "-" for standard output
+if accesslog and accesslog != "-":
+    private_file(Path(accesslog))  # callers' addresses and paths: the service's alone, whatever gunicorn's umask
 # Path without the query string: a SMART callback's query carries the authorization code.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(L)ss'
 errorlog = "-"

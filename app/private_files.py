@@ -37,3 +37,14 @@ def tighten(path: Path) -> int | None:
         return None
     os.chmod(path, mode & 0o700)
     return mode
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` 0600 (its missing folders 0700) unless it exists, and tighten it when it does: for a file
+    that another program opens by name under its own umask (gunicorn's access log). Returns ``path``."""
+    path = Path(path)
+    private_folders(path.parent)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    tighten(path)
+    return path
