@@ -175,9 +175,10 @@ def _failing(ctx: JobContext, run: runs.Run, exc: BaseException) -> None:
     """End the run as failed when this was the part's last attempt (or the failure is permanent)."""
     if isinstance(exc, PermanentFailure) or ctx.job.attempts >= ctx.job.max_attempts:
         why = f"{ctx.job.kind} failed: {exc if isinstance(exc, PermanentFailure) else describe(exc)}"
+        counts = run_summary(ctx.app, run)["counts"]  # before its intermediates go: what it had done by then
         if runs.update(ctx.engine, run.id, state=runs.FAILED, error=why[:500], note=None, stamp="failed"):
             RUNS.labels(run.service, runs.FAILED).inc()
-            audit(ctx.app).record("batch", action="failed", run=run.id, service=run.service, error=why[:200])
+            audit(ctx.app).record("batch", action="failed", run=run.id, service=run.service, error=why[:200], **counts)
             _emit_completed(ctx.app, runs.get(ctx.engine, run.id))
             drop_intermediates(run_dir(ctx.app, run.id))
 

@@ -498,7 +498,9 @@ def test_a_run_under_a_permissive_umask_keeps_every_directory_and_file_private(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving BATCH_DIR to another user needs root")
-def test_a_run_refuses_a_batch_dir_that_others_may_write_in_and_is_not_ours(make_app, batch_app, clock, bulk, tmp_path):
+def test_a_run_refuses_a_batch_dir_that_others_may_write_in_and_is_not_ours(
+    make_app, batch_app, clock, bulk, tmp_path, audit_records
+):
     batch_dir = tmp_path / "shared-batch"
     batch_dir.mkdir()
     os.chown(batch_dir, 65534, 65534)
@@ -510,6 +512,8 @@ def test_a_run_refuses_a_batch_dir_that_others_may_write_in_and_is_not_ours(make
     assert "BATCH_DIR" in run.error and "writable by group or others" in run.error
     assert list(batch_dir.iterdir()) == []  # nothing of the run written there
     assert not [e for e in bulk.bulk_log() if e["path"].endswith("/$export")]  # nor anything asked of the EHR
+    (failed,) = [r for r in audit_records("batch") if r["action"] == "failed"]
+    assert failed["run"] == run.id and failed["patients"] == 0  # what it had done by then: counts only
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"a string"', b"\xff\xfe"])
