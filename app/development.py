@@ -53,6 +53,8 @@ DEVELOPMENT_MARK = "_development_only"
 # Where ``gateway dev client`` keeps its private key by default, under INSTANCE_PATH.
 DEV_CLIENT_DIR = "dev-client"
 DEV_CLIENT_KEY_FILE = "client-es384.pem"
+# Every development client key made for an instance, wherever it lives (public JWKs), under INSTANCE_PATH.
+DEV_CLIENT_KEYS_FILE = "dev-client-keys.json"
 # The browser pages that may call a development service: the CDS Hooks Sandbox, and pages on this host.
 SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"
 
@@ -154,22 +156,34 @@ def is_marked_development(clients_file: Path) -> bool:
 
 
 def trusts_the_dev_client(clients_file: Path, instance_path: str | None) -> bool:
-    """Whether a clients file trusts the key ``gateway dev client`` keeps unguarded in INSTANCE_PATH, however its
-    entry was renamed or unmarked."""
+    """Whether a clients file trusts a key ``gateway dev client`` made for this instance (kept unguarded on a
+    laptop, in INSTANCE_PATH/dev-client or a ``--dir`` of its own), however its entry was renamed or unmarked."""
     if not instance_path:
         return False
+    try:
+        configured = json.loads(clients_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    trusted = _public_keys(configured)
+    return any(_key_numbers(members) in trusted for members in dev_client_keys(instance_path))
+
+
+def dev_client_keys(instance_path: str) -> list[dict[str, str]]:
+    """The public JWKs of the keys ``gateway dev client`` made for this instance: the default folder's key, and
+    every key it recorded in INSTANCE_PATH/dev-client-keys.json (those made with ``--dir`` too)."""
+    found = []
     try:
         key = serialization.load_pem_private_key(
             (Path(instance_path) / DEV_CLIENT_DIR / DEV_CLIENT_KEY_FILE).read_bytes(), password=None
         )
-        configured = json.loads(clients_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+        found.append(public_jwk_members(key))
+    except (OSError, ValueError, TypeError):  # none, unreadable, or not a key the command makes
+        pass
     try:
-        members = public_jwk_members(key)
-    except TypeError:  # not a key `gateway dev client` makes
-        return False
-    return _key_numbers(members) in _public_keys(configured)
+        recorded = json.loads((Path(instance_path) / DEV_CLIENT_KEYS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = []
+    return found + [jwk for jwk in recorded if isinstance(jwk, dict)] if isinstance(recorded, list) else found
 
 
 def _clients(document: Any) -> list[dict]:

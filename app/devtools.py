@@ -37,7 +37,8 @@ from flask.cli import AppGroup
 from app.cds.clients import ClientRegistry
 from app.cds.service import get_service, load_services, services
 from app.config import PROJECT_ROOT
-from app.development import DEV_CLIENT_DIR, DEV_CLIENT_KEY_FILE, DEVELOPMENT_MARK
+from app.development import DEV_CLIENT_DIR, DEV_CLIENT_KEY_FILE, DEV_CLIENT_KEYS_FILE, DEVELOPMENT_MARK
+from app.private_files import private_folders
 from app.smart.keys import public_jwk_members, thumbprint
 
 DEV_ISSUER = "http://localhost/dev-client"
@@ -149,6 +150,20 @@ class DevClient:
         return jwt.encode(claims, self.private_key, ALGORITHM, headers={"kid": self.kid, "typ": "JWT"})
 
 
+def _remember_key(instance: Path, members: dict[str, str]) -> None:
+    """Record a development key's public JWK for this instance, so that a clients file trusting it is refused off
+    this host wherever the key lives (``--dir``) and however its entry is renamed or unmarked."""
+    path = instance / DEV_CLIENT_KEYS_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = []
+    recorded = recorded if isinstance(recorded, list) else []
+    if members not in recorded:
+        private_folders(instance)
+        _write_private(path, (json.dumps([*recorded, members], indent=2) + "\n").encode("utf-8"))
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write a 0600 file beside ``path``, then rename it over: a reader sees the old file or the new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # mkstemp creates files 0600
@@ -228,6 +243,7 @@ def client_command(rotate: bool, directory: Path | None, base_url: str | None) -
     """Make (or reuse) a development client key and clients file; print how to start the gateway trusting it and a
     signed curl of the sample patient-view request."""
     client, new = DevClient.ensure(_directory(directory), rotate)
+    _remember_key(Path(current_app.instance_path), public_jwk_members(client.private_key))
     base = _base_url(base_url)
     url = service_url(base, SAMPLE_SERVICE)
     click.echo("Development client (this machine only; never list its key in a deployment's CDS_CLIENTS_FILE):")

@@ -135,8 +135,14 @@ class ClientAuthenticator:
             raise ReplayCheckUnavailable("replay_check_unavailable") from None
         if not check.first_use:
             raise ClientNotTrusted("replayed_jti")
-        if claims["iat"] < self._replay_cut_off(check.remembers_since):
-            raise ClientNotTrusted("issued_before_replay_memory")
+        cut_off = self._replay_cut_off(check.remembers_since)
+        if claims["iat"] < cut_off:
+            if claims["iat"] < check.remembers_since:
+                raise ClientNotTrusted("issued_before_replay_memory")
+            # Issued after the store started but within the clock leeway of it: most likely a fresh call, which
+            # may come again (with a new token) once the store can vouch for it.
+            retry_after = max(1, math.ceil(cut_off - time.time()))
+            raise ReplayCheckUnavailable("replay_memory_starting", retry_after=retry_after)
         tenant = client.tenant or claimed_tenant
         return Principal(iss=client.iss, tenant=tenant, client=client, jti=jti)
 

@@ -53,6 +53,8 @@ class ReplayCheckUnavailable(CdsError):
     status = 503
     code = "transient"
 
-    def __init__(self, reason: str):
-        super().__init__("The service cannot check client tokens for replay now; try again shortly")
+    def __init__(self, reason: str, retry_after: int | None = None):
+        when = f"in {retry_after} s" if retry_after else "shortly"
+        super().__init__(f"The service cannot check client tokens for replay now; try again {when}")
         self.reason = reason
+        self.retry_after = retry_after

@@ -287,7 +287,7 @@ class PrefetchResolver:
                 if pages_needed == FIRST_PAGE or first.get("resourceType") != "Bundle" or is_failure(first):
                     return first
                 pages.add(first)
-                return _follow(access, pages, deadline)
+                return _follow(access, pages, deadline, ours=True)
             try:
                 return access.client.get(query, deadline)
             except FhirNotFound:
@@ -297,7 +297,7 @@ class PrefetchResolver:
 
     @staticmethod
     def _pager(access: FhirAccess, pages: _Pages, deadline: float) -> Callable[[], Any]:
-        return lambda: _follow(access, pages, deadline)
+        return lambda: _follow(access, pages, deadline, ours=False)
 
     @staticmethod
     def _timed(key: str, job: Callable[[], Any], on_fetch: Callable[[dict[str, Any]], None]) -> Any:
@@ -320,9 +320,12 @@ class PrefetchResolver:
             on_fetch({"key": key, "outcome": outcome, "latency_ms": latency_ms})
 
 
-def _follow(access: FhirAccess, pages: _Pages, deadline: float) -> dict[str, Any]:
+def _follow(access: FhirAccess, pages: _Pages, deadline: float, *, ours: bool) -> dict[str, Any]:
     """Read the ``next`` pages into ``pages``; all of them merged. A page is read only from under the hook's
-    ``fhirServer``: the access token was issued for that server, not for every server the client may name."""
+    ``fhirServer`` (the access token was issued for that server, not for every server the client may name), and
+    must be a search answer. Pages of a search the service made are the server's answer (``as_read_from``); those
+    a client's next link leads to keep their entries' ``fullUrl``s, checked like anything the client sent: the
+    link may name a stored Bundle of another server's resources."""
     count = 1
     while (url := next_link(pages.last())) is not None:
         if count >= MAX_PAGES:
@@ -330,8 +333,8 @@ def _follow(access: FhirAccess, pages: _Pages, deadline: float) -> dict[str, Any
         if not (access.allows(url) and access.client.holds(url)):
             raise FhirError("next link points outside the request's FHIR server")
         page = access.client.get(url, deadline)
-        if page.get("resourceType") != "Bundle":
-            raise FhirError("a next page was not a Bundle")
-        pages.add(as_read_from(page))
+        if page.get("resourceType") != "Bundle" or page.get("type") != "searchset":
+            raise FhirError("a next page was not a search answer (a searchset Bundle)")
+        pages.add(as_read_from(page) if ours else page)
         count += 1
     return pages.merged()

@@ -47,6 +47,8 @@ def cds_error(exc: CdsError) -> Response:
     response = operation_outcome(exc.status, exc.code, exc.diagnostics, exc.expression)
     if isinstance(exc, ClientNotTrusted):
         response.headers["WWW-Authenticate"] = "Bearer"
+    if getattr(exc, "retry_after", None):
+        response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 

@@ -212,12 +212,16 @@ def _stays_under_base(relative: str, url: str, base: str) -> bool:
 
 def _leaves_base(segment: str) -> bool:
     """Whether one path segment may climb or split on some server: percent-decoded until stable (``%252e`` is
-    ``.`` to a server that decodes twice) and without its ``;parameters``, it is "." or "..", or it holds a "/"
-    or a "\\"; one that still decodes after ``DECODE_ROUNDS`` rounds is refused too."""
+    ``.`` to a server that decodes twice) and without its ``;parameters``, it is "." or "..", or dots alone once
+    the spaces, controls and trailing dots some servers trim are gone (IIS reads ``.. `` and ``...`` as ``..``),
+    or it holds a "/" or a "\\"; one that still decodes after ``DECODE_ROUNDS`` rounds is refused too."""
     for _ in range(DECODE_ROUNDS):
         decoded = unquote(segment)
         if decoded == segment:
-            return segment.split(";")[0] in (".", "..") or "/" in segment or "\\" in segment
+            name = segment.split(";")[0]
+            trimmed = "".join(c for c in name if c.isprintable() and not c.isspace())
+            dots_only = bool(name) and trimmed.strip(".") == ""
+            return dots_only or "/" in segment or "\\" in segment
         segment = decoded
     return True
 

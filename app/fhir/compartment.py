@@ -225,9 +225,10 @@ def shared_base(values: Iterable[Any]) -> str | None:
 def as_read_from(bundle: Any) -> Any:
     """A Bundle the service read from ``fhirServer`` itself, without its entries' absolute ``fullUrl``s: the answer
     is that server's, whatever base it prints (one behind a proxy often prints its internal base), so its relative
-    references resolve against ``fhirServer``. Entries a client sent keep theirs and are checked (ADR 0003)."""
+    references resolve against ``fhirServer``. Entries a client sent keep theirs and are checked (ADR 0003). An
+    answer whose ``fullUrl``s name several bases (a facade over several servers) keeps them, and is checked too."""
     entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle" else None
-    if not isinstance(entries, list):
+    if not isinstance(entries, list) or shared_base([bundle]) is None:
         return bundle
     kept = [{k: v for k, v in e.items() if k != "fullUrl"} if _absolute_full_url(e) else e for e in entries]
     return {**bundle, "entry": kept}

@@ -204,3 +204,32 @@ def test_what_the_service_reads_behind_a_proxy_is_used_whatever_base_the_server_
 
     (record,) = audit_records("hook")
     assert record["prefetch_dropped"] == 0 and any("Observation" in p for p in proxy.paths)
+
+
+def test_a_next_link_to_a_stored_bundle_cannot_bring_in_another_servers_patient(
+    fhir_server, call, hook_body, audit_records
+):
+    """A client's next link may name any URL under fhirServer, such as a stored collection of another hospital's
+    resources whose relative Patient/<A> is that hospital's patient: only search answers are pages."""
+    foreign = {
+        "resourceType": "Condition",
+        "id": "x-diab",
+        "clinicalStatus": {"coding": [{"code": "active"}]},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}], "text": "Type 2 diabetes X"},
+        "subject": {"reference": f"Patient/{A}"},
+    }
+    entry = {"fullUrl": "http://other-hospital.example/fhir/Condition/x-diab", "resource": foreign}
+    fhir_server.put([{"resourceType": "Bundle", "id": "laundered", "type": "collection", "entry": [entry]}])
+    body = on_server(hook_body, fhir_server.base_url)
+    body["prefetch"]["conditions"] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": "next", "url": f"{fhir_server.base_url}/Bundle/laundered"}],
+    }
+
+    card = call(body).get_json()["cards"][0]
+
+    assert "Type 2 diabetes X" not in card["detail"] and "with diabetes" not in card["summary"]
+    assert "may be incomplete" in card["detail"]  # the link was not a search's next page
+    (record,) = audit_records("hook")
+    assert record["prefetch_incomplete"] == ["conditions"]

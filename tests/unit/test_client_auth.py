@@ -21,7 +21,7 @@ from werkzeug import Response
 
 from app.cds.auth import ClientAuthenticator, Principal
 from app.cds.clients import ClientRegistry
-from app.cds.errors import ClientNotTrusted
+from app.cds.errors import ClientNotTrusted, ReplayCheckUnavailable
 from app.cds.replay import Check, MemoryReplayCache
 from app.clock import SYSTEM_CLOCK, Clock
 from tests.support.clock import FakeClock
@@ -373,10 +373,13 @@ def test_a_token_issued_before_the_replay_store_remembers_is_refused(registry):
 
     authenticator = ClientAuthenticator(registry, BASE, Restarted(), leeway_seconds=5)
     now = int(time.time())
-    # The cut-off is ceil(since) + leeway, about now - 5: a token a few seconds older than it was issued before
-    # the store began remembering, plus the clock leeway its use could lag behind iat.
-    refused = bearer(token(iat=now - 6, exp=now + 240))
-    assert rejection(authenticator, refused) == "issued_before_replay_memory", "no leeway: it would be a window"
+    # The cut-off is ceil(since) + leeway, about now - 5. A token issued before the store began remembering is
+    # refused for good; one issued within the leeway after it may have been used just before the restart by a
+    # client whose clock runs ahead, or be a fresh call: refused too, as a 503 saying when to come again.
+    assert rejection(authenticator, bearer(token(iat=now - 12, exp=now + 240))) == "issued_before_replay_memory"
+    with pytest.raises(ReplayCheckUnavailable) as starting:
+        authenticator.authenticate(bearer(token(iat=now - 6, exp=now + 240)), DISCOVERY)
+    assert starting.value.reason == "replay_memory_starting" and 1 <= starting.value.retry_after <= 2
     assert authenticator.authenticate(bearer(token(iat=now - 4, exp=now + 240)), DISCOVERY)
 
 

@@ -137,3 +137,15 @@ def test_a_type_that_agrees_and_an_identifier_beside_the_reference_are_kept():
     # An identifier cannot be checked without reading the Patient: the reference decides.
     with_identifier = {"reference": "Patient/A", "identifier": {"system": "urn:mrn", "value": "B-123"}}
     assert A.holds({"resourceType": "Observation", "subject": with_identifier})
+
+
+def test_an_answer_whose_full_urls_name_several_servers_keeps_them_to_be_checked():
+    from app.fhir.compartment import as_read_from
+
+    one = {"fullUrl": "http://a.example/fhir/Condition/1", "resource": {"resourceType": "Condition", "id": "1"}}
+    two = {"fullUrl": "http://b.example/fhir/Condition/2", "resource": {"resourceType": "Condition", "id": "2"}}
+    same = {"fullUrl": "http://a.example/fhir/Condition/3", "resource": {"resourceType": "Condition", "id": "3"}}
+    mixed = {"resourceType": "Bundle", "type": "searchset", "entry": [one, two]}
+    assert as_read_from(mixed) == mixed  # a facade over several servers: each entry's server is checked
+    single = as_read_from({"resourceType": "Bundle", "type": "searchset", "entry": [one, same]})
+    assert [e.get("fullUrl") for e in single["entry"]] == [None, None]  # one server's answer: its own

@@ -183,6 +183,20 @@ def test_a_development_client_renamed_and_unmarked_is_known_by_its_key(tmp_path,
         load_config(environ=environ)
 
 
+def test_a_development_client_made_in_a_folder_of_its_own_is_known_by_its_key_too(tmp_path, signing_key, make_app):
+    """``gateway dev client --dir`` keeps the key elsewhere; the instance records it, so a copy is still caught."""
+    app = make_app(INSTANCE_PATH=str(tmp_path / "instance"))
+    elsewhere = tmp_path / "keys-elsewhere"
+    result = app.test_cli_runner().invoke(args=["dev", "client", "--dir", str(elsewhere)])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((elsewhere / "clients.json").read_text())["clients"][0]
+    del entry[DEVELOPMENT_MARK]
+    renamed = deployment_file(tmp_path, signing_key, {**entry, "iss": "https://renamed.example.org"})
+    environ = {"CDS_CLIENTS_FILE": renamed, "INSTANCE_PATH": str(tmp_path / "instance"), **DEPLOYED}
+    with pytest.raises(ConfigError, match="gateway dev client"):
+        load_config(environ=environ)
+
+
 @pytest.mark.parametrize("mark", ["", None, False, 0, []])
 def test_a_development_mark_counts_whatever_its_value(tmp_path, signing_key, mark):
     path = tmp_path / "clients.json"

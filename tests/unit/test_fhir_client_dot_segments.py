@@ -21,6 +21,11 @@ CLIMBS = [
     "Condition\\..\\admin",
     "Condition/%5c..%5cadmin",
     "%2525252525252e%2525252525252e/admin",  # still decoding after the allowed rounds
+    "..%00/admin",  # servers that trim controls, spaces or trailing dots (IIS) read these as ".."
+    "..%20/admin",
+    "..%09/admin",
+    ".../admin",
+    "Condition/.. /admin",
 ]
 
 
