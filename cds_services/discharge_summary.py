@@ -31,7 +31,7 @@ from app.ai.openai_compat import ChatCompletionsBackend
 from app.cds.cards import Card, Source
 from app.cds.clients import TrustedClient
 from app.cds.service import ServiceCall, Setting, cds_service
-from app.fhir.client import Client, FhirError, FhirNotFound
+from app.fhir.client import Client, FhirError, FhirNotFound, UnusablePaging
 from app.fhir.compartment import Compartment, bundle_aliases
 from app.jobs import ledger
 from app.jobs.registry import JobContext, JobExpired, PermanentFailure, job_handler, submit
@@ -349,6 +349,8 @@ def draft_discharge_summary(ctx: JobContext) -> dict[str, Any]:
     fhir = _fhir_client(ctx)
     try:
         return _draft(app, ctx, fhir)
+    except UnusablePaging as exc:
+        raise PermanentFailure(f"{ENCOUNTER_UNREADABLE}: {exc}") from None
     except FhirError as exc:
         if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
             # Refused (401/403 after a fresh token, 412 several matches, 422 invalid): retrying cannot help.

@@ -32,6 +32,11 @@ class DeadlineExceeded(FhirError):
     """The caller's deadline passed before the answer was complete."""
 
 
+class UnusablePaging(FhirError):
+    """The server's paging cannot be followed: a next link off the allowed base, a page that is not a Bundle, or
+    more pages than allowed. Its own answer, so asking again gets the same."""
+
+
 def pooled_session(pool_size: int = 32) -> requests.Session:
     """A Session for FHIR calls: pooled for concurrent prefetch fetches, asking for FHIR JSON."""
     session = http.pooled_session(pool_size)
@@ -186,13 +191,13 @@ class Client:
         page, pages = bundle, 1
         while (next_url := next_link(page)) is not None:
             if pages >= max_pages:
-                raise FhirError(f"search has more than {max_pages} pages")
+                raise UnusablePaging(f"search has more than {max_pages} pages")
             if allow_url is not None and not allow_url(next_url):
-                raise FhirError("next link points outside the allowed FHIR server")
+                raise UnusablePaging("next link points outside the allowed FHIR server")
             page = self.get(next_url, deadline)
             pages += 1
             if page.get("resourceType") != "Bundle":
-                raise FhirError("a next page was not a Bundle")
+                raise UnusablePaging("a next page was not a Bundle")
             entries.extend(page.get("entry") or ())
         merged = {k: v for k, v in bundle.items() if k not in ("link", "entry")}
         if entries:

@@ -171,3 +171,35 @@ def test_what_the_job_left_out_is_counted_in_the_audit_log(app, signing_key, fhi
     assert record["dropped"] == others and record.get("dropped_by_key") == ({"conditions": others} if others else None)
     assert record["patient"] == f"Patient/{patient}" and record["kind"] == "discharge-summary.draft"
     assert OTHER_DIAGNOSIS not in json.dumps(audit_records())
+
+
+def test_paging_that_leaves_the_fhir_server_fails_the_job_at_once_not_five_times(app, signing_key, httpserver):
+    """A next link off the server is the server's own answer: asking again gets the same, so no retries."""
+    patient, _, encounter = new_ids()
+    base = httpserver.url_for("/paging-fhir")
+    httpserver.expect_request(f"/paging-fhir/Encounter/{encounter}").respond_with_json(
+        {
+            "resourceType": "Encounter",
+            "id": encounter,
+            "status": "finished",
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+    )
+    httpserver.expect_request(f"/paging-fhir/Patient/{patient}").respond_with_json(
+        {"resourceType": "Patient", "id": patient}
+    )
+    off_server = {"relation": "next", "url": "http://other.example/fhir/Condition?page=2"}
+    httpserver.expect_request("/paging-fhir/Condition").respond_with_json(
+        {"resourceType": "Bundle", "type": "searchset", "link": [off_server], "entry": []}
+    )
+    for kind in ("Procedure", "MedicationRequest", "Observation"):
+        httpserver.expect_request(f"/paging-fhir/{kind}").respond_with_json(
+            {"resourceType": "Bundle", "type": "searchset"}
+        )
+
+    hook(app, signing_key, base, patient, encounter)
+    outcomes = Worker(app).run_until_idle()
+
+    assert [o.state for o in outcomes] == ["dead"]
+    (job,) = ledger.find(app.extensions["db"], ledger.DEAD)
+    assert job.attempts == 1 and "next link points outside" in job.last_error
