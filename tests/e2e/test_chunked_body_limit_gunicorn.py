@@ -12,8 +12,7 @@ import socket
 import pytest
 import requests
 
-from tests.support.processes import free_port, gunicorn
-from tests.support.tokens import clients_document
+from tests.support.processes import free_port, gunicorn, local_gateway_settings
 
 LIMIT = 64 * 1024
 SERVICE = "/cds-services/cardiovascular-risk"
@@ -32,16 +31,7 @@ FEEDBACK = {
 def gateway(tmp_path_factory, signing_key):
     work = tmp_path_factory.mktemp("gunicorn")
     port = free_port()
-    clients = work / "clients.json"
-    clients.write_text(json.dumps(clients_document(signing_key, [])))
-    env = {
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "INSTANCE_PATH": str(work),
-        "DATABASE_URL": f"sqlite:///{work / 'gateway.db'}",
-        "CDS_CLIENTS_FILE": str(clients),
-        "AUDIT_LOG": str(work / "audit.jsonl"),
-        "MAX_REQUEST_BYTES": str(LIMIT),
-    }
+    env = local_gateway_settings(work, port, signing_key, MAX_REQUEST_BYTES=str(LIMIT))
     with gunicorn(env, port) as base:
         yield base
 

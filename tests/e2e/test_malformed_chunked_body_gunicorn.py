@@ -12,8 +12,7 @@ import socket
 
 import pytest
 
-from tests.support.processes import free_port, gunicorn
-from tests.support.tokens import clients_document
+from tests.support.processes import free_port, gunicorn, local_gateway_settings
 
 SERVICE = "/cds-services/cardiovascular-risk"
 ADMIN_TOKEN = secrets.token_urlsafe(32)
@@ -33,16 +32,7 @@ MALFORMED = {
 def gateway(tmp_path_factory, signing_key):
     work = tmp_path_factory.mktemp("gunicorn-malformed")
     port = free_port()
-    clients = work / "clients.json"
-    clients.write_text(json.dumps(clients_document(signing_key, [])))
-    env = {
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "INSTANCE_PATH": str(work),
-        "DATABASE_URL": f"sqlite:///{work / 'gateway.db'}",
-        "CDS_CLIENTS_FILE": str(clients),
-        "AUDIT_LOG": str(work / "audit.jsonl"),
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-    }
+    env = local_gateway_settings(work, port, signing_key, ADMIN_TOKEN=ADMIN_TOKEN)
     with gunicorn(env, port) as base:
         yield base
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import pytest
 import requests
@@ -15,7 +14,7 @@ from app.db import make_engine
 from app.jobs import ledger
 from app.jobs.canary import CANARY
 from tests.support.assertions import wait_for
-from tests.support.processes import ROOT, free_port, start_worker
+from tests.support.processes import free_port, migrate, start_worker
 
 TOKEN = "worker-scrape-secret-42"
 
@@ -31,14 +30,7 @@ def worker_env(clients_file, tmp_path):
         "HOST": "127.0.0.1",
         "METRICS_TOKEN": TOKEN,
     }
-    subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    migrate(env)
     return env
 
 

@@ -7,7 +7,6 @@ naming the worker's heartbeat row."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from app.jobs.presence import LIVE_BEATS, job_workers
 from tests.conftest import require
 from tests.support.assertions import wait_for
 from tests.support.databases import postgres_database, postgres_unavailable
-from tests.support.processes import ROOT, free_port, gunicorn, start_worker
+from tests.support.processes import free_port, gunicorn, migrate, start_worker
 
 HEARTBEAT = 0.5
 STALE_AFTER = HEARTBEAT * LIVE_BEATS
@@ -129,14 +128,7 @@ def test_a_worker_apart_from_the_web_server_serves_its_own_metrics(clients_file,
         "JOB_POLL_S": "0.05",
         "HOST": "127.0.0.1",
     }
-    subprocess.run(
-        [str(ROOT / ".venv/bin/flask"), "--app", "app", "db", "upgrade"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    migrate(env)
     engine = make_engine(env["DATABASE_URL"])
     port = free_port()
     process = start_worker(env, "--metrics-port", str(port), log_path=tmp_path / "worker.log")

@@ -25,3 +25,14 @@ def engine(database_url):
     engine = make_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def ehr(seeded):
+    """The SMART EHR double (authorization server and FHIR proxy) in front of the module's ``seeded`` FHIR server,
+    consenting to every launch."""
+    from tests.support.smart_ehr import SmartEhr
+
+    with SmartEhr(seeded.base_url, fhir_path="/fhir/R4") as double:
+        double.consent = "allow"
+        yield double

@@ -4,11 +4,8 @@ session key in a KEYS_DIR that someone made readable by others (tightened when l
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import stat
-from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -16,19 +13,7 @@ from app.audit import AuditLog
 from app.db import make_engine, upgrade
 from app.smart.keys import INDEX_FILE, KeyStore
 from app.smart.sessions import KEY_FILE, load_or_create_key
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@contextlib.contextmanager
-def umask(value: int):
-    old = os.umask(value)
-    try:
-        yield
-    finally:
-        os.umask(old)
+from tests.support.files import mode, umask
 
 
 def test_every_folder_made_for_a_nested_audit_log_is_0700(tmp_path):

@@ -3,11 +3,9 @@ files and the audit log 0600, whatever the umask, and also when they existed wit
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
-import stat
 from pathlib import Path
 
 import pytest
@@ -16,21 +14,9 @@ from app import create_app
 from app.config import ConfigError
 from app.db import upgrade
 from tests.conftest import PUBLIC_BASE_URL
+from tests.support.files import mode, umask
 
 FEEDBACK = "/cds-services/cardiovascular-risk/feedback"
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@contextlib.contextmanager
-def umask(value: int):
-    old = os.umask(value)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def instance_settings(instance: Path) -> dict[str, str]:

@@ -29,7 +29,6 @@ from tests.integration.test_smart_launch import (
 )
 from tests.support.clock import FakeClock
 from tests.support.smart_ehr import SmartEhr
-from tests.support.tokens import clients_document
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +54,6 @@ def seeded(fhir_server):
 
 
 @pytest.fixture
-def ehr(seeded):
-    with SmartEhr(seeded.base_url, fhir_path="/fhir/R4") as double:
-        double.consent = "allow"
-        yield double
-
-
-@pytest.fixture
 def app_clock():
     return FakeClock(wall=time.time())  # the double stamps its id_tokens with the system clock
 
@@ -69,9 +61,7 @@ def app_clock():
 @pytest.fixture
 def gateway(make_app, tmp_path, signing_key, ehr, app_clock):
     """A gateway on ``app_clock`` whose only trusted FHIR server is the EHR double's."""
-    clients = tmp_path / "hostile-clients.json"
-    clients.write_text(json.dumps(clients_document(signing_key, [ehr.fhir_base])))
-    return make_app(CDS_CLIENTS_FILE=str(clients), CLOCK=app_clock)
+    return gateway_trusting(make_app, tmp_path, signing_key, [ehr.fhir_base], CLOCK=app_clock)
 
 
 @pytest.fixture

@@ -143,13 +143,6 @@ def seeded(fhir_server):
 
 
 @pytest.fixture
-def ehr(seeded):
-    with SmartEhr(seeded.base_url, fhir_path="/fhir/R4") as double:
-        double.consent = "allow"
-        yield double
-
-
-@pytest.fixture
 def gateway(make_app, tmp_path, signing_key, ehr):
     """A gateway whose only trusted FHIR server is the EHR double's."""
     clients = tmp_path / "smart-clients.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_gateway_settings(work: Path, port: int, signing_key, **extra: str) -> dict[str, str]:
+    """The environment of a gateway on loopback ``port`` keeping everything under ``work`` (SQLite, instance,
+    audit log) and trusting ``signing_key``'s client only; ``extra`` settings on top."""
+    from tests.support.tokens import clients_document
+
+    clients = work / "clients.json"
+    clients.write_text(json.dumps(clients_document(signing_key, [])))
+    return {
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "INSTANCE_PATH": str(work),
+        "DATABASE_URL": f"sqlite:///{work / 'gateway.db'}",
+        "CDS_CLIENTS_FILE": str(clients),
+        "AUDIT_LOG": str(work / "audit.jsonl"),
+        **extra,
+    }
+
+
+def migrate(env: dict[str, str]) -> None:
+    """``gateway db upgrade`` with these settings (on top of this process's environment)."""
+    subprocess.run(
+        [str(GATEWAY), "db", "upgrade"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 def healthy(base: str) -> bool:
     try:
         return requests.get(f"{base}/healthz", timeout=1).status_code == 200
@@ -34,14 +64,7 @@ def healthy(base: str) -> bool:
 def gunicorn(env: dict[str, str], port: int, startup_seconds: float = 60) -> Iterator[str]:
     """Migrate, then ``gateway serve`` (gunicorn under app/gunicorn_conf.py) on ``port``; yields its base URL."""
     env = {**os.environ, **env, "PORT": str(port)}
-    subprocess.run(
-        [str(GATEWAY), "db", "upgrade"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    migrate(env)
     proc = subprocess.Popen(
         [str(GATEWAY), "serve"],
         cwd=ROOT,

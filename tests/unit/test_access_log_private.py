@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.files import mode
+
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def load_gunicorn_settings(tmp_path: Path, access_log: Path) -> None:

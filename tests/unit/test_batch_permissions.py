@@ -4,8 +4,6 @@ BATCH_DIR that others may write in is made private when ours and refused when no
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 
 import pytest
 import requests
@@ -14,12 +12,9 @@ from werkzeug import Response
 from app.batch import parts
 from app.batch.export import BulkDataClient
 from app.private_files import private_folders
+from tests.support.files import mode
 
 PATIENT = b'{"resourceType":"Patient","id":"a"}\n'
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.fixture

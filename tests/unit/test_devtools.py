@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import stat
 
 import jwt
 import pytest
@@ -16,6 +15,7 @@ from app.cds.errors import ClientNotTrusted
 from app.cds.replay import MemoryReplayCache
 from app.config import ConfigError, load_config
 from app.development import DEVELOPMENT_MARK, development_settings
+from tests.support.files import mode
 from tests.support.processes import free_port
 
 BASE = "http://localhost:8080"
@@ -37,10 +37,6 @@ def dev(app, *args: str):
 @pytest.fixture
 def folder(tmp_path):
     return tmp_path / "instance" / "dev-client"
-
-
-def mode(path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def test_dev_client_writes_a_private_key_and_a_clients_file_the_service_loads(app, folder):

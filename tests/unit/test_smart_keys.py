@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import stat
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -13,6 +12,7 @@ from jwt import PyJWK
 
 from app.cds.clients import PRIVATE_JWK_MEMBERS
 from app.smart.keys import INDEX_FILE, KeyStore, NoSigningKey, public_jwk_members, thumbprint
+from tests.support.files import mode
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 PRIVATE_MEMBERS = set(PRIVATE_JWK_MEMBERS) | {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
@@ -21,10 +21,6 @@ PRIVATE_MEMBERS = set(PRIVATE_JWK_MEMBERS) | {"d", "p", "q", "dp", "dq", "qi", "
 @pytest.fixture
 def store(tmp_path) -> KeyStore:
     return KeyStore(tmp_path / "instance" / "keys")
-
-
-def mode(path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def published_kids(store: KeyStore, now: datetime) -> set[str]:
