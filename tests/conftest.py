@@ -88,6 +88,14 @@ def fhir_server():
         yield server
 
 
+@pytest.fixture
+def bulk(fhir_server):
+    """The FHIR test server with its Bulk Data exports and faults reset before and after the test."""
+    fhir_server.bulk_reset()
+    yield fhir_server
+    fhir_server.bulk_reset()
+
+
 @pytest.fixture(scope="session")
 def synthea_dir() -> Path:
     """The shared Synthea sample patients; tests skip when the folder is absent (a checkout outside the team)."""

@@ -39,13 +39,6 @@ SCOPE = (
 
 
 @pytest.fixture
-def bulk(fhir_server):
-    fhir_server.bulk_reset()
-    yield fhir_server
-    fhir_server.bulk_reset()
-
-
-@pytest.fixture
 def token_url(make_httpserver):
     """A SMART Backend Services token endpoint double: a token for any request (the integration tests check the
     assertion; here it only has to let the worker processes in)."""

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import pytest
 import requests
 
+from tests.support.http_servers import post_raw
 from tests.support.processes import free_port, gunicorn, local_gateway_settings
 
 LIMIT = 64 * 1024
@@ -44,22 +44,9 @@ def padded(document: dict, size: int) -> bytes:
 
 def post_chunked(base: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
     """Send ``body`` in 8 KiB chunks over one connection; the status, headers and body of the answer."""
-    host, port = base.removeprefix("http://").split(":")
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode())
-        for start in range(0, len(body), 8192):
-            piece = body[start : start + 8192]
-            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-        sock.sendall(b"0\r\n\r\n")
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
-    header_block, _, content = rest.partition(b"\r\n\r\n")
-    fields = dict(line.split(": ", 1) for line in header_block.decode().split("\r\n"))
-    return int(status_line.split()[1]), {k.lower(): v for k, v in fields.items()}, content
+    pieces = [body[start : start + 8192] for start in range(0, len(body), 8192)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+    return post_raw(base, path, framed, headers)
 
 
 def signed(signing_key, base: str, path: str) -> dict[str, str]:

@@ -38,13 +38,6 @@ def model_server():
 
 
 @pytest.fixture
-def bulk(fhir_server):
-    fhir_server.bulk_reset()
-    yield fhir_server
-    fhir_server.bulk_reset()
-
-
-@pytest.fixture
 def pause_app(make_app, tmp_path, signing_key, make_httpserver, model_server):
     """The gateway with AI_BACKEND=kserve in front of ``model_server``, on a FakeClock; several buckets."""
     scope = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationRequest.rs"

@@ -61,13 +61,6 @@ def token_endpoint(make_httpserver):
 
 
 @pytest.fixture
-def bulk(fhir_server):
-    fhir_server.bulk_reset()
-    yield fhir_server
-    fhir_server.bulk_reset()
-
-
-@pytest.fixture
 def clock():
     return FakeClock(wall=time.time())
 

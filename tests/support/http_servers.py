@@ -3,6 +3,7 @@ forwarding proxy in front of the FHIR server that can fail or act (e.g. kill a w
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,3 +108,20 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+def post_raw(base: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """POST ``body`` as the chunked framing itself, then close our side; the status, headers and body answered."""
+    host, port = base.removeprefix("http://").split(":")
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    header_block, _, content = rest.partition(b"\r\n\r\n")
+    fields = dict(line.split(": ", 1) for line in header_block.decode().split("\r\n"))
+    return int(status_line.split()[1]), {k.lower(): v for k, v in fields.items()}, content
